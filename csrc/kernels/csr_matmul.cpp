@@ -1,0 +1,34 @@
+#include "kernels/csr_matmul.h"
+
+#include "kernels/cpu_features.h"
+#include "kernels/isa_variants.h"
+#include "kernels/partition.h"
+#include "kernels/scratch.h"
+
+namespace sparseprune {
+
+SP_DECLARE_ISA_VARIANTS(
+    template <class Index>
+    void csr_linear(const CsrView<Index>& w, const LinearArgs& a, const int64_t* bounds,
+                    int threads, ScratchBuffer& scratch);)
+
+template <class Index>
+void csr_linear(const CsrView<Index>& w, const LinearArgs& args) {
+  if (args.batch <= 0 || w.n_rows <= 0) return;
+  const double work = static_cast<double>(w.indptr[w.n_rows]) * args.batch + w.n_rows;
+  const int threads = threads_for_work(args.n_threads, work);
+  const std::vector<int64_t> bounds = partition_rows_by_nnz(w.indptr, w.n_rows, threads);
+  // Scratch for the channel-major copy of x belongs to the calling thread: concurrent calls
+  // from several threads never share it, and repeated calls do not reallocate.
+  ScratchBuffer& scratch = thread_scratch();
+  if (active_isa() == Isa::avx2) {
+    avx2::csr_linear(w, args, bounds.data(), threads, scratch);
+  } else {
+    generic::csr_linear(w, args, bounds.data(), threads, scratch);
+  }
+}
+
+template void csr_linear<uint16_t>(const CsrView<uint16_t>&, const LinearArgs&);
+template void csr_linear<int32_t>(const CsrView<int32_t>&, const LinearArgs&);
+
+}  // namespace sparseprune

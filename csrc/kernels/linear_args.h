@@ -1,0 +1,49 @@
+// Argument bundles shared by the sparse linear kernels (CSR and block-sparse).
+#pragma once
+
+#include <cstdint>
+
+namespace sparseprune {
+
+// y[b, r] = relu?( sum_k W[r, k] * x[b, k] + bias[r] )
+// x is read through element strides, so transposed and sliced inputs need no copy;
+// y is written row-major with a row stride of y_stride (>= n_rows).
+struct LinearArgs {
+  const float* x = nullptr;       // x[batch, n_cols], element (b, k) at b * x_stride_b + k * x_stride_k
+  int64_t batch = 0;
+  int64_t x_stride_b = 0;
+  int64_t x_stride_k = 1;
+  const float* bias = nullptr;    // bias[n_rows], or null
+  bool relu = false;
+  float* y = nullptr;             // y[batch, n_rows], element (b, r) at b * y_stride + r
+  int64_t y_stride = 0;
+  int n_threads = 1;
+};
+
+// Compressed sparse rows of W[n_rows, n_cols]; a non-owning view.
+template <class Index>
+struct CsrView {
+  int64_t n_rows = 0;
+  int64_t n_cols = 0;
+  const int64_t* indptr = nullptr;  // indptr[n_rows + 1], monotone, indptr[0] == 0
+  const Index* indices = nullptr;   // indices[nnz], each in [0, n_cols)
+  const float* values = nullptr;    // values[nnz]
+};
+
+// Block-sparse rows: W is cut into R x C blocks; a stored block keeps all R*C values.
+// Blocks of block-row i are [indptr[i], indptr[i+1]); block j covers rows i*R .. i*R+R-1 and
+// columns indices[j]*C .. indices[j]*C+C-1. Its value (r, c) is values[j*R*C + c*R + r]
+// (column-major inside the block, so an R-tall column loads as one vector).
+// Rows past n_rows and columns past n_cols inside edge blocks hold zeros.
+template <class Index>
+struct BsrView {
+  int block_rows = 1;               // R
+  int block_cols = 1;               // C
+  int64_t n_rows = 0;
+  int64_t n_cols = 0;
+  const int64_t* indptr = nullptr;  // indptr[ceil(n_rows / R) + 1]
+  const Index* indices = nullptr;   // indices[n_blocks], each in [0, ceil(n_cols / C))
+  const float* values = nullptr;    // values[n_blocks * R * C]
+};
+
+}  // namespace sparseprune

@@ -1,0 +1,29 @@
+// The private extension module sparseprune._C: the module definition and build_info only.
+#include <pybind11/pybind11.h>
+
+#include "kernels/cpu_features.h"
+
+namespace py = pybind11;
+
+namespace sparseprune {
+namespace bindings {
+void bind_linear(py::module_& m);
+void bind_runtime(py::module_& m);
+}  // namespace bindings
+}  // namespace sparseprune
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparseprune native kernels (private: use the sparseprune package)";
+  sparseprune::bindings::bind_linear(m);
+  sparseprune::bindings::bind_runtime(m);
+  m.def("build_info", [] {
+    py::dict info;
+    info["compiler"] = SP_COMPILER;
+    info["cxx_flags"] = SP_CXX_FLAGS;
+    info["build_type"] = SP_BUILD_TYPE;
+    info["openmp"] = sparseprune::openmp_enabled();
+    info["simd_paths_compiled"] = SP_SIMD_PATHS;
+    info["simd_path_active"] = sparseprune::isa_name(sparseprune::active_isa());
+    return info;
+  });
+}

@@ -1,1 +1,16 @@
-"""sparseprune"""
+"""sparseprune: prune PyTorch models, convert them to sparse native kernels, measure the speedup."""
+from sparseprune.config import build_info, show_config
+from sparseprune.convert import ConversionReport, convert, register_converter
+from sparseprune.nn import SparseLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConversionReport",
+    "SparseLinear",
+    "build_info",
+    "convert",
+    "register_converter",
+    "show_config",
+    "__version__",
+]

@@ -1,0 +1,21 @@
+"""The one place that imports the compiled extension, and the conversions every caller needs.
+
+Everything else in sparseprune goes through here, so a missing or broken build fails with one
+clear message instead of an ImportError deep inside a model's forward.
+"""
+from __future__ import annotations
+
+try:
+    from sparseprune import _C  # noqa: F401  (re-exported)
+except ImportError as exc:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        "sparseprune's native extension (sparseprune._C) is missing or failed to load; "
+        "reinstall with `pip install .` from a checkout with a C++17 compiler"
+    ) from exc
+
+PackedLinear = _C.PackedLinear
+build_info = _C.build_info
+set_isa = _C.set_isa
+active_isa = _C.active_isa
+openmp_enabled = _C.openmp_enabled
+max_threads = _C.max_threads

@@ -1,0 +1,58 @@
+"""Build facts and thread settings: what the native kernels were compiled with and use now."""
+from __future__ import annotations
+
+import os
+import platform
+import warnings
+from typing import Any, Dict, Optional
+
+from sparseprune import _native
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), for benchmark records."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_info() -> Dict[str, Any]:
+    """Compiler, flags, OpenMP and SIMD facts of the native build, plus the CPU it runs on."""
+    info = dict(_native.build_info())
+    info["openmp_max_threads"] = _native.max_threads()
+    info["cpu"] = cpu_model()
+    info["cpu_count"] = os.cpu_count()
+    return info
+
+
+def show_config(file=None) -> None:
+    """Print build_info() as `key: value` lines."""
+    for key, value in build_info().items():
+        print(f"{key}: {value}", file=file)
+
+
+_warned_no_openmp = False
+
+
+def resolve_threads(requested: Optional[int]) -> int:
+    """The thread count a kernel call uses: `requested`, else torch's intra-op count when torch is
+    loaded (so sparse and dense run with the same threads), else OpenMP's default."""
+    global _warned_no_openmp
+    if requested is None:
+        import sys
+
+        torch = sys.modules.get("torch")
+        requested = torch.get_num_threads() if torch is not None else _native.max_threads()
+    if not isinstance(requested, int) or isinstance(requested, bool) or requested < 1:
+        raise ValueError(f"num_threads must be a positive int, got {requested!r}")
+    if requested > 1 and not _native.openmp_enabled() and not _warned_no_openmp:
+        _warned_no_openmp = True
+        warnings.warn(
+            "sparseprune was built without OpenMP: kernels run on one thread", RuntimeWarning, stacklevel=3
+        )
+    return requested

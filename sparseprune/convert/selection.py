@@ -1,0 +1,105 @@
+"""Choosing each layer's kernel: dense, CSR or block-sparse, by measuring on this machine.
+
+Converting must never make a layer slower, so a sparse kernel is kept only when it beats dense
+at every measured batch size by MIN_GAIN; among those the fastest (geometric mean) wins.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseprune import formats
+from sparseprune.nn.sparse_linear import SparseLinear
+from sparseprune.timing import time_interleaved
+
+# A sparse kernel must be at least this much faster than dense to replace it: timing noise on a
+# shared 2-core machine is a few percent, and a wrong switch would make the layer slower.
+MIN_GAIN = 1.05
+
+# Block formats are tried only when their padding zeros add at most this share of stored values
+# (fill = nonzeros / stored values); below it the block kernel does more work than CSR.
+MIN_BLOCK_FILL = 0.6
+
+# The "threshold" policy (no measurement): CSR at or above this sparsity. On the reference
+# machine (AMD EPYC, 2 threads) CSR beats torch dense from about 60% sparsity at batch 1 and 64
+# on BERT-sized layers (benchmarks/bench_linear_table.py); 0.7 leaves a margin.
+CSR_SPARSITY_THRESHOLD = 0.7
+
+
+@dataclass
+class KernelChoice:
+    kernel: str  # "dense", "csr", "bsr4x1", ...
+    module: nn.Module  # what replaces the layer (the original one for dense)
+    reason: str
+    dense_ms: Dict[int, float]
+    chosen_ms: Dict[int, float]
+
+
+def _candidates(weight: np.ndarray) -> Dict[str, Tuple[str, Tuple[int, int]]]:
+    out = {"csr": ("csr", (1, 1))}
+    for r, c in formats.BLOCK_SHAPES:
+        if formats.block_fill(weight, r, c) >= MIN_BLOCK_FILL:
+            out[f"bsr{r}x{c}"] = ("bsr", (r, c))
+    return out
+
+
+def choose_linear_kernel(
+    linear: nn.Linear,
+    relu: bool,
+    policy: str,
+    batch_sizes: Sequence[int],
+    num_threads: Optional[int],
+) -> KernelChoice:
+    weight = linear.weight.detach().float().cpu().contiguous().numpy()
+    sparsity = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
+    if policy == "threshold":
+        if sparsity >= CSR_SPARSITY_THRESHOLD:
+            module = SparseLinear.from_dense(linear, "csr", relu=relu, num_threads=num_threads)
+            return KernelChoice("csr", module, f"sparsity >= {CSR_SPARSITY_THRESHOLD}", {}, {})
+        return KernelChoice("dense", linear, f"sparsity < {CSR_SPARSITY_THRESHOLD}", {}, {})
+
+    sparse_modules = {
+        name: SparseLinear.from_dense(linear, fmt, block, relu=relu, num_threads=num_threads)
+        for name, (fmt, block) in _candidates(weight).items()
+    }
+    dense_ms: Dict[int, float] = {}
+    sparse_ms: Dict[str, Dict[int, float]] = {name: {} for name in sparse_modules}
+    w = linear.weight.detach()
+    b = None if linear.bias is None else linear.bias.detach()
+    gen = torch.Generator().manual_seed(0)
+    for batch in batch_sizes:
+        x = torch.randn(batch, linear.in_features, generator=gen)
+
+        def dense(x=x):
+            y = F.linear(x, w, b)
+            return F.relu(y) if relu else y
+
+        fns = {"dense": dense}
+        fns.update({name: (lambda m=m, x=x: m(x)) for name, m in sparse_modules.items()})
+        with torch.no_grad():
+            times = time_interleaved(fns, warmup=2, repeats=7, min_time_s=0.01)
+        dense_ms[batch] = times["dense"].median_ms
+        for name in sparse_modules:
+            sparse_ms[name][batch] = times[name].median_ms
+
+    def geomean_ratio(name: str) -> float:
+        return math.exp(np.mean([math.log(dense_ms[b] / sparse_ms[name][b]) for b in batch_sizes]))
+
+    winners = [
+        name for name in sparse_modules
+        if all(dense_ms[b] >= MIN_GAIN * sparse_ms[name][b] for b in batch_sizes)
+    ]
+    if not winners:
+        best = max(sparse_modules, key=geomean_ratio)
+        return KernelChoice(
+            "dense", linear, f"no sparse kernel beat dense by {MIN_GAIN}x (best {best}: "
+            f"{geomean_ratio(best):.2f}x)", dense_ms, dict(dense_ms)
+        )
+    best = max(winners, key=geomean_ratio)
+    return KernelChoice(best, sparse_modules[best], "fastest measured", dense_ms, sparse_ms[best])

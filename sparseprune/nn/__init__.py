@@ -1,0 +1,4 @@
+"""torch.nn modules backed by the native sparse kernels (inference only)."""
+from sparseprune.nn.sparse_linear import SparseLinear
+
+__all__ = ["SparseLinear"]

@@ -58,6 +58,20 @@ inline void unpack_channel_major(const float* __restrict yt, int64_t ldx, int64_
   }
 }
 
+// unpack_channel_major for all n_rows rows, shared by the threads of the enclosing parallel
+// region (an orphaned `omp for`).
+inline void unpack_channel_major_parallel(const float* __restrict yt, int64_t ldx, int64_t n_rows,
+                                          int64_t batch, float* __restrict y, int64_t y_stride) {
+  constexpr int64_t kRowsPerTask = 64;
+  const int64_t tasks = (n_rows + kRowsPerTask - 1) / kRowsPerTask;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+  for (int64_t t = 0; t < tasks; ++t)
+    unpack_channel_major(yt, ldx, t * kRowsPerTask, std::min(n_rows, (t + 1) * kRowsPerTask), batch, y,
+                         y_stride);
+}
+
 // Stores NV accumulator vectors as one row of the channel-major result.
 template <int NV>
 inline void store_row_tile(const vf8 (&acc)[NV], float* __restrict yt_row) {

@@ -9,9 +9,10 @@
 namespace sparseprune {
 
 // Index is uint16_t (n_cols <= 65536: half the index bytes, which is most of what batch 1
-// reads) or int32_t. Preconditions (checked by the caller, once, when the weight is packed):
-// indptr monotone from 0 to nnz, every index in [0, n_cols), and x/y sized as in LinearArgs.
+// reads) or int32_t. Preconditions (established once, when the weight is packed): chunk_ptr
+// monotone from 0 in steps of 8 * (longest row of the chunk), perm a permutation of the rows
+// (-1 past n_rows), every index in [0, n_cols), and x/y sized as in LinearArgs.
 template <class Index>
-void csr_linear(const CsrView<Index>& w, const LinearArgs& args);
+void csr_linear(const SellView<Index>& w, const LinearArgs& args);
 
 }  // namespace sparseprune

@@ -4,9 +4,9 @@
 
 namespace sparseprune {
 namespace avx2 {
-template void csr_linear<uint16_t>(const CsrView<uint16_t>&, const LinearArgs&, const int64_t*, int,
+template void csr_linear<uint16_t>(const SellView<uint16_t>&, const LinearArgs&, const int64_t*, int,
                                         ScratchBuffer&);
-template void csr_linear<int32_t>(const CsrView<int32_t>&, const LinearArgs&, const int64_t*, int,
+template void csr_linear<int32_t>(const SellView<int32_t>&, const LinearArgs&, const int64_t*, int,
                                         ScratchBuffer&);
 }  // namespace avx2
 }  // namespace sparseprune

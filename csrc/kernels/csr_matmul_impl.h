@@ -1,15 +1,18 @@
-// CSR sparse x dense linear layer: the kernel body. Included once per SIMD path, inside
-// namespace sparseprune::SP_ISA_NS, by csr_matmul_generic.cpp and csr_matmul_avx2.cpp.
+// CSR sparse x dense linear layer, stored as SELL-8 (see linear_args.h): the kernel body.
+// Included once per SIMD path, inside namespace sparseprune::SP_ISA_NS, by
+// csr_matmul_generic.cpp and csr_matmul_avx2.cpp.
 //
-//   W: CsrView (indptr[n_rows + 1], indices[nnz], values[nnz])
+//   W: SellView (chunk_ptr[n_chunks + 1], perm[8 n_chunks], row_len[8 n_chunks],
+//      indices[n_entries], values[n_entries])
 //   x[batch, n_cols] through strides, bias[n_rows] or null, y[batch, n_rows]
 //
-// batch == 1: one dot product per output row, gathering x by column index.
+// batch == 1: per chunk, 8 row sums side by side; each step loads 8 weights and gathers 8 x.
 // batch > 1 : x is packed channel-major (xt[n_cols, ldx], ldx = batch rounded up to 8), and
 //             each nonzero scales a contiguous run of up to 64 batch values held in registers.
-// Rows are split among threads by nonzero count.
+// Chunks are split among threads by stored entries.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -22,8 +25,8 @@
 #include "kernels/scratch.h"
 #include "kernels/simd.h"
 
-#ifdef _OPENMP
-#include <omp.h>
+#ifndef SP_HW_GATHER
+#define SP_HW_GATHER 0
 #endif
 
 namespace sparseprune {
@@ -31,90 +34,107 @@ namespace SP_ISA_NS {
 
 namespace csr_detail {
 
-inline float apply_relu(float v, bool relu) { return (relu && v < 0.0f) ? 0.0f : v; }
-
-// sum_j values[j] * x[indices[j]] for j in [begin, end); x is contiguous.
+// The 8 row sums of chunk c at batch 1 (x contiguous).
 template <class Index>
-inline float sparse_dot(const float* __restrict values, const Index* __restrict indices,
-                        int64_t begin, int64_t end, const float* __restrict x) {
-  int64_t j = begin;
+inline vf8 chunk_dot(const SellView<Index>& w, int64_t c, const float* __restrict x) {
+  const int64_t begin = w.chunk_ptr[c];
+  const int64_t steps = (w.chunk_ptr[c + 1] - begin) / kSellLanes;
+  const float* __restrict val = w.values + begin;
+  const Index* __restrict idx = w.indices + begin;
 #if defined(__AVX2__) && defined(__FMA__)
+  // x[idx[0..8)] as one vector. Scalar loads inserted lane by lane beat vgatherdps on CPUs whose
+  // gather is microcoded at about one element per cycle (AMD Zen 2-4): SP_HW_GATHER picks the
+  // hardware gather instead.
+  auto gather = [&](int64_t l) -> __m256 {
+    const Index* i = idx + 8 * l;
+#if SP_HW_GATHER
+    __m256i vi;
+    if constexpr (sizeof(Index) == 2) {
+      vi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(i)));
+    } else {
+      vi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(i));
+    }
+    return _mm256_i32gather_ps(x, vi, 4);
+#else
+    __m128 lo = _mm_load_ss(x + i[0]);
+    __m128 hi = _mm_load_ss(x + i[4]);
+    lo = _mm_insert_ps(lo, _mm_load_ss(x + i[1]), 0x10);
+    hi = _mm_insert_ps(hi, _mm_load_ss(x + i[5]), 0x10);
+    lo = _mm_insert_ps(lo, _mm_load_ss(x + i[2]), 0x20);
+    hi = _mm_insert_ps(hi, _mm_load_ss(x + i[6]), 0x20);
+    lo = _mm_insert_ps(lo, _mm_load_ss(x + i[3]), 0x30);
+    hi = _mm_insert_ps(hi, _mm_load_ss(x + i[7]), 0x30);
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+#endif
+  };
+  // Two accumulators: consecutive steps do not wait on each other's FMA.
   __m256 acc0 = _mm256_setzero_ps();
   __m256 acc1 = _mm256_setzero_ps();
-  for (; j + 16 <= end; j += 16) {
-    __m256i i0, i1;
-    if constexpr (sizeof(Index) == 2) {
-      i0 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(indices + j)));
-      i1 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(indices + j + 8)));
-    } else {
-      i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(indices + j));
-      i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(indices + j + 8));
-    }
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j), _mm256_i32gather_ps(x, i0, 4), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(values + j + 8), _mm256_i32gather_ps(x, i1, 4), acc1);
+  int64_t l = 0;
+  for (; l + 2 <= steps; l += 2) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + 8 * l), gather(l), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + 8 * l + 8), gather(l + 1), acc1);
   }
-  acc0 = _mm256_add_ps(acc0, acc1);
-  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc0), _mm256_extractf128_ps(acc0, 1));
-  const __m128 quad = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  float s = _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)));
-  float s1 = 0.0f;
+  if (l < steps) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + 8 * l), gather(l), acc0);
+  return vf8(_mm256_add_ps(acc0, acc1));
 #else
-  float s = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-  for (; j + 4 <= end; j += 4) {
-    s += values[j] * x[indices[j]];
-    s1 += values[j + 1] * x[indices[j + 1]];
-    s2 += values[j + 2] * x[indices[j + 2]];
-    s3 += values[j + 3] * x[indices[j + 3]];
+  vf8 acc = splat8(0.0f);
+  for (int64_t l = 0; l < steps; ++l) {
+    vf8 xv;
+    for (int i = 0; i < kSellLanes; ++i) xv[i] = x[idx[8 * l + i]];
+    acc += load8(val + 8 * l) * xv;
   }
-  s += s2;
-  s1 += s3;
+  return acc;
 #endif
-  for (; j + 2 <= end; j += 2) {
-    s += values[j] * x[indices[j]];
-    s1 += values[j + 1] * x[indices[j + 1]];
-  }
-  if (j < end) s += values[j] * x[indices[j]];
-  return s + s1;
 }
 
 template <class Index>
-void rows_batch1(const CsrView<Index>& w, const float* __restrict x, const LinearArgs& a,
-                 int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    float s = sparse_dot(w.values, w.indices, w.indptr[r], w.indptr[r + 1], x);
-    if (a.bias) s += a.bias[r];
-    a.y[r] = apply_relu(s, a.relu);
+void chunks_batch1(const SellView<Index>& w, const float* __restrict x, const LinearArgs& a,
+                   int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const vf8 sums = chunk_dot(w, c, x);
+    for (int i = 0; i < kSellLanes; ++i) {
+      const int32_t r = w.perm[c * kSellLanes + i];
+      if (r < 0) continue;
+      float v = sums[i] + (a.bias ? a.bias[r] : 0.0f);
+      a.y[r] = (a.relu && v < 0.0f) ? 0.0f : v;
+    }
   }
 }
 
-// One tile of NV vectors (8 * NV batch columns starting at b0) for rows [r0, r1).
+// Chunks [c0, c1) for the NV * 8 batch columns starting at b0, one row at a time.
 // U independent accumulator sets over consecutive nonzeros hide the FMA latency when the tile
 // is narrow (NV * U >= 4 chains in flight); they are summed once per row.
 template <int NV, int U, class Index>
-void rows_tile(const CsrView<Index>& w, const float* __restrict xt, float* __restrict yt,
-               int64_t ldx, const LinearArgs& a, int64_t b0, int64_t r0, int64_t r1) {
+void chunks_tile(const SellView<Index>& w, const float* __restrict xt, float* __restrict yt,
+                 int64_t ldx, const LinearArgs& a, int64_t b0, int64_t c0, int64_t c1) {
   const float* __restrict xb = xt + b0;
-  for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t s = c0 * kSellLanes; s < c1 * kSellLanes; ++s) {
+    const int32_t r = w.perm[s];
+    if (r < 0) continue;
+    const int64_t base = w.chunk_ptr[s / kSellLanes] + s % kSellLanes;
+    const int64_t len = w.row_len[s];
+    const float* __restrict val = w.values + base;
+    const Index* __restrict idx = w.indices + base;
     vf8 acc[U][NV];
 #pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[u][v] = splat8(0.0f);
     }
-    int64_t j = w.indptr[r];
-    const int64_t end = w.indptr[r + 1];
-    for (; j + U <= end; j += U) {
+    int64_t l = 0;
+    for (; l + U <= len; l += U) {
 #pragma GCC unroll 8
       for (int u = 0; u < U; ++u) {
-        const vf8 wv = splat8(w.values[j + u]);
-        const float* __restrict xr = xb + static_cast<int64_t>(w.indices[j + u]) * ldx;
+        const vf8 wv = splat8(val[(l + u) * kSellLanes]);
+        const float* __restrict xr = xb + static_cast<int64_t>(idx[(l + u) * kSellLanes]) * ldx;
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[u][v] += wv * load8_aligned(xr + v * kVec);
       }
     }
-    for (; j < end; ++j) {
-      const vf8 wv = splat8(w.values[j]);
-      const float* __restrict xr = xb + static_cast<int64_t>(w.indices[j]) * ldx;
+    for (; l < len; ++l) {
+      const vf8 wv = splat8(val[l * kSellLanes]);
+      const float* __restrict xr = xb + static_cast<int64_t>(idx[l * kSellLanes]) * ldx;
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[0][v] += wv * load8_aligned(xr + v * kVec);
     }
@@ -126,37 +146,34 @@ void rows_tile(const CsrView<Index>& w, const float* __restrict xt, float* __res
       for (int u = 1; u < U; ++u) sum += acc[u][v];
       acc[0][v] = a.relu ? relu8(sum) : sum;
     }
-    store_row_tile<NV>(acc[0], yt + r * ldx + b0);
+    store_row_tile<NV>(acc[0], yt + static_cast<int64_t>(r) * ldx + b0);
   }
 }
 
-// Rows [r0, r1) for the whole batch: xt[n_cols, ldx] in, yt[n_rows, ldx] as scratch, y out.
+// Chunks [c0, c1) for the whole batch: xt[n_cols, ldx] in, yt[n_rows, ldx] out.
 template <class Index>
-void rows_batched(const CsrView<Index>& w, const float* __restrict xt, float* __restrict yt,
-                  int64_t ldx, const LinearArgs& a, int64_t r0, int64_t r1) {
+void chunks_batched(const SellView<Index>& w, const float* __restrict xt, float* __restrict yt,
+                    int64_t ldx, const LinearArgs& a, int64_t c0, int64_t c1) {
   for (int64_t b0 = 0; b0 < a.batch;) {
-    static const int cap = getenv("SP_NV") ? atoi(getenv("SP_NV")) : 8;
-    const int nv = pick_tile_vectors(ldx - b0, cap);
+    const int nv = pick_tile_vectors(ldx - b0, 8);
     switch (nv) {
-      case 8: rows_tile<8, 1>(w, xt, yt, ldx, a, b0, r0, r1); break;
-      case 4: rows_tile<4, 2>(w, xt, yt, ldx, a, b0, r0, r1); break;
-      case 2: rows_tile<2, 4>(w, xt, yt, ldx, a, b0, r0, r1); break;
-      default: rows_tile<1, 4>(w, xt, yt, ldx, a, b0, r0, r1); break;
+      case 8: chunks_tile<8, 1>(w, xt, yt, ldx, a, b0, c0, c1); break;
+      case 4: chunks_tile<4, 2>(w, xt, yt, ldx, a, b0, c0, c1); break;
+      case 2: chunks_tile<2, 4>(w, xt, yt, ldx, a, b0, c0, c1); break;
+      default: chunks_tile<1, 4>(w, xt, yt, ldx, a, b0, c0, c1); break;
     }
     b0 += nv * kVec;
   }
-  unpack_channel_major(yt, ldx, r0, r1, a.batch, a.y, a.y_stride);
 }
 
 }  // namespace csr_detail
 
-// bounds[threads + 1]: the row split from partition_rows_by_nnz (made by the dispatcher, so
+// bounds[threads + 1]: the chunk split from partition_rows_by_nnz (made by the dispatcher, so
 // no std::vector code is compiled with this path's flags).
 template <class Index>
-void csr_linear(const CsrView<Index>& w, const LinearArgs& a, const int64_t* bounds, int threads,
+void csr_linear(const SellView<Index>& w, const LinearArgs& a, const int64_t* bounds, int threads,
                 ScratchBuffer& scratch) {
   using namespace csr_detail;
-
   if (a.batch == 1) {
     const float* x = a.x;
     if (a.x_stride_k != 1) {  // gather needs unit stride: copy the one row (n_cols floats)
@@ -167,7 +184,7 @@ void csr_linear(const CsrView<Index>& w, const LinearArgs& a, const int64_t* bou
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
-    for_each_part(threads, [&](int p) { rows_batch1(w, x, a, bounds[p], bounds[p + 1]); });
+    for_each_part(threads, [&](int p) { chunks_batch1(w, x, a, bounds[p], bounds[p + 1]); });
     return;
   }
 
@@ -180,7 +197,14 @@ void csr_linear(const CsrView<Index>& w, const LinearArgs& a, const int64_t* bou
   {
     pack_channel_major(a.x, a.batch, a.x_stride_b, a.x_stride_k, w.n_cols, w.n_cols, ldx, xt);
     // (the omp for inside pack_channel_major ends with a barrier: xt is complete here)
-    for_each_part(threads, [&](int p) { rows_batched(w, xt, yt, ldx, a, bounds[p], bounds[p + 1]); });
+    for_each_part(threads, [&](int p) { chunks_batched(w, xt, yt, ldx, a, bounds[p], bounds[p + 1]); });
+    // A thread's chunks hold a permuted set of rows, so yt is complete only after all threads
+    // finish; then the rows are unpacked in contiguous ranges (strided stores row by row would
+    // thrash one L1 set).
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+    unpack_channel_major_parallel(yt, ldx, w.n_rows, a.batch, a.y, a.y_stride);
   }
 }
 

@@ -30,6 +30,29 @@ struct CsrView {
   const float* values = nullptr;    // values[nnz]
 };
 
+// CSR regrouped for SIMD ("SELL-8", sliced ELLPACK): rows are taken 8 at a time ("chunks"), and
+// within a chunk the entries of its 8 rows are interleaved, so one vector load gives the l-th
+// nonzero of 8 rows and 8 row sums build up side by side with no horizontal reduction, no
+// per-row tail and no per-row loop exit. Rows are sorted by length within windows of
+// kSellSortWindow rows, so the 8 rows of a chunk have similar lengths and padding stays small.
+//   slot s = 8 * chunk + lane holds row perm[s] (-1 for the padding slots past n_rows);
+//   entry l of slot s is at chunk_ptr[chunk] + 8 * l + lane, for l < row_len[s];
+//   entries from row_len[s] to the chunk's longest row are padding (value 0, index 0).
+constexpr int kSellLanes = 8;
+constexpr int kSellSortWindow = 256;
+
+template <class Index>
+struct SellView {
+  int64_t n_rows = 0;
+  int64_t n_cols = 0;
+  int64_t n_chunks = 0;               // ceil(n_rows / 8)
+  const int64_t* chunk_ptr = nullptr; // chunk_ptr[n_chunks + 1], multiples of 8
+  const int32_t* perm = nullptr;      // perm[8 * n_chunks]
+  const int32_t* row_len = nullptr;   // row_len[8 * n_chunks]
+  const Index* indices = nullptr;     // indices[chunk_ptr[n_chunks]], each in [0, n_cols)
+  const float* values = nullptr;      // values[chunk_ptr[n_chunks]]
+};
+
 // Block-sparse rows: W is cut into R x C blocks; a stored block keeps all R*C values.
 // Blocks of block-row i are [indptr[i], indptr[i+1]); block j covers rows i*R .. i*R+R-1 and
 // columns indices[j]*C .. indices[j]*C+C-1. Its value (r, c) is values[j*R*C + c*R + r]

@@ -30,21 +30,34 @@ class PackedLinear {
   int block_cols() const { return block_cols_; }
   int64_t n_rows() const { return n_rows_; }
   int64_t n_cols() const { return n_cols_; }
-  int64_t n_stored() const { return static_cast<int64_t>(values_.size()); }  // values incl. block padding
+  int64_t n_stored() const;  // values the format stores (incl. block padding, not SELL padding)
   int index_bits() const { return narrow_ ? 16 : 32; }
   int64_t nbytes() const;  // bytes of weight data the kernel reads
-  const std::vector<int64_t>& indptr() const { return indptr_; }
+  // The weight as given to make(): CSR/BSR row pointers, column (block) indices and values.
+  std::vector<int64_t> indptr() const;
   std::vector<int64_t> indices() const;
-  const std::vector<float>& values() const { return values_; }
+  std::vector<float> values() const;
   const std::vector<float>& bias() const { return bias_; }
   bool has_bias() const { return !bias_.empty(); }
 
  private:
+  void set_indices(const int64_t* indices, int64_t n);
+  int64_t index_at(int64_t pos) const;
+  void build_sell(const int64_t* indptr, const int64_t* indices, const float* values);
+  template <class Index>
+  void run_with(const Index* indices, const LinearArgs& args) const;
+  template <class Visit>
+  void for_each_row(Visit&& visit) const;
+  void fix_nonfinite_rows(const LinearArgs& args) const;
+
   SparseFormat format_ = SparseFormat::csr;
   int block_rows_ = 1, block_cols_ = 1;
   int64_t n_rows_ = 0, n_cols_ = 0;
   bool narrow_ = false;
+  // CSR is stored as SELL-8 (chunk_ptr_, perm_, row_len_); BSR as given (indptr_ per block row).
   std::vector<int64_t> indptr_;
+  std::vector<int32_t> perm_;
+  std::vector<int32_t> row_len_;
   std::vector<uint16_t> indices16_;
   std::vector<int32_t> indices32_;
   std::vector<float> values_;

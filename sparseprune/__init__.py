@@ -1,4 +1,5 @@
 """sparseprune: prune PyTorch models, convert them to sparse native kernels, measure the speedup."""
+from sparseprune import prune
 from sparseprune.config import build_info, show_config
 from sparseprune.convert import ConversionReport, convert, register_converter
 from sparseprune.nn import SparseLinear
@@ -9,6 +10,7 @@ __all__ = [
     "ConversionReport",
     "SparseLinear",
     "build_info",
+    "prune",
     "convert",
     "register_converter",
     "show_config",

@@ -1,5 +1,6 @@
 """sparseprune: prune PyTorch models, convert them to sparse native kernels, measure the speedup."""
 from sparseprune import prune
+from sparseprune.bench import BenchmarkResult, available_models, benchmark, build_model
 from sparseprune.config import build_info, show_config
 from sparseprune.convert import ConversionReport, convert, register_converter
 from sparseprune.nn import SparseLinear
@@ -7,6 +8,10 @@ from sparseprune.nn import SparseLinear
 __version__ = "0.1.0"
 
 __all__ = [
+    "BenchmarkResult",
+    "available_models",
+    "benchmark",
+    "build_model",
     "ConversionReport",
     "SparseLinear",
     "build_info",

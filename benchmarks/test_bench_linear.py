@@ -1,0 +1,70 @@
+"""pytest-benchmark suite: a few representative linear cases, dense vs sparseprune CSR.
+
+Not part of the test run (pyproject's testpaths is tests/). Run it with
+
+    pytest benchmarks/ --benchmark-only
+    pytest benchmarks/ --benchmark-only --benchmark-autosave   # keep a record in .benchmarks/
+    pytest benchmarks/ --benchmark-only --benchmark-compare    # against the last saved one
+
+Every case checks the sparse output against dense before it is timed, and stores the thread
+count, build info, CPU model and git revision in the benchmark's extra_info.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseprune.bench import prune_linear_layers, run_metadata
+from sparseprune.nn import SparseLinear
+
+OUT_FEATURES, IN_FEATURES = 3072, 768  # BERT-base FFN up-projection
+SPARSITY = 0.9
+
+
+@pytest.fixture(scope="module")
+def layer():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        linear = nn.Linear(IN_FEATURES, OUT_FEATURES)
+    prune_linear_layers(linear, SPARSITY)
+    return linear.eval(), SparseLinear.from_dense(linear, "csr")
+
+
+@pytest.fixture(scope="module")
+def metadata():
+    return run_metadata()
+
+
+@pytest.fixture(params=[1, 2], ids=lambda t: f"threads{t}")
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("batch", [1, 64], ids=lambda b: f"batch{b}")
+@pytest.mark.parametrize("impl", ["torch_dense", "sparseprune_csr"])
+def test_linear_3072x768_90(benchmark, layer, metadata, threads, batch, impl):
+    linear, sparse = layer
+    w, b = linear.weight.detach(), linear.bias.detach()
+    x = torch.randn(batch, IN_FEATURES, generator=torch.Generator().manual_seed(batch))
+    fn = (lambda: F.linear(x, w, b)) if impl == "torch_dense" else (lambda: sparse(x))
+    with torch.inference_mode():
+        torch.testing.assert_close(sparse(x), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+        benchmark.group = f"3072x768 @ {SPARSITY:.0%}, batch {batch}, {threads} thread(s)"
+        benchmark.extra_info.update(
+            {
+                "threads": threads,
+                "batch": batch,
+                "sparsity": SPARSITY,
+                "shape": [OUT_FEATURES, IN_FEATURES],
+                "build_info": metadata["build_info"],
+                "cpu": metadata["cpu"],
+                "git_revision": metadata["git_revision"],
+                "torch_version": metadata["torch_version"],
+            }
+        )
+        benchmark(fn)

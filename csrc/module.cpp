@@ -9,6 +9,7 @@ namespace sparseprune {
 namespace bindings {
 void bind_linear(py::module_& m);
 void bind_runtime(py::module_& m);
+void bind_conv(py::module_& m);
 }  // namespace bindings
 }  // namespace sparseprune
 
@@ -16,6 +17,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "sparseprune native kernels (private: use the sparseprune package)";
   sparseprune::bindings::bind_linear(m);
   sparseprune::bindings::bind_runtime(m);
+  sparseprune::bindings::bind_conv(m);
   m.def("build_info", [] {
     py::dict info;
     info["compiler"] = SP_COMPILER;

@@ -1,0 +1,197 @@
+#include "kernels/sparse_conv.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "kernels/cpu_features.h"
+#include "kernels/isa_variants.h"
+#include "kernels/partition.h"
+#include "kernels/scratch.h"
+
+namespace sparseprune {
+
+SP_DECLARE_ISA_VARIANTS(
+    void conv_task_entry(const SparseConvWeights& w, const int32_t* offsets, const float* xph,
+                         const float* bias, bool relu, float* yt, int64_t grid_padded, int64_t p0,
+                         int64_t width, int64_t o0, int64_t o1);)
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+constexpr int64_t kTileFloats = 64;  // grid pixels per task: 8 vectors of accumulators
+
+}  // namespace
+
+ConvGeometry conv_geometry(const ConvShape& s, int64_t in_h, int64_t in_w) {
+  ConvGeometry g;
+  g.in_h = in_h;
+  g.in_w = in_w;
+  const int64_t hp = in_h + 2 * s.pad_h, wp = in_w + 2 * s.pad_w;
+  const int64_t span_h = static_cast<int64_t>(s.dilation_h) * (s.kernel_h - 1) + 1;
+  const int64_t span_w = static_cast<int64_t>(s.dilation_w) * (s.kernel_w - 1) + 1;
+  if (hp < span_h || wp < span_w)
+    throw std::invalid_argument("input of " + std::to_string(in_h) + "x" + std::to_string(in_w) +
+                                " is smaller than the (dilated) kernel after padding");
+  g.out_h = (hp - span_h) / s.stride_h + 1;
+  g.out_w = (wp - span_w) / s.stride_w + 1;
+  g.phase_h = ceil_div(hp, s.stride_h);
+  g.phase_w = ceil_div(wp, s.stride_w);
+  g.plane = g.phase_h * g.phase_w;
+  g.grid = g.out_h * g.phase_w;
+  g.grid_padded = (g.grid + 7) / 8 * 8;
+  // The zero tail lets the last tile of the grid read past the final plane.
+  g.image_floats = s.in_channels * s.stride_h * s.stride_w * g.plane + g.grid_padded + kTileFloats;
+  if (g.image_floats > std::numeric_limits<int32_t>::max())
+    throw std::invalid_argument("input too large for 32-bit offsets");
+  return g;
+}
+
+std::vector<int32_t> conv_offsets(const ConvShape& s, const ConvGeometry& g, const SparseConvWeights& w) {
+  const int64_t cin_g = s.in_channels / s.groups, cout_g = s.out_channels / s.groups;
+  const int64_t taps = static_cast<int64_t>(s.kernel_h) * s.kernel_w;
+  std::vector<int32_t> off(static_cast<size_t>(w.row_ptr[s.out_channels]));
+  for (int64_t o = 0; o < s.out_channels; ++o) {
+    const int64_t group = o / cout_g;
+    for (int64_t j = w.row_ptr[o]; j < w.row_ptr[o + 1]; ++j) {
+      const int64_t i = group * cin_g + w.tap[j] / taps;
+      const int64_t dy = (w.tap[j] % taps) / s.kernel_w * s.dilation_h;
+      const int64_t dx = (w.tap[j] % s.kernel_w) * s.dilation_w;
+      const int64_t phase = (i * s.stride_h + dy % s.stride_h) * s.stride_w + dx % s.stride_w;
+      off[j] = static_cast<int32_t>(phase * g.plane + (dy / s.stride_h) * g.phase_w + dx / s.stride_w);
+    }
+  }
+  return off;
+}
+
+namespace {
+
+// Zero-pads image n and splits it into stride phases; inside a parallel region.
+void repack_image(const ConvShape& s, const ConvGeometry& g, const ConvArgs& a, int64_t n, float* xph) {
+  const float* xn = a.x + n * a.x_stride[0];
+  const int64_t phases = static_cast<int64_t>(s.stride_h) * s.stride_w;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+  for (int64_t cp = 0; cp < s.in_channels * phases; ++cp) {
+    const int64_t c = cp / phases, ph_a = (cp % phases) / s.stride_w, ph_b = cp % s.stride_w;
+    float* dst = xph + cp * g.plane;
+    const float* src = xn + c * a.x_stride[1];
+    for (int64_t r = 0; r < g.phase_h; ++r) {
+      const int64_t in_r = r * s.stride_h + ph_a - s.pad_h;
+      float* row = dst + r * g.phase_w;
+      if (in_r < 0 || in_r >= g.in_h) {
+        std::fill(row, row + g.phase_w, 0.0f);
+        continue;
+      }
+      const float* srow = src + in_r * a.x_stride[2];
+      for (int64_t q = 0; q < g.phase_w; ++q) {
+        const int64_t in_c = q * s.stride_w + ph_b - s.pad_w;
+        row[q] = (in_c >= 0 && in_c < g.in_w) ? srow[in_c * a.x_stride[3]] : 0.0f;
+      }
+    }
+  }
+#ifdef _OPENMP
+#pragma omp single nowait
+#endif
+  std::fill(xph + s.in_channels * phases * g.plane, xph + g.image_floats, 0.0f);
+}
+
+bool image_has_nonfinite(const ConvShape& s, const ConvGeometry& g, const ConvArgs& a, int64_t n) {
+  float probe = 0.0f;
+  const float* xn = a.x + n * a.x_stride[0];
+  for (int64_t c = 0; c < s.in_channels; ++c)
+    for (int64_t r = 0; r < g.in_h; ++r)
+      for (int64_t q = 0; q < g.in_w; ++q)
+        probe += xn[c * a.x_stride[1] + r * a.x_stride[2] + q * a.x_stride[3]] * 0.0f;
+  return probe != probe;
+}
+
+// Dense math multiplies by the zero weights too (0 * inf = NaN); for an image holding a NaN or an
+// infinity, recompute its outputs by the plain dense definition so the answer matches dense.
+void dense_recompute_image(const ConvShape& s, const ConvGeometry& g, const SparseConvWeights& w,
+                           const ConvArgs& a, int64_t n) {
+  const int64_t cin_g = s.in_channels / s.groups, cout_g = s.out_channels / s.groups;
+  const int64_t taps = static_cast<int64_t>(s.kernel_h) * s.kernel_w;
+  std::vector<float> dense(static_cast<size_t>(s.out_channels * cin_g * taps), 0.0f);
+  for (int64_t o = 0; o < s.out_channels; ++o)
+    for (int64_t j = w.row_ptr[o]; j < w.row_ptr[o + 1]; ++j) dense[o * cin_g * taps + w.tap[j]] = w.values[j];
+  const float* xn = a.x + n * a.x_stride[0];
+  float* yn = a.y + n * s.out_channels * g.out_h * g.out_w;
+  for (int64_t o = 0; o < s.out_channels; ++o) {
+    const int64_t group = o / cout_g;
+    for (int64_t oh = 0; oh < g.out_h; ++oh) {
+      for (int64_t ow = 0; ow < g.out_w; ++ow) {
+        double sum = a.bias ? a.bias[o] : 0.0;
+        for (int64_t i = 0; i < cin_g; ++i) {
+          for (int64_t t = 0; t < taps; ++t) {
+            const int64_t r = oh * s.stride_h + (t / s.kernel_w) * s.dilation_h - s.pad_h;
+            const int64_t q = ow * s.stride_w + (t % s.kernel_w) * s.dilation_w - s.pad_w;
+            if (r < 0 || r >= g.in_h || q < 0 || q >= g.in_w) continue;  // zero padding
+            const float v = xn[(group * cin_g + i) * a.x_stride[1] + r * a.x_stride[2] + q * a.x_stride[3]];
+            sum += static_cast<double>(dense[(o * cin_g + i) * taps + t]) * v;
+          }
+        }
+        float out = static_cast<float>(sum);
+        if (a.relu && out < 0.0f) out = 0.0f;
+        yn[(o * g.out_h + oh) * g.out_w + ow] = out;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWeights& w,
+                   const int32_t* offsets, const ConvArgs& a) {
+  if (a.batch <= 0 || s.out_channels <= 0) return;
+  const int64_t n_tiles = ceil_div(g.grid_padded, kTileFloats);
+  const double work = static_cast<double>(w.row_ptr[s.out_channels]) * g.grid + s.out_channels;
+  const int threads = threads_for_work(a.n_threads, work);
+  // Enough tasks to balance the threads even when the image is small (7x7 is one tile).
+  const int64_t want_chunks = ceil_div(4 * threads, n_tiles);
+  const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(want_chunks, ceil_div(s.out_channels, 8)));
+  const int64_t chunk = ceil_div(s.out_channels, n_chunks);
+  const int64_t n_tasks = n_tiles * n_chunks;
+  ScratchBuffer& scratch = thread_scratch();
+  float* xph = scratch.get((g.image_floats + 15) / 16 * 16 + s.out_channels * g.grid_padded);
+  float* yt = xph + (g.image_floats + 15) / 16 * 16;
+  const bool use_avx2 = active_isa() == Isa::avx2;
+  auto task = use_avx2 ? &avx2::conv_task_entry : &generic::conv_task_entry;
+  for (int64_t n = 0; n < a.batch; ++n) {
+    float* yn = a.y + n * s.out_channels * g.out_h * g.out_w;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+#endif
+    {
+      repack_image(s, g, a, n, xph);
+#ifdef _OPENMP
+#pragma omp barrier
+#pragma omp for schedule(dynamic)
+#endif
+      for (int64_t t = 0; t < n_tasks; ++t) {
+        const int64_t tile = t / n_chunks, c = t % n_chunks;
+        const int64_t p0 = tile * kTileFloats;
+        const int64_t width = std::min(kTileFloats, g.grid_padded - p0);
+        const int64_t o0 = c * chunk, o1 = std::min(s.out_channels, o0 + chunk);
+        if (o0 < o1) task(w, offsets, xph, a.bias, a.relu, yt, g.grid_padded, p0, width, o0, o1);
+      }
+      // Crop the grid (phase_w columns per row) to the output (out_w columns).
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (int64_t o = 0; o < s.out_channels; ++o) {
+        for (int64_t oh = 0; oh < g.out_h; ++oh) {
+          const float* src = yt + o * g.grid_padded + oh * g.phase_w;
+          std::copy(src, src + g.out_w, yn + (o * g.out_h + oh) * g.out_w);
+        }
+      }
+    }
+    if (image_has_nonfinite(s, g, a, n)) dense_recompute_image(s, g, w, a, n);
+  }
+}
+
+}  // namespace sparseprune

@@ -1,0 +1,64 @@
+// Direct sparse 2-D convolution (no im2col), for any kernel size, stride, padding, dilation and
+// groups. Each image is repacked once: zero-padded and split into its stride phases, so that
+// every nonzero weight (o, i, dy, dx) reads a *contiguous* run of the repacked input at a
+// constant offset. The output is computed on a grid as wide as one phase row (a few columns
+// wider than the output, cropped at the end), which turns the convolution into a sparse x dense
+// product whose "columns" are those offsets, vectorised along output pixels (XNNPACK's
+// channel-major sparse layout; a 1x1 convolution is exactly the CSR matmul on NCHW data).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace sparseprune {
+
+struct ConvShape {
+  int64_t in_channels = 0, out_channels = 0;
+  int kernel_h = 1, kernel_w = 1;
+  int stride_h = 1, stride_w = 1;
+  int pad_h = 0, pad_w = 0;
+  int dilation_h = 1, dilation_w = 1;
+  int groups = 1;
+};
+
+// Where things are for one input size (in_h x in_w); all derived from ConvShape.
+struct ConvGeometry {
+  int64_t in_h = 0, in_w = 0;
+  int64_t out_h = 0, out_w = 0;
+  int64_t phase_h = 0, phase_w = 0;  // one stride phase of the padded input
+  int64_t plane = 0;                 // phase_h * phase_w
+  int64_t grid = 0;                  // out_h * phase_w: output pixels computed per channel
+  int64_t grid_padded = 0;           // grid rounded up to whole vectors
+  int64_t image_floats = 0;          // repacked input of one image, incl. zero tail
+};
+
+// Throws std::invalid_argument when the input is too small for the kernel.
+ConvGeometry conv_geometry(const ConvShape& s, int64_t in_h, int64_t in_w);
+
+// Sparse weight: per output channel o, entries [row_ptr[o], row_ptr[o+1]) with
+// tap[j] = ((i * kernel_h) + dy) * kernel_w + dx, i the input channel *within o's group*.
+struct SparseConvWeights {
+  const int64_t* row_ptr = nullptr;  // [out_channels + 1]
+  const int32_t* tap = nullptr;      // [nnz]
+  const float* values = nullptr;     // [nnz]
+};
+
+// offsets[j]: where entry j reads in the repacked image, relative to the output pixel.
+std::vector<int32_t> conv_offsets(const ConvShape& s, const ConvGeometry& g, const SparseConvWeights& w);
+
+struct ConvArgs {
+  const float* x = nullptr;   // x[batch, in_channels, in_h, in_w] through element strides
+  int64_t batch = 0;
+  int64_t x_stride[4] = {0, 0, 0, 0};
+  const float* bias = nullptr;  // [out_channels] or null
+  bool relu = false;
+  float* y = nullptr;         // y[batch, out_channels, out_h, out_w], contiguous
+  int n_threads = 1;
+};
+
+// Preconditions (checked when the weight was packed / the call was bound): offsets made by
+// conv_offsets for this geometry, taps within the kernel and group.
+void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWeights& w,
+                   const int32_t* offsets, const ConvArgs& args);
+
+}  // namespace sparseprune

@@ -6,6 +6,7 @@ arguments still exit through argparse (status 2, message naming the option).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable, List, Optional, Sequence
 
@@ -153,7 +154,7 @@ def _add_demo(subparsers, selected: bool) -> None:
     if not selected:
         return
     try:
-        import sparseprune.demo as demo
+        demo = importlib.import_module("sparseprune.demo")
     except ImportError as exc:
         _add_default_demo_arguments(p)
         p.set_defaults(func=lambda args, exc=exc: _demo_unavailable(exc))

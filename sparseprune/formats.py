@@ -105,3 +105,20 @@ def unpack(packed: PackedLinear) -> np.ndarray:
     block_row = np.repeat(np.arange(nbr), np.diff(indptr))
     dense[block_row, indices] = values.reshape(-1, c, r)
     return dense.transpose(0, 3, 1, 2).reshape(nbr * r, nbc * c)[:n_rows, :n_cols].copy()
+
+
+class ConvArrays(NamedTuple):
+    row_ptr: np.ndarray  # int64 [out_channels + 1]
+    taps: np.ndarray  # int64 [nnz]: (i * kh + dy) * kw + dx, i within the group
+    values: np.ndarray  # float32 [nnz]
+
+
+def conv_arrays(weight: np.ndarray) -> ConvArrays:
+    """Per-output-channel sparse rows of a conv weight [out, in/groups, kh, kw] (zeros dropped)."""
+    if not isinstance(weight, np.ndarray) or weight.ndim != 4:
+        raise ValueError(f"weight must be a 4-D numpy array, got {getattr(weight, 'shape', type(weight))}")
+    if weight.dtype != np.float32:
+        raise TypeError(f"weight must be float32, got {weight.dtype}")
+    rows = _as_matrix(np.ascontiguousarray(weight.reshape(weight.shape[0], -1)))
+    arrays = csr_arrays(rows)
+    return ConvArrays(arrays.indptr, arrays.indices, arrays.values)

@@ -76,10 +76,12 @@ py::array_t<float> forward(const PackedLinear& p, const py::array& x, bool relu,
   if (out.is_none()) {
     y = py::array_t<float>({static_cast<py::ssize_t>(batch), static_cast<py::ssize_t>(p.n_rows())});
   } else {
-    y = out.cast<py::array>();
-    require_dtype<float>(y, "out", "float32");
-    require_ndim(y, "out", 2);
-    require_c_contiguous(y, "out");
+    const py::array given = out.cast<py::array>();
+    // Check before wrapping: py::array_t<float> would silently convert another dtype to a copy.
+    require_dtype<float>(given, "out", "float32");
+    require_ndim(given, "out", 2);
+    require_c_contiguous(given, "out");
+    y = py::array_t<float>::ensure(given);
     if (y.shape(0) != batch || y.shape(1) != p.n_rows())
       throw py::value_error("out must have shape (" + std::to_string(batch) + ", " +
                             std::to_string(p.n_rows()) + ")");

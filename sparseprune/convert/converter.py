@@ -11,7 +11,8 @@ from torch import nn
 
 from sparseprune.config import resolve_threads
 from sparseprune.convert.report import ConversionReport, LayerChoice
-from sparseprune.convert.selection import choose_linear_kernel
+from sparseprune.convert.fusion import capture_input_shapes, fuses_relu, prepare_fusions, with_relu
+from sparseprune.convert.selection import choose_conv_kernel, choose_linear_kernel
 
 POLICIES = ("measure", "threshold")
 
@@ -24,7 +25,9 @@ class ConvertContext:
     batch_sizes: Tuple[int, ...]
     num_threads: Optional[int]
     report: ConversionReport
-    fuse_relu: bool = False  # set by the walker when a ReLU follows the layer in a Sequential
+    conv_batch_sizes: Tuple[int, ...] = (1,)
+    fuse_relu: bool = False  # set by the walker when the layer's output goes straight into a ReLU
+    input_shapes: Dict[int, Tuple[int, ...]] = field(default_factory=dict)  # id(layer) -> shape
     extra: Dict[str, object] = field(default_factory=dict)
 
 
@@ -56,17 +59,16 @@ def weight_sparsity(weight: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(w)) / max(w.numel(), 1)
 
 
-def convert_linear(linear: nn.Linear, path: str, ctx: ConvertContext) -> nn.Module:
-    """nn.Linear -> SparseLinear when a sparse kernel is measurably faster, else unchanged."""
-    choice = choose_linear_kernel(linear, ctx.fuse_relu, ctx.policy, ctx.batch_sizes, ctx.num_threads)
+def _record(ctx: ConvertContext, path: str, layer: nn.Module, choice) -> nn.Module:
+    fused = ctx.fuse_relu and choice.kernel != "dense"
     ctx.report.add(
         LayerChoice(
             path=path,
-            layer_type=type(linear).__name__,
-            shape=tuple(linear.weight.shape),
-            sparsity=weight_sparsity(linear.weight),
+            layer_type=type(layer).__name__,
+            shape=tuple(layer.weight.shape),
+            sparsity=weight_sparsity(layer.weight),
             kernel=choice.kernel,
-            reason=choice.reason + (" (ReLU fused)" if ctx.fuse_relu and choice.kernel != "dense" else ""),
+            reason=choice.reason + (" (ReLU fused)" if fused else ""),
             dense_ms=choice.dense_ms,
             chosen_ms=choice.chosen_ms,
         )
@@ -74,28 +76,64 @@ def convert_linear(linear: nn.Linear, path: str, ctx: ConvertContext) -> nn.Modu
     return choice.module
 
 
+def convert_linear(linear: nn.Linear, path: str, ctx: ConvertContext) -> nn.Module:
+    """nn.Linear -> SparseLinear when a sparse kernel is measurably faster, else unchanged."""
+    choice = choose_linear_kernel(linear, ctx.fuse_relu, ctx.policy, ctx.batch_sizes, ctx.num_threads)
+    return _record(ctx, path, linear, choice)
+
+
+def convert_conv2d(conv: nn.Conv2d, path: str, ctx: ConvertContext) -> nn.Module:
+    """nn.Conv2d -> SparseConv2d when measurably faster at the example input's size."""
+    choice = choose_conv_kernel(
+        conv, ctx.fuse_relu, ctx.policy, ctx.input_shapes.get(id(conv)), ctx.conv_batch_sizes,
+        ctx.num_threads, path,
+    )
+    return _record(ctx, path, conv, choice)
+
+
 register_converter(nn.Linear, convert_linear)
+register_converter(nn.Conv2d, convert_conv2d)
 
 
 def _walk(module: nn.Module, prefix: str, ctx: ConvertContext) -> None:
-    names = [name for name, _ in module.named_children()]
-    for i, name in enumerate(names):
-        child = getattr(module, name)
+    for name, child in list(module.named_children()):
         path = f"{prefix}.{name}" if prefix else name
-        handler = _handler_for(child)
-        if handler is None:
+        replacement = _convert_one(child, path, ctx)
+        if replacement is None:
             if not isinstance(child, _OPAQUE_TYPES):
                 _walk(child, path, ctx)
-            continue
-        # Fuse a following ReLU into a sparse kernel (Sequential only: its order is the data flow).
-        next_child = getattr(module, names[i + 1]) if i + 1 < len(names) else None
-        ctx.fuse_relu = isinstance(module, nn.Sequential) and type(next_child) is nn.ReLU
-        replacement = handler(child, path, ctx)
-        if ctx.fuse_relu and getattr(replacement, "relu", False) is True:
-            setattr(module, names[i + 1], nn.Identity())
-        ctx.fuse_relu = False
-        if replacement is not child:
+        elif replacement is not child:
             setattr(module, name, replacement)
+
+
+def _convert_one(module: nn.Module, path: str, ctx: ConvertContext) -> Optional[nn.Module]:
+    """The module's replacement, or None when no handler knows its type."""
+    handler = _handler_for(module)
+    if handler is None:
+        return None
+    ctx.fuse_relu = fuses_relu(module)
+    try:
+        replacement = handler(module, path, ctx)
+    finally:
+        ctx.fuse_relu = False
+    # A layer marked for ReLU fusion lost its ReLU module; if it stays dense it needs it back.
+    return with_relu(replacement) if replacement is module else replacement
+
+
+def _detached_copy(model: nn.Module) -> nn.Module:
+    """deepcopy, also of models pruned by torch.nn.utils.prune with grad enabled: their `weight`
+    attribute is a non-leaf tensor, which deepcopy refuses; it is recomputed by the hook anyway."""
+    saved = []
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                saved.append((module, key, value))
+                setattr(module, key, value.detach())
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for module, key, value in saved:
+            setattr(module, key, value)
 
 
 def convert(
@@ -105,6 +143,8 @@ def convert(
     policy: str = "measure",
     batch_sizes: Sequence[int] = (1, 32),
     num_threads: Optional[int] = None,
+    example_inputs: Optional[Sequence[torch.Tensor]] = None,
+    conv_batch_sizes: Sequence[int] = (1,),
 ) -> nn.Module:
     """Return `model` with every sparse-enough layer replaced by a native sparse module.
 
@@ -114,6 +154,13 @@ def convert(
     `num_threads` threads (default: torch's), and a layer is switched only when sparse is faster
     at every size; policy="threshold" switches by sparsity alone (no timing). The decisions are
     in `result.sparseprune_report` (a ConversionReport). The result is for inference.
+
+    BatchNorm2d layers that directly follow a convolution are folded into it, and a ReLU module
+    that directly follows a layer is fused into its kernel (found with torch.fx; untraceable
+    parts are searched child by child). Convolutions are timed at the input size they see on
+    `example_inputs` (a tuple of model inputs) with `conv_batch_sizes` images; without example
+    inputs they are switched by the sparsity threshold. Unsupported layer settings stay dense,
+    with the reason in the report.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -123,16 +170,27 @@ def convert(
     if not batch_sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes must be positive ints, got {batch_sizes!r}")
     threads = resolve_threads(num_threads)
-    target = model if inplace else copy.deepcopy(model)
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        raise TypeError("example_inputs must be a tuple of input tensors, e.g. (x,)")
+    conv_batch_sizes = tuple(conv_batch_sizes)
+    if not conv_batch_sizes or not all(isinstance(b, int) and b >= 1 for b in conv_batch_sizes):
+        raise ValueError(f"conv_batch_sizes must be positive ints, got {conv_batch_sizes!r}")
+    target = model if inplace else _detached_copy(model)
     target.eval()
-    ctx = ConvertContext(policy, batch_sizes, num_threads, ConversionReport(policy=policy, num_threads=threads))
+    ctx = ConvertContext(
+        policy, batch_sizes, num_threads, ConversionReport(policy=policy, num_threads=threads),
+        conv_batch_sizes=conv_batch_sizes,
+    )
+    if example_inputs is not None:
+        ctx.input_shapes = capture_input_shapes(target, tuple(example_inputs))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # dense and sparse are timed at the same thread count
     try:
         with torch.no_grad():
-            handler = _handler_for(target)
-            if handler is not None:  # the model itself is one layer
-                target = handler(target, type(target).__name__, ctx)
+            prepare_fusions(target)
+            replacement = _convert_one(target, type(target).__name__, ctx)
+            if replacement is not None:  # the model itself is one layer
+                target = replacement
             else:
                 _walk(target, "", ctx)
     finally:

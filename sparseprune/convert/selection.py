@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseprune import formats
+from sparseprune.nn.sparse_conv import SparseConv2d, UnsupportedLayer
 from sparseprune.nn.sparse_linear import SparseLinear
 from sparseprune.timing import time_interleaved
 
@@ -49,6 +50,46 @@ def _candidates(weight: np.ndarray) -> Dict[str, Tuple[str, Tuple[int, int]]]:
     return out
 
 
+def pick_fastest(
+    dense: nn.Module,
+    relu: bool,
+    sparse_modules: Dict[str, nn.Module],
+    inputs: Dict[int, torch.Tensor],
+) -> KernelChoice:
+    """Time `dense` (plus ReLU when fused) against each sparse candidate on each input, keyed by
+    batch size, and keep the fastest sparse one only if it wins at every size by MIN_GAIN."""
+    dense_ms: Dict[int, float] = {}
+    sparse_ms: Dict[str, Dict[int, float]] = {name: {} for name in sparse_modules}
+    for batch, x in inputs.items():
+
+        def run_dense(x=x):
+            y = dense(x)
+            return F.relu(y) if relu else y
+
+        fns = {"dense": run_dense}
+        fns.update({name: (lambda m=m, x=x: m(x)) for name, m in sparse_modules.items()})
+        with torch.no_grad():
+            times = time_interleaved(fns, warmup=2, repeats=5, min_time_s=0.01)
+        dense_ms[batch] = times["dense"].median_ms
+        for name in sparse_modules:
+            sparse_ms[name][batch] = times[name].median_ms
+
+    def geomean_ratio(name: str) -> float:
+        return math.exp(np.mean([math.log(dense_ms[b] / sparse_ms[name][b]) for b in inputs]))
+
+    winners = [
+        name for name in sparse_modules if all(dense_ms[b] >= MIN_GAIN * sparse_ms[name][b] for b in inputs)
+    ]
+    if not winners:
+        best = max(sparse_modules, key=geomean_ratio)
+        return KernelChoice(
+            "dense", dense, f"no sparse kernel beat dense by {MIN_GAIN}x (best {best}: "
+            f"{geomean_ratio(best):.2f}x)", dense_ms, dict(dense_ms)
+        )
+    best = max(winners, key=geomean_ratio)
+    return KernelChoice(best, sparse_modules[best], "fastest measured", dense_ms, sparse_ms[best])
+
+
 def choose_linear_kernel(
     linear: nn.Linear,
     relu: bool,
@@ -68,38 +109,32 @@ def choose_linear_kernel(
         name: SparseLinear.from_dense(linear, fmt, block, relu=relu, num_threads=num_threads)
         for name, (fmt, block) in _candidates(weight).items()
     }
-    dense_ms: Dict[int, float] = {}
-    sparse_ms: Dict[str, Dict[int, float]] = {name: {} for name in sparse_modules}
-    w = linear.weight.detach()
-    b = None if linear.bias is None else linear.bias.detach()
     gen = torch.Generator().manual_seed(0)
-    for batch in batch_sizes:
-        x = torch.randn(batch, linear.in_features, generator=gen)
+    inputs = {b: torch.randn(b, linear.in_features, generator=gen) for b in batch_sizes}
+    return pick_fastest(linear, relu, sparse_modules, inputs)
 
-        def dense(x=x):
-            y = F.linear(x, w, b)
-            return F.relu(y) if relu else y
 
-        fns = {"dense": dense}
-        fns.update({name: (lambda m=m, x=x: m(x)) for name, m in sparse_modules.items()})
-        with torch.no_grad():
-            times = time_interleaved(fns, warmup=2, repeats=7, min_time_s=0.01)
-        dense_ms[batch] = times["dense"].median_ms
-        for name in sparse_modules:
-            sparse_ms[name][batch] = times[name].median_ms
-
-    def geomean_ratio(name: str) -> float:
-        return math.exp(np.mean([math.log(dense_ms[b] / sparse_ms[name][b]) for b in batch_sizes]))
-
-    winners = [
-        name for name in sparse_modules
-        if all(dense_ms[b] >= MIN_GAIN * sparse_ms[name][b] for b in batch_sizes)
-    ]
-    if not winners:
-        best = max(sparse_modules, key=geomean_ratio)
-        return KernelChoice(
-            "dense", linear, f"no sparse kernel beat dense by {MIN_GAIN}x (best {best}: "
-            f"{geomean_ratio(best):.2f}x)", dense_ms, dict(dense_ms)
-        )
-    best = max(winners, key=geomean_ratio)
-    return KernelChoice(best, sparse_modules[best], "fastest measured", dense_ms, sparse_ms[best])
+def choose_conv_kernel(
+    conv: nn.Conv2d,
+    relu: bool,
+    policy: str,
+    input_shape: Optional[Tuple[int, ...]],
+    batch_sizes: Sequence[int],
+    num_threads: Optional[int],
+    name: str,
+) -> KernelChoice:
+    """Dense or the direct sparse conv; measured when the input size is known (from convert's
+    example_inputs), else by the sparsity threshold. Unsupported settings stay dense."""
+    try:
+        sparse = SparseConv2d.from_dense(conv, relu=relu, num_threads=num_threads, name=name)
+    except UnsupportedLayer as exc:
+        return KernelChoice("dense", conv, f"unsupported: {exc}", {}, {})
+    if policy == "threshold" or input_shape is None:
+        why = "no example_inputs, " if policy == "measure" else ""
+        if sparse.sparsity >= CSR_SPARSITY_THRESHOLD:
+            return KernelChoice("sparse-conv", sparse, f"{why}sparsity >= {CSR_SPARSITY_THRESHOLD}", {}, {})
+        return KernelChoice("dense", conv, f"{why}sparsity < {CSR_SPARSITY_THRESHOLD}", {}, {})
+    gen = torch.Generator().manual_seed(0)
+    chw = tuple(input_shape[-3:])
+    inputs = {b: torch.randn(b, *chw, generator=gen) for b in batch_sizes}
+    return pick_fastest(conv, relu, {"sparse-conv": sparse}, inputs)

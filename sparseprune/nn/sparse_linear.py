@@ -1,6 +1,7 @@
 """SparseLinear: an inference-only nn.Linear replacement running the native CSR/block kernels."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import numpy as np
@@ -89,7 +90,8 @@ class SparseLinear(nn.Module):
                 f"input must have shape (..., {self.in_features}), got {tuple(input.shape)}"
             )
         lead = input.shape[:-1]
-        x2d = input.reshape(-1, self.in_features)  # a view whenever the strides allow
+        # A view whenever the strides allow; the explicit row count also covers in_features == 0.
+        x2d = input.reshape(math.prod(lead), self.in_features)
         y = self.packed.forward(x2d.detach().numpy(), self.relu, resolve_threads(self.num_threads))
         return torch.from_numpy(y).view(*lead, self.out_features)
 

@@ -1,0 +1,135 @@
+"""SparseConv2d: an inference-only nn.Conv2d replacement running the direct sparse conv kernel."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparseprune import formats
+from sparseprune._native import _C
+from sparseprune.config import resolve_threads
+
+
+class UnsupportedLayer(ValueError):
+    """A layer setting the sparse kernel does not implement; convert() keeps such layers dense."""
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def conv_padding(conv: nn.Conv2d) -> Tuple[int, int]:
+    """Symmetric zero padding of `conv`, or UnsupportedLayer when it has none the kernel runs."""
+    if conv.padding_mode != "zeros":
+        raise UnsupportedLayer(f"padding_mode={conv.padding_mode!r} (only 'zeros' has a sparse kernel)")
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        pads = []
+        for k, d in zip(conv.kernel_size, conv.dilation):
+            total = d * (k - 1)
+            if total % 2:  # torch pads the extra row/column on one side only
+                raise UnsupportedLayer("padding='same' with an even kernel span is asymmetric")
+            pads.append(total // 2)
+        return (pads[0], pads[1])
+    return _pair(conv.padding)
+
+
+class SparseConv2d(nn.Module):
+    """y = conv2d(x, W, b) (then ReLU when fused) with W packed once per output channel.
+
+    Any kernel size, stride, zero padding, dilation and groups; float32 NCHW (or unbatched CHW)
+    input with any strides. The GIL is released while the kernel runs; inference only.
+    """
+
+    def __init__(self, packed, relu: bool = False, num_threads: Optional[int] = None, name: str = ""):
+        super().__init__()
+        self.packed = packed
+        self.in_channels = packed.in_channels
+        self.out_channels = packed.out_channels
+        self.relu = bool(relu)
+        self.num_threads = num_threads
+        self.layer_name = name or "SparseConv2d"
+
+    @classmethod
+    def from_dense(
+        cls, conv: nn.Conv2d, relu: bool = False, num_threads: Optional[int] = None, name: str = ""
+    ) -> "SparseConv2d":
+        """Pack `conv`'s (masked) weight and bias. Raises UnsupportedLayer for settings the kernel
+        does not implement (non-zero padding modes, asymmetric 'same' padding)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        padding = conv_padding(conv)
+        weight = conv.weight.detach().to(torch.float32).cpu().contiguous().numpy()
+        bias = None if conv.bias is None else conv.bias.detach().to(torch.float32).cpu().numpy()
+        arrays = formats.conv_arrays(weight)
+        packed = _C.PackedConv(
+            conv.in_channels, conv.out_channels, _pair(conv.kernel_size), _pair(conv.stride), padding,
+            _pair(conv.dilation), conv.groups, *arrays, bias,
+        )
+        return cls(packed, relu=relu, num_threads=num_threads, name=name)
+
+    @property
+    def kernel(self) -> str:
+        return "sparse-conv"
+
+    @property
+    def nnz(self) -> int:
+        return int(self.packed.nnz)
+
+    @property
+    def sparsity(self) -> float:
+        kh, kw = self.packed.kernel_size
+        total = self.out_channels * (self.in_channels // self.packed.groups) * kh * kw
+        return 1.0 - self.nnz / total if total else 0.0
+
+    def to_dense(self) -> nn.Conv2d:
+        """An equivalent nn.Conv2d (the ReLU, if fused, is not included)."""
+        p = self.packed
+        kh, kw = p.kernel_size
+        conv = nn.Conv2d(p.in_channels, p.out_channels, (kh, kw), p.stride, p.padding, p.dilation, p.groups,
+                         bias=p.bias is not None)
+        flat = np.zeros((p.out_channels, (p.in_channels // p.groups) * kh * kw), dtype=np.float32)
+        rows = np.repeat(np.arange(p.out_channels), np.diff(p.row_ptr))
+        flat[rows, p.taps] = p.values
+        with torch.no_grad():
+            conv.weight.copy_(torch.from_numpy(flat).view_as(conv.weight))
+            if p.bias is not None:
+                conv.bias.copy_(torch.from_numpy(p.bias))
+        return conv
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{self.layer_name}: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.dtype != torch.float32:
+            raise TypeError(f"{self.layer_name}: input must be float32, got {input.dtype}")
+        if input.device.type != "cpu":
+            raise ValueError(f"{self.layer_name}: input must be on the CPU, got device {input.device}")
+        if input.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{self.layer_name}: SparseConv2d is inference-only (no backward): use torch.no_grad() or "
+                "torch.inference_mode()"
+            )
+        unbatched = input.dim() == 3
+        if input.dim() not in (3, 4) or input.shape[-3] != self.in_channels:
+            raise ValueError(
+                f"{self.layer_name}: input must have shape (N, {self.in_channels}, H, W) or "
+                f"({self.in_channels}, H, W), got {tuple(input.shape)}"
+            )
+        x = input.unsqueeze(0) if unbatched else input
+        try:
+            y = self.packed.forward(x.detach().numpy(), self.relu, resolve_threads(self.num_threads))
+        except ValueError as exc:  # e.g. an input smaller than the kernel
+            raise ValueError(f"{self.layer_name}: {exc}") from None
+        out = torch.from_numpy(y)
+        return out[0] if unbatched else out
+
+    def extra_repr(self) -> str:
+        p = self.packed
+        return (
+            f"{p.in_channels}, {p.out_channels}, kernel_size={p.kernel_size}, stride={p.stride}, "
+            f"padding={p.padding}, dilation={p.dilation}, groups={p.groups}, "
+            f"sparsity={self.sparsity:.3f}, relu={self.relu}"
+        )

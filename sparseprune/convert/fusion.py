@@ -104,11 +104,14 @@ def capture_input_shapes(model: nn.Module, example_inputs) -> dict:
     """id(layer) -> input shape, for every Linear/Conv2d that runs on `example_inputs`."""
     shapes: dict = {}
     hooks = []
+    def record(module, args):
+        if args and isinstance(args[0], torch.Tensor):
+            shapes.setdefault(id(module), tuple(args[0].shape))
+        # returning None keeps the arguments as they are
+
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args: shapes.setdefault(id(m), tuple(args[0].shape)) if args else None
-            ))
+            hooks.append(module.register_forward_pre_hook(record))
     try:
         with torch.no_grad():
             model(*example_inputs)

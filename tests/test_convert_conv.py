@@ -1,0 +1,207 @@
+"""convert() on convolutional networks: outputs equal the pruned model's, BatchNorm folded, ReLU
+fused only where it is safe, unsupported settings left dense with a reason."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparseprune as sp
+from sparseprune.nn.sparse_conv import SparseConv2d
+
+
+def zero_fraction_(module: nn.Module, fraction: float, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight[torch.rand(m.weight.shape, generator=gen) < fraction] = 0
+
+
+def randomize_bn_(module: nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; one ReLU module used twice (must not be fused away)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.down is None else self.down(x)
+        return self.relu(out + identity)
+
+
+def small_resnet() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        BasicBlock(16, 16, 1), BasicBlock(16, 32, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(7)
+
+
+def check_same(model: nn.Module, converted: nn.Module, x: torch.Tensor, tol: float = 1e-4) -> None:
+    with torch.no_grad():
+        ref, out = model(x), converted(x)
+    assert out.shape == ref.shape
+    scale = ref.abs().max().item() + 1e-6
+    assert (out - ref).abs().max().item() <= tol * scale
+
+
+def test_resnet_converts_with_folded_bn_and_same_outputs(gen):
+    model = small_resnet().eval()
+    zero_fraction_(model, 0.8, gen)
+    randomize_bn_(model, gen)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    conv = sp.convert(model, policy="threshold")
+    check_same(model, conv, x)
+    sparse_convs = [m for m in conv.modules() if isinstance(m, SparseConv2d)]
+    assert len(sparse_convs) == 6  # stem, 2 x 2 block convs, 1 downsample
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in conv.modules())  # all folded
+    report = conv.sparseprune_report
+    assert {c.path for c in report.layers} >= {"0", "3.conv1", "4.down.0", "7"}
+    # The stem's ReLU and conv1's (a single-use module in Sequential / block) are fused...
+    assert conv[0].relu is True
+    # ...but the block's shared ReLU (called twice) is not: conv1 stays unfused and relu stays.
+    assert conv[3].conv1.relu is False and isinstance(conv[3].relu, nn.ReLU)
+    # The input model is untouched.
+    assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[0], nn.Conv2d)
+
+
+def test_measure_policy_with_example_inputs_records_timings(gen):
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+    zero_fraction_(model, 0.9, gen)
+    x = torch.randn(1, 8, 12, 12, generator=gen)
+    conv = sp.convert(model, example_inputs=(x,), batch_sizes=(1,))
+    check_same(model, conv, x)
+    for choice in conv.sparseprune_report.layers:
+        assert set(choice.dense_ms) == {1}
+        assert choice.kernel in ("dense", "sparse-conv")
+
+
+def test_dense_choice_keeps_the_fused_relu(gen):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()).eval()  # dense weights
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    conv = sp.convert(model, policy="threshold")
+    assert conv.sparseprune_report.layers[0].kernel == "dense"
+    check_same(model, conv, x)
+    assert (conv(x) >= 0).all()
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv2d(6, 6, 3, padding=1, groups=6),  # depthwise
+        nn.Conv2d(6, 9, 3, padding=2, dilation=2, groups=3),
+        nn.Conv2d(6, 4, (1, 5), stride=(2, 1), padding=(0, 2)),
+        nn.Conv2d(6, 4, 5, padding="same"),
+    ],
+    ids=["depthwise", "grouped-dilated", "rect-stride", "same-odd"],
+)
+def test_conv_settings(layer, gen):
+    model = nn.Sequential(layer).eval()
+    zero_fraction_(model, 0.8, gen)
+    x = torch.randn(2, 6, 11, 10, generator=gen)
+    conv = sp.convert(model, policy="threshold")
+    check_same(model, conv, x)
+
+
+def test_unsupported_settings_stay_dense_with_reason(gen):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), nn.Conv3d(4, 4, 1)).eval()
+    zero_fraction_(model, 0.9, gen)
+    conv = sp.convert(model, policy="threshold")
+    choice = conv.sparseprune_report.layers[0]
+    assert choice.kernel == "dense" and "circular" in choice.reason
+    assert isinstance(conv[1], nn.Conv3d)
+    x = torch.randn(1, 4, 6, 6, 6, generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(conv[0](x[:, :, 0]), model[0](x[:, :, 0]))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+def test_asymmetric_same_padding_stays_dense(gen):
+    model = nn.Sequential(nn.Conv2d(4, 4, 4, padding="same")).eval()
+    zero_fraction_(model, 0.9, gen)
+    conv = sp.convert(model, policy="threshold")
+    assert conv.sparseprune_report.layers[0].kernel == "dense"
+    assert "asymmetric" in conv.sparseprune_report.layers[0].reason
+    check_same(model, conv, torch.randn(1, 4, 7, 7, generator=gen))
+
+
+def test_wrong_input_names_the_layer(gen):
+    model = nn.Sequential(nn.Conv2d(4, 8, 3)).eval()
+    zero_fraction_(model, 0.9, gen)
+    conv = sp.convert(model, policy="threshold")
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"^0: .*4"):
+            conv(torch.randn(1, 5, 8, 8))
+        with pytest.raises(ValueError, match="^0: "):
+            conv(torch.randn(4, 8))
+        with pytest.raises(ValueError, match="^0: .*smaller than the"):
+            conv(torch.randn(1, 4, 2, 2))
+        with pytest.raises(TypeError, match="float32"):
+            conv(torch.randn(1, 4, 8, 8, dtype=torch.float64))
+
+
+def test_torch_pruned_conv_with_grad_enabled_converts(gen):
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8)).eval()
+    randomize_bn_(model, gen)
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.85)  # no prune.remove
+    conv = sp.convert(model, policy="threshold")
+    x = torch.randn(2, 4, 9, 9, generator=gen)
+    check_same(model, conv, x)
+    assert isinstance(conv[0], SparseConv2d) and conv[0].sparsity >= 0.84
+
+
+def test_unbatched_input_and_nonfinite_match_dense(gen):
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    zero_fraction_(conv, 0.7, gen)
+    sparse = SparseConv2d.from_dense(conv)
+    x = torch.randn(3, 7, 7, generator=gen)
+    x[1, 3, 3] = float("inf")
+    with torch.no_grad():
+        ref, out = conv(x), sparse(x)
+    assert torch.equal(torch.isnan(ref), torch.isnan(out))
+    finite = ~torch.isnan(ref)
+    assert torch.allclose(out[finite], ref[finite], atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sparse_conv_kernel_paths(isa, threads, gen):
+    from sparseprune import _native
+
+    if isa == "avx2" and not _native._C.cpu_has_avx2_fma():
+        pytest.skip("no AVX2/FMA on this CPU")
+    conv = nn.Conv2d(5, 7, 3, stride=2, padding=1)
+    zero_fraction_(conv, 0.6, gen)
+    sparse = SparseConv2d.from_dense(conv, num_threads=threads)
+    x = torch.randn(3, 5, 13, 9, generator=gen)
+    _native.set_isa(isa)
+    try:
+        with torch.no_grad():
+            out = sparse(x)
+    finally:
+        _native.set_isa("auto")
+    with torch.no_grad():
+        assert torch.allclose(out, F.relu(conv(x)) if sparse.relu else conv(x), atol=1e-5)

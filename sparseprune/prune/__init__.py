@@ -8,7 +8,13 @@ Three separate pieces:
     torch.nn.utils.prune's reparametrisation (`weight_orig`, `weight_mask`, forward pre-hook),
     so torch's pruning utilities and sparseprune's work on each other's modules.
 
-An int amount is a count (of entries, or of blocks for block pruning), a float a fraction.
+Structured pruning (`structured`, `kernel_patterns`, `layers`): whole conv filters (`filters`,
+`global_filters`), input channels (`channels`), Linear units (`units`), k x k kernels
+(`kernels`, `global_kernels`) and intra-kernel patterns with connectivity pruning (`patterns`,
+`pattern_assignment_from_weight`), through the same masks. Pruning an output channel also masks
+its bias (and the BatchNorm after it when given).
+
+An int amount is a count (of entries, or of blocks, filters, units, kernels), a float a fraction.
 """
 from sparseprune.prune.amount import amount_to_count, check_amount
 from sparseprune.prune.api import (
@@ -19,29 +25,81 @@ from sparseprune.prune.api import (
     prune_parameter,
     random_unstructured,
 )
-from sparseprune.prune.importance import block_l2, l1_magnitude, random_scores
+from sparseprune.prune.importance import (
+    block_l2,
+    filter_norm,
+    kernel_norm,
+    l1_magnitude,
+    random_scores,
+    slice_norm,
+    squared_magnitude,
+)
+from sparseprune.prune.layers import (
+    batchnorm_scale,
+    channels,
+    conv_bn_pairs,
+    filters,
+    global_filters,
+    global_kernels,
+    kernels,
+    patterns,
+    units,
+)
 from sparseprune.prune.methods import BlockMagnitude, MagnitudeUnstructured, PruningMethod, RandomUnstructured
+from sparseprune.prune.kernel_patterns import PatternAssignment, PatternPruning, pattern_assignment_from_weight
 from sparseprune.prune.reparam import InstalledMask, is_pruned, remove
 from sparseprune.prune.stats import sparsity
+from sparseprune.prune.structured import (
+    ChannelPruning,
+    FilterPruning,
+    KernelPruning,
+    StructuredPruning,
+    UnitPruning,
+    global_keep,
+    prune_global_structured,
+)
 
 __all__ = [
     "BlockMagnitude",
+    "ChannelPruning",
+    "FilterPruning",
     "InstalledMask",
+    "KernelPruning",
     "MagnitudeUnstructured",
+    "PatternAssignment",
+    "PatternPruning",
     "PruningMethod",
     "RandomUnstructured",
+    "StructuredPruning",
+    "UnitPruning",
     "amount_to_count",
+    "batchnorm_scale",
     "block_l2",
     "block_magnitude",
+    "channels",
     "check_amount",
+    "conv_bn_pairs",
+    "filter_norm",
+    "filters",
+    "global_filters",
+    "global_keep",
+    "global_kernels",
     "global_magnitude",
     "is_pruned",
+    "kernel_norm",
+    "kernels",
     "l1_magnitude",
     "magnitude",
+    "pattern_assignment_from_weight",
+    "patterns",
     "prune_global",
+    "prune_global_structured",
     "prune_parameter",
     "random_scores",
     "random_unstructured",
     "remove",
+    "slice_norm",
     "sparsity",
+    "squared_magnitude",
+    "units",
 ]

@@ -72,3 +72,56 @@ def block_l2(weight: Tensor, block: Block) -> Tensor:
     else:
         w = w.to(torch.float32)
     return block_view(w, block).square().sum(dim=(1, 3)).sqrt()
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured scores: one per filter, channel, row or kernel.
+
+NORMS = ("l1", "l2")
+
+
+def check_norm(norm: object, arg: str = "norm") -> str:
+    """`norm` if it is "l1" or "l2", else TypeError/ValueError naming `arg`."""
+    if not isinstance(norm, str):
+        raise TypeError(f"{arg} must be one of {NORMS}, got {type(norm).__name__} {norm!r}")
+    if norm not in NORMS:
+        raise ValueError(f"{arg} must be one of {NORMS}, got {norm!r}")
+    return norm
+
+
+def _at_least_float32(w: Tensor) -> Tensor:
+    if w.is_floating_point():
+        return w.to(torch.promote_types(w.dtype, torch.float32))
+    return w.to(torch.float32)
+
+
+def slice_norm(weight: Tensor, dims: Sequence[int], norm: str = "l2") -> Tensor:
+    """The L1 or L2 norm of every slice of `weight` along `dims`, reducing all the other dims.
+
+    Shape `[weight.shape[d] for d in sorted(dims)]`: dims=(0,) scores the filters of a conv
+    weight [out, in, kh, kw] (or the rows of a Linear weight), (1,) its input channels, (0, 1)
+    its k x k kernels. Computed in at least float32.
+    """
+    norm = check_norm(norm)
+    w = _at_least_float32(weight.detach())
+    keep = sorted({int(d) % w.dim() for d in dims})
+    reduce = tuple(d for d in range(w.dim()) if d not in keep)
+    w = w.abs() if norm == "l1" else w.square()
+    if reduce:
+        w = w.sum(dim=reduce)
+    return w if norm == "l1" else w.sqrt()
+
+
+def filter_norm(weight: Tensor, norm: str = "l1") -> Tensor:
+    """L1/L2 norm of each output filter weight[o] (each row of a Linear weight), shape [out]."""
+    return slice_norm(weight, (0,), norm)
+
+
+def kernel_norm(weight: Tensor, norm: str = "l2") -> Tensor:
+    """L1/L2 norm of each k x k kernel weight[o, i] of a conv weight, shape [out, in / groups]."""
+    return slice_norm(weight, (0, 1), norm)
+
+
+def squared_magnitude(weight: Tensor) -> Tensor:
+    """w ** 2 for every entry (in at least float32): the energy a pattern keeps adds up."""
+    return _at_least_float32(weight.detach()).square()

@@ -1,0 +1,161 @@
+"""A small, deterministic trainer for pruning experiments (classification, cross-entropy, CPU).
+
+Pruning masks stay in force while training: a layer pruned through torch.nn.utils.prune (or
+sparseprune.prune, which uses the same reparametrisation) computes `weight = weight_orig *
+weight_mask` in a forward pre-hook, so the optimizer updates `weight_orig`, the gradient at masked
+entries is zero, and the effective weight keeps its zeros. Nothing here assigns `.weight`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("cosine", None)
+
+# SGD is run with heavy-ball momentum: plain SGD needs many more epochs on the demo's MLP.
+SGD_MOMENTUM = 0.9
+
+# evaluate_accuracy runs the model on this many samples at a time (bounded memory, any size).
+EVAL_BATCH = 1024
+
+
+def _check_xy(model: object, x: object, y: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must hold at least one sample, got shape {tuple(x.shape)}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"y must hold integer class indices, got dtype {y.dtype}")
+
+
+def _positive_int(value: object, arg: str, minimum: int = 1) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or int(value) < minimum:
+        raise ValueError(f"{arg} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=SGD_MOMENTUM, weight_decay=weight_decay)
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int = 64,
+    optimizer: str = "adam",
+    seed: int = 0,
+    progress: bool = True,
+    lr_schedule: Optional[str] = "cosine",
+    weight_decay: float = 0.0,
+    desc: str = "train",
+    position: Optional[int] = None,
+    num_threads: Optional[int] = None,
+) -> List[float]:
+    """Train `model` in place with cross-entropy on (x, y); returns the mean loss of each epoch.
+
+    Mini-batches are drawn by a shuffle seeded by `seed` (the model's initial weights are the
+    caller's business: seed torch before building it). `lr_schedule="cosine"` anneals the
+    learning rate per step from `lr` to 0 over the run; None keeps it constant. A tqdm bar over
+    the epochs shows the loss unless `progress` is False. `num_threads` sets torch's intra-op
+    threads for the run (restored after); default: leave torch's setting. The model is left in
+    eval mode if it was in eval mode before, else in train mode.
+    """
+    _check_xy(model, x, y)
+    epochs = _positive_int(epochs, "epochs", minimum=0)
+    batch_size = _positive_int(batch_size, "batch_size")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if num_threads is not None and (
+        not isinstance(num_threads, numbers.Integral) or isinstance(num_threads, bool) or num_threads < 1
+    ):
+        raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+
+    n = x.shape[0]
+    steps_per_epoch = math.ceil(n / batch_size)
+    total_steps = epochs * steps_per_epoch
+    opt = _make_optimizer(optimizer, params, float(lr), float(weight_decay))
+    generator = torch.Generator().manual_seed(int(seed))
+    was_training = model.training
+    labels = y.long()
+    losses: List[float] = []
+    step = 0
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", leave=False, disable=not progress, position=position)
+    previous_threads = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+    model.train()
+    try:
+        for _ in bar:
+            order = torch.randperm(n, generator=generator)
+            total = 0.0
+            for start in range(0, n, batch_size):
+                idx = order[start:start + batch_size]
+                if lr_schedule == "cosine":
+                    # set before the step, so step 0 runs at `lr` and the last one near 0
+                    for group in opt.param_groups:
+                        group["lr"] = 0.5 * float(lr) * (1.0 + math.cos(math.pi * step / total_steps))
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x[idx]), labels[idx])
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training diverged (loss {loss.item()}); lower lr")
+                loss.backward()
+                opt.step()
+                total += loss.item() * idx.numel()
+                step += 1
+            losses.append(total / n)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        bar.close()
+        model.train(was_training)
+        torch.set_num_threads(previous_threads)
+    return losses
+
+
+def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of samples whose argmax output is the label, in eval mode under torch.no_grad().
+
+    Works on converted models too (their sparse layers are inference-only). The model's
+    train/eval mode is restored afterwards.
+    """
+    _check_xy(model, x, y)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        with torch.no_grad():
+            for start in range(0, x.shape[0], EVAL_BATCH):
+                out = model(x[start:start + EVAL_BATCH])
+                correct += int((out.argmax(dim=-1) == y[start:start + EVAL_BATCH].to(out.device)).sum())
+    finally:
+        model.train(was_training)
+    return correct / x.shape[0]

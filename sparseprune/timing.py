@@ -20,6 +20,7 @@ class Timing:
     median_s: float
     p90_s: float
     runs: int
+    min_s: float = 0.0  # the best run: what the code can do when nothing else interferes
 
     @property
     def median_ms(self) -> float:
@@ -64,6 +65,6 @@ def time_interleaved(
                 samples[name].append(time.perf_counter() - t0)
         rounds += 1
     return {
-        name: Timing(float(np.median(s)), float(np.percentile(s, 90)), len(s))
+        name: Timing(float(np.median(s)), float(np.percentile(s, 90)), len(s), float(np.min(s)))
         for name, s in samples.items()
     }

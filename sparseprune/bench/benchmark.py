@@ -128,24 +128,24 @@ def _report_from_dict(data: Dict[str, Any]) -> ConversionReport:
     return report
 
 
-def _positive_ints(value: Sequence[int], name: str) -> Tuple[int, ...]:
+def _positive_ints(value: Sequence[int], name: str, unique: bool = True) -> Tuple[int, ...]:
     try:
         items = tuple(value)
     except TypeError:
         raise TypeError(f"{name} must be a sequence of positive ints, got {value!r}") from None
     if not items or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items):
         raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {value!r}")
-    if len(set(items)) != len(items):
+    if unique and len(set(items)) != len(items):
         raise ValueError(f"{name} has duplicates: {value!r}")
     return items
 
 
 def prune_linear_layers(model: nn.Module, sparsity: float) -> int:
-    """Per-layer L1 magnitude pruning of every nn.Linear weight to `sparsity`, made permanent
-    (torch.nn.utils.prune then prune.remove). Returns how many layers were pruned."""
+    """Per-layer L1 magnitude pruning of every nn.Linear and nn.Conv2d weight to `sparsity`, made
+    permanent (torch.nn.utils.prune then prune.remove). Returns how many layers were pruned."""
     count = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
             torch_prune.l1_unstructured(module, "weight", amount=float(sparsity))
             torch_prune.remove(module, "weight")
             count += 1
@@ -155,7 +155,7 @@ def prune_linear_layers(model: nn.Module, sparsity: float) -> int:
 def _model_summary(model: nn.Module) -> Dict[str, Any]:
     linear_params = linear_zeros = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
             w = module.weight.detach()
             linear_params += w.numel()
             linear_zeros += w.numel() - int(torch.count_nonzero(w))
@@ -215,7 +215,7 @@ def benchmark(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    input_shape = _positive_ints(input_shape, "input_shape")
+    input_shape = _positive_ints(input_shape, "input_shape", unique=False)
     batch_sizes = _positive_ints(batch_sizes, "batch_sizes")
     threads = _positive_ints(threads, "threads")
     if sparsity is not None:
@@ -253,6 +253,8 @@ def benchmark(
     try:
         torch.set_num_threads(convert_threads)
         # num_threads=None: the converted layers read torch's count at each call.
+        # Convolutions are timed at the size they really see.
+        kwargs.setdefault("example_inputs", (torch.randn(1, *input_shape, generator=gen),))
         sparse = convert(dense, inplace=False, num_threads=None, **kwargs)
         report = sparse.sparseprune_report
         with torch.inference_mode():

@@ -90,3 +90,63 @@ register_model(
     "mlp-small", lambda: _mlp(64, 256, 256, 10), (64,),
     "small MLP for quick tests: 64->256->256->10 with ReLUs",
 )
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv-BN pairs and an identity (or 1x1 conv) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU()
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.relu2(out + shortcut)
+
+
+def resnet18(width: int = 64, num_classes: int = 1000) -> nn.Sequential:
+    """ResNet-18's layer shapes (torchvision's layout) built from torch.nn, random weights."""
+    widths = [width, 2 * width, 4 * width, 8 * width]
+    layers: List[nn.Module] = [
+        nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+    ]
+    cin = width
+    for i, w in enumerate(widths):
+        stride = 1 if i == 0 else 2
+        layers += [BasicBlock(cin, w, stride), BasicBlock(w, w, 1)]
+        cin = w
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def _with_random_bn_stats(model: nn.Module) -> nn.Module:
+    # Fresh BatchNorms are identities; give them running statistics like a trained network's so
+    # folding them is exercised for real.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0.0, 0.1)
+    return model
+
+
+register_model(
+    "resnet18", lambda: _with_random_bn_stats(resnet18()), (3, 224, 224),
+    "ResNet-18 layer shapes (torchvision layout) from torch.nn, random weights, 224x224 input",
+)
+register_model(
+    "resnet18-small", lambda: _with_random_bn_stats(resnet18(width=16, num_classes=10)), (3, 32, 32),
+    "ResNet-18 structure at a quarter of the width on 32x32 inputs, for quick runs",
+)

@@ -14,7 +14,7 @@ class LayerChoice:
     sparsity: float
     kernel: str  # "dense", "csr", "bsr4x1", ..., or "dense" with a reason
     reason: str = ""
-    dense_ms: Dict[int, float] = field(default_factory=dict)  # by batch size, when measured
+    dense_ms: Dict[int, float] = field(default_factory=dict)  # best-of-N ms by batch size, when measured
     chosen_ms: Dict[int, float] = field(default_factory=dict)
 
     @property

@@ -3,7 +3,7 @@ from sparseprune import prune
 from sparseprune.bench import BenchmarkResult, available_models, benchmark, build_model
 from sparseprune.config import build_info, show_config
 from sparseprune.convert import ConversionReport, convert, register_converter
-from sparseprune.nn import SparseLinear
+from sparseprune.nn import SparseConv2d, SparseLinear
 
 __version__ = "0.1.0"
 
@@ -13,6 +13,7 @@ __all__ = [
     "benchmark",
     "build_model",
     "ConversionReport",
+    "SparseConv2d",
     "SparseLinear",
     "build_info",
     "prune",

@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
 
 from sparseprune import _native, formats
@@ -818,3 +819,109 @@ def test_explicit_zeros_given_directly_are_kept(isa):
     np.testing.assert_array_equal(p.forward(f32(3, 5, 7)[None]), [[10.0, 0.0]])
     y = p.forward(f32(np.inf, 1, 1)[None])
     assert np.isnan(y).all()  # 0 * inf in row 0; row 1 does not store column 0 at all
+
+
+# --------------------------------------------------------------------------- non-canonical input
+
+
+def scipy_dense(fmt, block, shape, indptr, indices, values):
+    """The dense matrix scipy makes of the same arrays (duplicate entries are summed)."""
+    if fmt == "csr":
+        return scipy.sparse.csr_matrix((values, indices, indptr), shape=shape).toarray()
+    r, c = block
+    n_rows, n_cols = shape
+    padded = (-(-n_rows // r) * r, -(-n_cols // c) * c)
+    data = values.reshape(-1, c, r).transpose(0, 2, 1)  # our blocks are column-major inside
+    full = scipy.sparse.bsr_matrix((data, indices, indptr), shape=padded).toarray()
+    return full[:n_rows, :n_cols].astype(np.float32)
+
+
+# Rows with unsorted column indices, and (separately) rows storing one column twice.
+UNSORTED = {
+    "csr": ((1, 1), (3, 4), i64(0, 3, 5, 6), i64(3, 0, 2, 1, 0, 2), f32(1, 2, 3, 4, 5, 6)),
+    "bsr4x1": ((4, 1), (6, 3), i64(0, 2, 3), i64(2, 0, 1), np.arange(1, 13, dtype=np.float32)),
+}
+DUPLICATES = {
+    "csr": ((1, 1), (3, 4), i64(0, 3, 5, 6), i64(0, 0, 2, 1, 1, 2), f32(1, 2, 3, 4, -4, 6)),
+    "bsr4x1": ((4, 1), (6, 3), i64(0, 2, 3), i64(0, 0, 2), np.arange(1, 13, dtype=np.float32)),
+}
+
+
+def check_against_scipy(isa_name, case, inputs):
+    fmt = "csr" if case[0] == (1, 1) else "bsr"
+    block, shape, indptr, indices, values = case
+    p = PackedLinear(fmt, block[0], block[1], shape[0], shape[1], indptr, indices, values)
+    dense = scipy_dense(fmt, block, shape, indptr, indices, values)
+    for x in inputs:
+        for batch_x in (x[None], np.tile(x, (9, 1))):
+            y = run(p, batch_x)
+            assert_within(
+                y, dense_nonfinite_reference(batch_x, dense, None, False),
+                fp32_error_bound(np.where(np.isfinite(batch_x), batch_x, 0).astype(np.float32), dense, None),
+                msg=f"{isa_name} x={x}",
+            )
+
+
+@pytest.mark.parametrize("name", list(UNSORTED))
+def test_unsorted_indices_within_a_row(isa, name):
+    n_cols = UNSORTED[name][1][1]
+    inputs = [np.arange(1, n_cols + 1, dtype=np.float32)]
+    for k in range(n_cols):
+        x = inputs[0].copy()
+        x[k] = np.inf
+        inputs.append(x)
+    check_against_scipy(isa, UNSORTED[name], inputs)
+
+
+def duplicate_case_or_refusal(name):
+    block, shape, indptr, indices, values = DUPLICATES[name]
+    fmt = "csr" if block == (1, 1) else "bsr"
+    try:
+        PackedLinear(fmt, block[0], block[1], shape[0], shape[1], indptr, indices, values)
+    except ValueError as exc:  # refusing duplicates is an acceptable contract too
+        assert "indices" in str(exc)
+        return None
+    return DUPLICATES[name]
+
+
+@pytest.mark.parametrize("name", list(DUPLICATES))
+def test_duplicate_indices_finite(isa, name):
+    """Arrays given straight to PackedLinear may store one column twice in a row: either they are
+    refused (ValueError naming indices) or the entries add up, as scipy treats them."""
+    case = duplicate_case_or_refusal(name)
+    if case is not None:
+        n_cols = case[1][1]
+        check_against_scipy(isa, case, [np.arange(1, n_cols + 1, dtype=np.float32)])
+
+
+@pytest.mark.parametrize("name", list(DUPLICATES))
+def test_duplicate_indices_nonfinite(isa, name):
+    case = duplicate_case_or_refusal(name)
+    if case is None:
+        return
+    n_cols = case[1][1]
+    inputs = []
+    for k in range(n_cols):
+        for j in range(n_cols):
+            x = np.arange(1, n_cols + 1, dtype=np.float32)
+            x[k] = np.inf
+            x[j] = np.inf
+            inputs.append(x)
+    check_against_scipy(isa, case, inputs)
+
+
+@pytest.mark.parametrize("batch", [1, 9])
+@pytest.mark.parametrize("fmt,block", FORMATS, ids=FORMAT_IDS)
+def test_out_aliasing_x(rng, fmt, block, batch):
+    w = sparse_weight(rng, 64, 64, 0.5)
+    p = formats.pack(w, None, fmt, block)
+    x = random_x(rng, batch, 64)
+    x[0, 3] = np.inf
+    expected = run(p, x.copy())
+    aliased = x.copy()
+    try:
+        y = run(p, aliased, out=aliased)
+    except ValueError as exc:
+        assert "out" in str(exc)
+        return
+    np.testing.assert_array_equal(y, expected)

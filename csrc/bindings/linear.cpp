@@ -63,6 +63,24 @@ py::array_t<T> to_numpy(const std::vector<T>& v) {
   return out;
 }
 
+// Byte range [first, last] an array's elements can touch (strides may be negative).
+std::pair<const char*, const char*> byte_extent(const py::array& a) {
+  const char* base = static_cast<const char*>(a.data());
+  const char* lo = base;
+  const char* hi = base;
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) {
+    if (a.shape(d) == 0) return {base, base - 1};  // empty: touches nothing
+    const py::ssize_t span = (a.shape(d) - 1) * a.strides(d);
+    if (span < 0) lo += span; else hi += span;
+  }
+  return {lo, hi + a.itemsize() - 1};
+}
+
+bool overlaps(const py::array& a, const py::array& b) {
+  const auto ea = byte_extent(a), eb = byte_extent(b);
+  return ea.first <= ea.second && eb.first <= eb.second && ea.first <= eb.second && eb.first <= ea.second;
+}
+
 py::array_t<float> forward(const PackedLinear& p, const py::array& x, bool relu, int n_threads,
                            const py::object& out) {
   require_dtype<float>(x, "x", "float32");
@@ -82,6 +100,7 @@ py::array_t<float> forward(const PackedLinear& p, const py::array& x, bool relu,
     require_ndim(given, "out", 2);
     require_c_contiguous(given, "out");
     y = py::array_t<float>::ensure(given);
+    if (overlaps(x, y)) throw py::value_error("out must not share memory with x");
     if (y.shape(0) != batch || y.shape(1) != p.n_rows())
       throw py::value_error("out must have shape (" + std::to_string(batch) + ", " +
                             std::to_string(p.n_rows()) + ")");

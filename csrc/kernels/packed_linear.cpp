@@ -55,6 +55,17 @@ PackedLinear PackedLinear::make(SparseFormat format, int block_rows, int block_c
            " is out of range [0, " + std::to_string(n_col_groups) + ")");
   }
 
+  // A column stored twice in one row would be summed by the kernels but counted twice by the
+  // non-finite fix-up; no pruned dense matrix has one, so refuse it.
+  std::vector<int64_t> last_row(static_cast<size_t>(n_col_groups), -1);
+  for (int64_t i = 0; i < n_row_groups; ++i) {
+    for (int64_t j = indptr[i]; j < indptr[i + 1]; ++j) {
+      if (last_row[indices[j]] == i)
+        fail("indices has column " + std::to_string(indices[j]) + " twice in row " + std::to_string(i));
+      last_row[indices[j]] = i;
+    }
+  }
+
   PackedLinear p;
   p.format_ = format;
   p.block_rows_ = block_rows;

@@ -47,10 +47,12 @@ void block_rows_batch1(const BsrView<Index>& w, const float* __restrict x, const
 }
 
 // Block rows [i0, i1) for the NV * 8 batch columns starting at b0.
+// xtile[n_cols_padded, 8 * NV] is the packed tile; results go to yt[r * ldy + b0 ...].
 template <int R, int C, int NV, class Index>
-void block_rows_tile(const BsrView<Index>& w, const float* __restrict xt, float* __restrict yt,
-                     int64_t ldx, const LinearArgs& a, int64_t b0, int64_t i0, int64_t i1) {
-  const float* __restrict xb = xt + b0;
+void block_rows_tile(const BsrView<Index>& w, const float* __restrict xtile, float* __restrict yt,
+                     int64_t ldy, const LinearArgs& a, int64_t b0, int64_t i0, int64_t i1) {
+  constexpr int64_t ldt = NV * kVec;
+  const float* __restrict xb = xtile;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t rows = std::min<int64_t>(R, w.n_rows - i * R);
     vf8 acc[R][NV];
@@ -62,12 +64,12 @@ void block_rows_tile(const BsrView<Index>& w, const float* __restrict xt, float*
     }
     for (int64_t j = w.indptr[i]; j < w.indptr[i + 1]; ++j) {
       const float* __restrict blk = w.values + j * (R * C);
-      const float* __restrict xc = xb + static_cast<int64_t>(w.indices[j]) * C * ldx;
+      const float* __restrict xc = xb + static_cast<int64_t>(w.indices[j]) * C * ldt;
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) {
         vf8 xv[NV];
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) xv[v] = load8_aligned(xc + c * ldx + v * kVec);
+        for (int v = 0; v < NV; ++v) xv[v] = load8_aligned(xc + c * ldt + v * kVec);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
           const vf8 wv = splat8(blk[c * R + r]);
@@ -81,7 +83,7 @@ void block_rows_tile(const BsrView<Index>& w, const float* __restrict xt, float*
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[r][v] = relu8(acc[r][v]);
       }
-      store_row_tile<NV>(acc[r], yt + (i * R + r) * ldx + b0);
+      store_row_tile<NV>(acc[r], yt + (i * R + r) * ldy + b0);
     }
   }
 }
@@ -92,18 +94,20 @@ template <int R, int C, class Index>
 void block_rows_batched(const BsrView<Index>& w, const float* __restrict xt, float* __restrict yt,
                         int64_t ldx, const LinearArgs& a, int64_t i0, int64_t i1) {
   constexpr int kMaxNV = R >= 8 ? 1 : (8 / R);
+  const int64_t n_cols_padded = round_up(w.n_cols, C);
   for (int64_t b0 = 0; b0 < a.batch;) {
     const int nv = pick_tile_vectors(ldx - b0, kMaxNV);
+    const float* xtile = xt + n_cols_padded * b0;
     if constexpr (kMaxNV >= 8) {
-      if (nv == 8) { block_rows_tile<R, C, 8>(w, xt, yt, ldx, a, b0, i0, i1); b0 += 64; continue; }
+      if (nv == 8) { block_rows_tile<R, C, 8>(w, xtile, yt, ldx, a, b0, i0, i1); b0 += 64; continue; }
     }
     if constexpr (kMaxNV >= 4) {
-      if (nv == 4) { block_rows_tile<R, C, 4>(w, xt, yt, ldx, a, b0, i0, i1); b0 += 32; continue; }
+      if (nv == 4) { block_rows_tile<R, C, 4>(w, xtile, yt, ldx, a, b0, i0, i1); b0 += 32; continue; }
     }
     if constexpr (kMaxNV >= 2) {
-      if (nv == 2) { block_rows_tile<R, C, 2>(w, xt, yt, ldx, a, b0, i0, i1); b0 += 16; continue; }
+      if (nv == 2) { block_rows_tile<R, C, 2>(w, xtile, yt, ldx, a, b0, i0, i1); b0 += 16; continue; }
     }
-    block_rows_tile<R, C, 1>(w, xt, yt, ldx, a, b0, i0, i1);
+    block_rows_tile<R, C, 1>(w, xtile, yt, ldx, a, b0, i0, i1);
     b0 += 8;
   }
   unpack_channel_major(yt, ldx, i0 * R, std::min<int64_t>(i1 * R, w.n_rows), a.batch, a.y, a.y_stride);
@@ -137,7 +141,8 @@ void bsr_linear(const BsrView<Index>& w, const LinearArgs& a, const int64_t* bou
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    pack_channel_major(a.x, a.batch, a.x_stride_b, a.x_stride_k, w.n_cols, n_cols_padded, ldx, xt);
+    constexpr int kMaxNV = R >= 8 ? 1 : (8 / R);
+    pack_channel_major(a.x, a.batch, a.x_stride_b, a.x_stride_k, w.n_cols, n_cols_padded, ldx, kMaxNV, xt);
     for_each_part(threads, [&](int p) { block_rows_batched<R, C>(w, xt, yt, ldx, a, bounds[p], bounds[p + 1]); });
   }
 }

@@ -11,31 +11,35 @@
 namespace sparseprune {
 namespace SP_ISA_NS {
 
-// dst[k * ldx + b] = x[b, k] for k < n_cols, b < batch; zeros for batch <= b < ldx and for
-// n_cols <= k < n_cols_padded, so kernels may run whole vectors and whole blocks.
+// Batch-tile width in floats at batch column b0, for kernels that hold at most max_vectors
+// accumulator vectors per output row: 64, 32, 16 or 8 columns (ldx is a multiple of 8).
+inline int64_t tile_width(int64_t ldx, int64_t b0, int max_vectors);
+
+// Packs x channel-major, tile by tile: batch tile [b0, b0 + w) is one contiguous block
+// dst[n_cols_padded * b0 + k * w + (b - b0)] = x[b, k], so a kernel working on one tile reads
+// only that block (no gaps between rows: fewer cache lines, TLB entries and prefetch misses).
+// Zeros fill b >= batch (up to ldx) and n_cols <= k < n_cols_padded.
 // Called inside a parallel region: the work is shared with an orphaned `omp for`.
 inline void pack_channel_major(const float* __restrict x, int64_t batch, int64_t stride_b,
                                int64_t stride_k, int64_t n_cols, int64_t n_cols_padded,
-                               int64_t ldx, float* __restrict dst) {
-  constexpr int64_t kTile = 32;  // square tiles keep both reads and writes in cache
-  const int64_t k_tiles = (n_cols_padded + kTile - 1) / kTile;
+                               int64_t ldx, int max_vectors, float* __restrict dst) {
+  constexpr int64_t kBlock = 32;  // input columns per task: reads of x stay within cache lines
+  const int64_t k_blocks = (n_cols_padded + kBlock - 1) / kBlock;
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-  for (int64_t kt = 0; kt < k_tiles; ++kt) {
-    const int64_t k0 = kt * kTile;
-    const int64_t k1 = std::min(k0 + kTile, n_cols_padded);
-    for (int64_t b0 = 0; b0 < ldx; b0 += kTile) {
-      const int64_t b1 = std::min(b0 + kTile, ldx);
-      for (int64_t k = k0; k < k1; ++k) {
-        float* out = dst + k * ldx;
-        if (k >= n_cols) {
-          for (int64_t b = b0; b < b1; ++b) out[b] = 0.0f;
-          continue;
+  for (int64_t kb = 0; kb < k_blocks; ++kb) {
+    const int64_t k0 = kb * kBlock;
+    const int64_t k1 = std::min(k0 + kBlock, n_cols_padded);
+    for (int64_t b0 = 0; b0 < ldx;) {
+      const int64_t w = tile_width(ldx, b0, max_vectors);
+      float* tile = dst + n_cols_padded * b0;
+      for (int64_t b = b0; b < b0 + w; ++b) {
+        for (int64_t k = k0; k < k1; ++k) {
+          tile[k * w + (b - b0)] = (b < batch && k < n_cols) ? x[b * stride_b + k * stride_k] : 0.0f;
         }
-        const float* in = x + k * stride_k;
-        for (int64_t b = b0; b < b1; ++b) out[b] = b < batch ? in[b * stride_b] : 0.0f;
       }
+      b0 += w;
     }
   }
 }
@@ -78,12 +82,16 @@ inline void store_row_tile(const vf8 (&acc)[NV], float* __restrict yt_row) {
   for (int v = 0; v < NV; ++v) *reinterpret_cast<vf8*>(yt_row + v * kVec) = acc[v];
 }
 
-// Batch-tile width in floats for the `remaining` (padded) batch columns, given that one output
+// Batch-tile width in vectors for the `remaining` (padded) batch columns, given that one output
 // row may hold at most max_vectors accumulator vectors in registers.
 inline int pick_tile_vectors(int64_t remaining, int max_vectors) {
   int nv = max_vectors;
   while (nv > 1 && remaining < nv * kVec) nv /= 2;
   return nv;
+}
+
+inline int64_t tile_width(int64_t ldx, int64_t b0, int max_vectors) {
+  return pick_tile_vectors(ldx - b0, max_vectors) * kVec;
 }
 
 }  // namespace SP_ISA_NS

@@ -105,10 +105,12 @@ void chunks_batch1(const SellView<Index>& w, const float* __restrict x, const Li
 // Chunks [c0, c1) for the NV * 8 batch columns starting at b0, one row at a time.
 // U independent accumulator sets over consecutive nonzeros hide the FMA latency when the tile
 // is narrow (NV * U >= 4 chains in flight); they are summed once per row.
+// xtile[n_cols, 8 * NV] is the packed tile; results go to yt[r * ldy + b0 ...].
 template <int NV, int U, class Index>
-void chunks_tile(const SellView<Index>& w, const float* __restrict xt, float* __restrict yt,
-                 int64_t ldx, const LinearArgs& a, int64_t b0, int64_t c0, int64_t c1) {
-  const float* __restrict xb = xt + b0;
+void chunks_tile(const SellView<Index>& w, const float* __restrict xtile, float* __restrict yt,
+                 int64_t ldy, const LinearArgs& a, int64_t b0, int64_t c0, int64_t c1) {
+  constexpr int64_t ldt = NV * kVec;
+  const float* __restrict xb = xtile;
   for (int64_t s = c0 * kSellLanes; s < c1 * kSellLanes; ++s) {
     const int32_t r = w.perm[s];
     if (r < 0) continue;
@@ -127,14 +129,14 @@ void chunks_tile(const SellView<Index>& w, const float* __restrict xt, float* __
 #pragma GCC unroll 8
       for (int u = 0; u < U; ++u) {
         const vf8 wv = splat8(val[(l + u) * kSellLanes]);
-        const float* __restrict xr = xb + static_cast<int64_t>(idx[(l + u) * kSellLanes]) * ldx;
+        const float* __restrict xr = xb + static_cast<int64_t>(idx[(l + u) * kSellLanes]) * ldt;
 #pragma GCC unroll 8
         for (int v = 0; v < NV; ++v) acc[u][v] += wv * load8_aligned(xr + v * kVec);
       }
     }
     for (; l < len; ++l) {
       const vf8 wv = splat8(val[l * kSellLanes]);
-      const float* __restrict xr = xb + static_cast<int64_t>(idx[l * kSellLanes]) * ldx;
+      const float* __restrict xr = xb + static_cast<int64_t>(idx[l * kSellLanes]) * ldt;
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[0][v] += wv * load8_aligned(xr + v * kVec);
     }
@@ -146,23 +148,41 @@ void chunks_tile(const SellView<Index>& w, const float* __restrict xt, float* __
       for (int u = 1; u < U; ++u) sum += acc[u][v];
       acc[0][v] = a.relu ? relu8(sum) : sum;
     }
-    store_row_tile<NV>(acc[0], yt + static_cast<int64_t>(r) * ldx + b0);
+    store_row_tile<NV>(acc[0], yt + static_cast<int64_t>(r) * ldy + b0);
   }
 }
 
-// Chunks [c0, c1) for the whole batch: xt[n_cols, ldx] in, yt[n_rows, ldx] out.
+// Packed inputs of the batch tiles visited together stay within this many bytes (half of a
+// 2 MiB L2), so they are still cached when the next block of rows reads them.
+constexpr int64_t kTileGroupBytes = int64_t{1} << 20;
+// Rows (in chunks of 8) that run through all tiles of a group before the next rows start: their
+// weights stay in L1 across the tiles.
+constexpr int64_t kChunksPerBlock = 4;
+
+// Chunks [c0, c1) for the whole batch: xt (tile-major, see pack_channel_major) in, yt[n_rows, ldx]
+// out.
 template <class Index>
 void chunks_batched(const SellView<Index>& w, const float* __restrict xt, float* __restrict yt,
                     int64_t ldx, const LinearArgs& a, int64_t c0, int64_t c1) {
-  for (int64_t b0 = 0; b0 < a.batch;) {
-    const int nv = pick_tile_vectors(ldx - b0, 8);
-    switch (nv) {
-      case 8: chunks_tile<8, 1>(w, xt, yt, ldx, a, b0, c0, c1); break;
-      case 4: chunks_tile<4, 2>(w, xt, yt, ldx, a, b0, c0, c1); break;
-      case 2: chunks_tile<2, 4>(w, xt, yt, ldx, a, b0, c0, c1); break;
-      default: chunks_tile<1, 4>(w, xt, yt, ldx, a, b0, c0, c1); break;
+  const int64_t group_floats = std::max<int64_t>(kTileGroupBytes / 4 / std::max<int64_t>(w.n_cols, 1), 64);
+  for (int64_t g0 = 0; g0 < ldx;) {
+    int64_t g1 = g0 + tile_width(ldx, g0, 8);
+    while (g1 < ldx && g1 + tile_width(ldx, g1, 8) - g0 <= group_floats) g1 += tile_width(ldx, g1, 8);
+    for (int64_t cb = c0; cb < c1; cb += kChunksPerBlock) {
+      const int64_t ce = std::min(c1, cb + kChunksPerBlock);
+      for (int64_t b0 = g0; b0 < g1;) {
+        const float* xtile = xt + w.n_cols * b0;
+        const int nv = pick_tile_vectors(ldx - b0, 8);
+        switch (nv) {
+          case 8: chunks_tile<8, 1>(w, xtile, yt, ldx, a, b0, cb, ce); break;
+          case 4: chunks_tile<4, 2>(w, xtile, yt, ldx, a, b0, cb, ce); break;
+          case 2: chunks_tile<2, 4>(w, xtile, yt, ldx, a, b0, cb, ce); break;
+          default: chunks_tile<1, 4>(w, xtile, yt, ldx, a, b0, cb, ce); break;
+        }
+        b0 += nv * kVec;
+      }
     }
-    b0 += nv * kVec;
+    g0 = g1;
   }
 }
 
@@ -195,7 +215,7 @@ void csr_linear(const SellView<Index>& w, const LinearArgs& a, const int64_t* bo
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    pack_channel_major(a.x, a.batch, a.x_stride_b, a.x_stride_k, w.n_cols, w.n_cols, ldx, xt);
+    pack_channel_major(a.x, a.batch, a.x_stride_b, a.x_stride_k, w.n_cols, w.n_cols, ldx, 8, xt);
     // (the omp for inside pack_channel_major ends with a barrier: xt is complete here)
     for_each_part(threads, [&](int p) { chunks_batched(w, xt, yt, ldx, a, bounds[p], bounds[p + 1]); });
     // A thread's chunks hold a permuted set of rows, so yt is complete only after all threads

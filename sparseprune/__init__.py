@@ -1,5 +1,5 @@
 """sparseprune: prune PyTorch models, convert them to sparse native kernels, measure the speedup."""
-from sparseprune import prune
+from sparseprune import prune, shrink
 from sparseprune.bench import BenchmarkResult, available_models, benchmark, build_model
 from sparseprune.config import build_info, show_config
 from sparseprune.convert import ConversionReport, convert, register_converter
@@ -17,6 +17,7 @@ __all__ = [
     "SparseLinear",
     "build_info",
     "prune",
+    "shrink",
     "convert",
     "register_converter",
     "show_config",

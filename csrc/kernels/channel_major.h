@@ -79,7 +79,8 @@ inline void unpack_channel_major_parallel(const float* __restrict yt, int64_t ld
 // Stores NV accumulator vectors as one row of the channel-major result.
 template <int NV>
 inline void store_row_tile(const vf8 (&acc)[NV], float* __restrict yt_row) {
-  for (int v = 0; v < NV; ++v) *reinterpret_cast<vf8*>(yt_row + v * kVec) = acc[v];
+  // Unaligned stores: the direct conv path writes straight into the caller's array.
+  for (int v = 0; v < NV; ++v) *reinterpret_cast<vf8_unaligned*>(yt_row + v * kVec) = acc[v];
 }
 
 // Batch-tile width in vectors for the `remaining` (padded) batch columns, given that one output

@@ -161,15 +161,26 @@ void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWe
   float* yt = xph + (g.image_floats + 15) / 16 * 16;
   const bool use_avx2 = active_isa() == Isa::avx2;
   auto task = use_avx2 ? &avx2::conv_task_entry : &generic::conv_task_entry;
+  // A 1x1, stride-1, unpadded convolution on contiguous NCHW images needs no repacking: the image
+  // already is the repacked layout, and when the grid is whole vectors the output is too.
+  const bool direct = s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 &&
+                      s.pad_h == 0 && s.pad_w == 0 && g.grid == g.grid_padded && a.x_stride[3] == 1 &&
+                      a.x_stride[2] == g.in_w && a.x_stride[1] == g.plane;
   for (int64_t n = 0; n < a.batch; ++n) {
     float* yn = a.y + n * s.out_channels * g.out_h * g.out_w;
+    const float* src = direct ? a.x + n * a.x_stride[0] : xph;
+    float* dst = direct ? yn : yt;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
     {
-      repack_image(s, g, a, n, xph);
+      if (!direct) {
+        repack_image(s, g, a, n, xph);
 #ifdef _OPENMP
 #pragma omp barrier
+#endif
+      }
+#ifdef _OPENMP
 #pragma omp for schedule(dynamic)
 #endif
       for (int64_t t = 0; t < n_tasks; ++t) {
@@ -177,16 +188,18 @@ void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWe
         const int64_t p0 = tile * kTileFloats;
         const int64_t width = std::min(kTileFloats, g.grid_padded - p0);
         const int64_t o0 = c * chunk, o1 = std::min(s.out_channels, o0 + chunk);
-        if (o0 < o1) task(w, offsets, xph, a.bias, a.relu, yt, g.grid_padded, p0, width, o0, o1);
+        if (o0 < o1) task(w, offsets, src, a.bias, a.relu, dst, g.grid_padded, p0, width, o0, o1);
       }
       // Crop the grid (phase_w columns per row) to the output (out_w columns).
+      if (!direct) {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-      for (int64_t o = 0; o < s.out_channels; ++o) {
-        for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          const float* src = yt + o * g.grid_padded + oh * g.phase_w;
-          std::copy(src, src + g.out_w, yn + (o * g.out_h + oh) * g.out_w);
+        for (int64_t o = 0; o < s.out_channels; ++o) {
+          for (int64_t oh = 0; oh < g.out_h; ++oh) {
+            const float* row = yt + o * g.grid_padded + oh * g.phase_w;
+            std::copy(row, row + g.out_w, yn + (o * g.out_h + oh) * g.out_w);
+          }
         }
       }
     }

@@ -7,7 +7,6 @@ and the record says which build, CPU, library versions and git revision produced
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from sparseprune.model_copy import deepcopy_model
 from sparseprune.bench.metadata import run_metadata, summary_line
 from sparseprune.convert import ConversionReport, LayerChoice, convert
 from sparseprune.timing import time_interleaved
@@ -242,7 +242,7 @@ def benchmark(
         convert_threads = _positive_ints((convert_threads,), "convert_kwargs['num_threads']")[0]
 
     original = model
-    dense = copy.deepcopy(model).eval()
+    dense = deepcopy_model(model).eval()
     if sparsity is not None:
         prune_linear_layers(dense, sparsity)
 

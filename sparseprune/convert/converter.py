@@ -1,7 +1,6 @@
 """Walking a model and replacing each supported layer through a registry of per-type handlers."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple, Type
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from sparseprune.config import resolve_threads
+from sparseprune.model_copy import deepcopy_model
 from sparseprune.convert.report import ConversionReport, LayerChoice
 from sparseprune.convert.fusion import capture_input_shapes, fuses_relu, prepare_fusions, with_relu
 from sparseprune.convert.selection import choose_conv_kernel, choose_linear_kernel
@@ -120,22 +120,6 @@ def _convert_one(module: nn.Module, path: str, ctx: ConvertContext) -> Optional[
     return with_relu(replacement) if replacement is module else replacement
 
 
-def _detached_copy(model: nn.Module) -> nn.Module:
-    """deepcopy, also of models pruned by torch.nn.utils.prune with grad enabled: their `weight`
-    attribute is a non-leaf tensor, which deepcopy refuses; it is recomputed by the hook anyway."""
-    saved = []
-    for module in model.modules():
-        for key, value in list(vars(module).items()):
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                saved.append((module, key, value))
-                setattr(module, key, value.detach())
-    try:
-        return copy.deepcopy(model)
-    finally:
-        for module, key, value in saved:
-            setattr(module, key, value)
-
-
 def convert(
     model: nn.Module,
     *,
@@ -175,7 +159,7 @@ def convert(
     conv_batch_sizes = tuple(conv_batch_sizes)
     if not conv_batch_sizes or not all(isinstance(b, int) and b >= 1 for b in conv_batch_sizes):
         raise ValueError(f"conv_batch_sizes must be positive ints, got {conv_batch_sizes!r}")
-    target = model if inplace else _detached_copy(model)
+    target = model if inplace else deepcopy_model(model)
     target.eval()
     ctx = ConvertContext(
         policy, batch_sizes, num_threads, ConversionReport(policy=policy, num_threads=threads),

@@ -205,3 +205,39 @@ def test_sparse_conv_kernel_paths(isa, threads, gen):
         _native.set_isa("auto")
     with torch.no_grad():
         assert torch.allclose(out, F.relu(conv(x)) if sparse.relu else conv(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_pattern_kernel_matches_dense(groups, gen):
+    conv = nn.Conv2d(8, 12, 3, stride=1, padding=1, groups=groups)
+    if groups == 1:
+        sp.prune.patterns(conv, n_patterns=4, pattern_size=4, connectivity=0.5)
+        sp.prune.remove(conv)
+    else:
+        zero_fraction_(conv, 0.6, gen)
+    sparse = SparseConv2d.from_dense(conv, patterns=True)
+    assert sparse.kernel == "pattern-conv" and sparse.packed.n_patterns >= 1
+    if groups == 1:
+        assert sparse.packed.n_patterns <= 4
+    x = torch.randn(2, 8, 9, 7, generator=gen)
+    with torch.no_grad():
+        assert torch.allclose(sparse(x), conv(x), atol=1e-5)
+    # Same weights through the unstructured kernel: same answer.
+    with torch.no_grad():
+        assert torch.allclose(SparseConv2d.from_dense(conv)(x), sparse(x), atol=1e-5)
+
+
+def test_pattern_kernel_refuses_too_many_patterns(gen):
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    zero_fraction_(conv, 0.5, gen)  # random zeros: far more than 64 distinct kernel patterns
+    with pytest.raises(ValueError, match="patterns"):
+        SparseConv2d.from_dense(conv, patterns=True)
+
+
+def test_convert_tries_the_pattern_kernel(gen):
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)).eval()
+    sp.prune.patterns(model[0], n_patterns=4, pattern_size=4, connectivity=0.5)
+    x = torch.randn(1, 8, 10, 10, generator=gen)
+    conv = sp.convert(model, example_inputs=(x,))
+    assert conv.sparseprune_report.layers[0].kernel in ("dense", "sparse-conv", "pattern-conv")
+    check_same(model, conv, x)

@@ -24,7 +24,8 @@ py::array_t<int64_t> int_vector(const py::array& a, const char* name) {
 
 std::unique_ptr<PackedConv> make_conv(int64_t in_channels, int64_t out_channels, Pair kernel, Pair stride,
                                       Pair padding, Pair dilation, int groups, const py::array& row_ptr,
-                                      const py::array& taps, const py::array& values, const py::object& bias) {
+                                      const py::array& taps, const py::array& values, const py::object& bias,
+                                      bool use_patterns) {
   ConvShape s;
   s.in_channels = in_channels;
   s.out_channels = out_channels;
@@ -50,7 +51,7 @@ std::unique_ptr<PackedConv> make_conv(int64_t in_channels, int64_t out_channels,
   }
   if (ptr.shape(0) == 0) throw py::value_error("row_ptr must not be empty");
   return std::make_unique<PackedConv>(PackedConv::make(s, ptr.data(), ptr.shape(0), tp.data(), tp.shape(0),
-                                                       val.data(), val.shape(0), bias_data));
+                                                       val.data(), val.shape(0), bias_data, use_patterns));
 }
 
 py::array_t<float> conv_forward(const PackedConv& p, const py::array& x, bool relu, int n_threads) {
@@ -91,7 +92,7 @@ void bind_conv(py::module_& m) {
   py::class_<PackedConv>(m, "PackedConv", "A sparse Conv2d weight and bias, validated and packed once.")
       .def(py::init(&make_conv), py::arg("in_channels"), py::arg("out_channels"), py::arg("kernel_size"),
            py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("groups"), py::arg("row_ptr"),
-           py::arg("taps"), py::arg("values"), py::arg("bias") = py::none())
+           py::arg("taps"), py::arg("values"), py::arg("bias") = py::none(), py::arg("use_patterns") = false)
       .def("forward", &conv_forward, py::arg("x"), py::arg("relu") = false, py::arg("n_threads") = 0,
            "y = relu?(conv2d(x)) for x float32 [N, C, H, W] (any strides); the GIL is released while the "
            "kernel runs.")
@@ -105,6 +106,8 @@ void bind_conv(py::module_& m) {
       .def_property_readonly("stride", [](const PackedConv& p) { return py::make_tuple(p.shape().stride_h, p.shape().stride_w); })
       .def_property_readonly("padding", [](const PackedConv& p) { return py::make_tuple(p.shape().pad_h, p.shape().pad_w); })
       .def_property_readonly("dilation", [](const PackedConv& p) { return py::make_tuple(p.shape().dilation_h, p.shape().dilation_w); })
+      .def_property_readonly("pattern_mode", &PackedConv::pattern_mode)
+      .def_property_readonly("n_patterns", &PackedConv::n_patterns)
       .def_property_readonly("groups", [](const PackedConv& p) { return p.shape().groups; })
       .def_property_readonly("nnz", [](const PackedConv& p) { return static_cast<int64_t>(p.values().size()); })
       .def_property_readonly("row_ptr", [](const PackedConv& p) { return to_numpy(p.row_ptr()); })

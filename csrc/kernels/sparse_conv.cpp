@@ -16,7 +16,11 @@ namespace sparseprune {
 SP_DECLARE_ISA_VARIANTS(
     void conv_task_entry(const SparseConvWeights& w, const int32_t* offsets, const float* xph,
                          const float* bias, bool relu, float* yt, int64_t grid_padded, int64_t p0,
-                         int64_t width, int64_t o0, int64_t o1);)
+                         int64_t width, int64_t o0, int64_t o1);
+    void pattern_conv_task_entry(const PatternConvWeights& w, const PatternOffsets& off,
+                                 int taps_per_kernel, const float* xph, const float* bias, bool relu,
+                                 float* yt, int64_t grid_padded, int64_t p0, int64_t width, int64_t o0,
+                                 int64_t o1);)
 
 namespace {
 
@@ -62,6 +66,24 @@ std::vector<int32_t> conv_offsets(const ConvShape& s, const ConvGeometry& g, con
       const int64_t dx = (w.tap[j] % s.kernel_w) * s.dilation_w;
       const int64_t phase = (i * s.stride_h + dy % s.stride_h) * s.stride_w + dx % s.stride_w;
       off[j] = static_cast<int32_t>(phase * g.plane + (dy / s.stride_h) * g.phase_w + dx / s.stride_w);
+    }
+  }
+  return off;
+}
+
+PatternOffsets pattern_offsets(const ConvShape& s, const ConvGeometry& g, const PatternConvWeights& w,
+                               int64_t n_patterns) {
+  const int64_t taps = static_cast<int64_t>(s.kernel_h) * s.kernel_w;
+  PatternOffsets off;
+  off.channel_stride = static_cast<int64_t>(s.stride_h) * s.stride_w * g.plane;
+  off.rel.assign(static_cast<size_t>(n_patterns * taps), 0);
+  for (int64_t p = 0; p < n_patterns; ++p) {
+    for (int64_t k = 0; k < w.pattern_size[p]; ++k) {
+      const int64_t t = w.pattern_taps[p * taps + k];
+      const int64_t dy = t / s.kernel_w * s.dilation_h, dx = t % s.kernel_w * s.dilation_w;
+      const int64_t phase = (dy % s.stride_h) * s.stride_w + dx % s.stride_w;
+      off.rel[p * taps + k] =
+          static_cast<int32_t>(phase * g.plane + (dy / s.stride_h) * g.phase_w + dx / s.stride_w);
     }
   }
   return off;
@@ -146,7 +168,8 @@ void dense_recompute_image(const ConvShape& s, const ConvGeometry& g, const Spar
 }  // namespace
 
 void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWeights& w,
-                   const int32_t* offsets, const ConvArgs& a) {
+                   const int32_t* offsets, const ConvArgs& a, const PatternConvWeights* pattern,
+                   const PatternOffsets* pattern_off) {
   if (a.batch <= 0 || s.out_channels <= 0) return;
   const int64_t n_tiles = ceil_div(g.grid_padded, kTileFloats);
   const double work = static_cast<double>(w.row_ptr[s.out_channels]) * g.grid + s.out_channels;
@@ -161,6 +184,8 @@ void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWe
   float* yt = xph + (g.image_floats + 15) / 16 * 16;
   const bool use_avx2 = active_isa() == Isa::avx2;
   auto task = use_avx2 ? &avx2::conv_task_entry : &generic::conv_task_entry;
+  auto ptask = use_avx2 ? &avx2::pattern_conv_task_entry : &generic::pattern_conv_task_entry;
+  const int taps_per_kernel = s.kernel_h * s.kernel_w;
   // A 1x1, stride-1, unpadded convolution on contiguous NCHW images needs no repacking: the image
   // already is the repacked layout, and when the grid is whole vectors the output is too.
   const bool direct = s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 &&
@@ -188,7 +213,11 @@ void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWe
         const int64_t p0 = tile * kTileFloats;
         const int64_t width = std::min(kTileFloats, g.grid_padded - p0);
         const int64_t o0 = c * chunk, o1 = std::min(s.out_channels, o0 + chunk);
-        if (o0 < o1) task(w, offsets, src, a.bias, a.relu, dst, g.grid_padded, p0, width, o0, o1);
+        if (o0 >= o1) continue;
+        if (pattern)
+          ptask(*pattern, *pattern_off, taps_per_kernel, src, a.bias, a.relu, dst, g.grid_padded, p0, width, o0, o1);
+        else
+          task(w, offsets, src, a.bias, a.relu, dst, g.grid_padded, p0, width, o0, o1);
       }
       // Crop the grid (phase_w columns per row) to the output (out_w columns).
       if (!direct) {

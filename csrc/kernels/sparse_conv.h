@@ -43,6 +43,30 @@ struct SparseConvWeights {
   const float* values = nullptr;     // [nnz]
 };
 
+// The same weight grouped by kernel pattern ("pattern mode"): every non-empty k x k kernel (o, i)
+// is a block whose nonzero positions form one of a few patterns. Per output channel o, blocks
+// [block_ptr[o], block_ptr[o+1]) are sorted by pattern, so a run of same-pattern blocks executes
+// one loop specialised for that pattern's tap count, with the tap offsets held in registers and
+// one index read per kernel instead of one per weight.
+struct PatternConvWeights {
+  const int64_t* block_ptr = nullptr;      // [out_channels + 1]
+  const int32_t* block_channel = nullptr;  // [n_blocks]: global input channel
+  const int32_t* block_pattern = nullptr;  // [n_blocks]
+  const int64_t* value_ptr = nullptr;      // [n_blocks]: values of block b start here
+  const float* values = nullptr;           // values in pattern tap order
+  const int32_t* pattern_size = nullptr;   // [n_patterns]: taps of each pattern
+  const int32_t* pattern_taps = nullptr;   // [n_patterns * kernel_h * kernel_w]: tap indices
+};
+
+// Geometry-dependent read offsets of pattern mode: rel[p * taps_per_kernel + k] for tap k of
+// pattern p, and the distance between input channels in the repacked image.
+struct PatternOffsets {
+  std::vector<int32_t> rel;
+  int64_t channel_stride = 0;
+};
+PatternOffsets pattern_offsets(const ConvShape& s, const ConvGeometry& g, const PatternConvWeights& w,
+                               int64_t n_patterns);
+
 // offsets[j]: where entry j reads in the repacked image, relative to the output pixel.
 std::vector<int32_t> conv_offsets(const ConvShape& s, const ConvGeometry& g, const SparseConvWeights& w);
 
@@ -58,7 +82,9 @@ struct ConvArgs {
 
 // Preconditions (checked when the weight was packed / the call was bound): offsets made by
 // conv_offsets for this geometry, taps within the kernel and group.
+// pattern: null for the unstructured kernel, else pattern mode with its offsets.
 void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWeights& w,
-                   const int32_t* offsets, const ConvArgs& args);
+                   const int32_t* offsets, const ConvArgs& args,
+                   const PatternConvWeights* pattern = nullptr, const PatternOffsets* pattern_off = nullptr);
 
 }  // namespace sparseprune

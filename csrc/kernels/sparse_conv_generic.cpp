@@ -9,5 +9,10 @@ void conv_task_entry(const SparseConvWeights& w, const int32_t* offsets, const f
                      int64_t width, int64_t o0, int64_t o1) {
   conv_task(w, offsets, xph, bias, relu, yt, grid_padded, p0, width, o0, o1);
 }
+void pattern_conv_task_entry(const PatternConvWeights& w, const PatternOffsets& off, int taps_per_kernel,
+                             const float* xph, const float* bias, bool relu, float* yt, int64_t grid_padded,
+                             int64_t p0, int64_t width, int64_t o0, int64_t o1) {
+  pattern_conv_task(w, off, taps_per_kernel, xph, bias, relu, yt, grid_padded, p0, width, o0, o1);
+}
 }  // namespace generic
 }  // namespace sparseprune

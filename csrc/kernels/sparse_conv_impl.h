@@ -59,7 +59,95 @@ void channels_tile(const SparseConvWeights& w, const int32_t* __restrict offsets
   }
 }
 
+// Blocks [b0, b1) of one output channel, all of one pattern with K taps: acc += W * x.
+template <int K, int NV>
+inline void pattern_run(const PatternConvWeights& w, const int32_t* __restrict rel, int64_t channel_stride,
+                        const float* __restrict xb, int64_t b0, int64_t b1, vf8 (&acc)[NV]) {
+  int32_t r[K];
+#pragma GCC unroll 9
+  for (int k = 0; k < K; ++k) r[k] = rel[k];
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* __restrict base = xb + w.block_channel[b] * channel_stride;
+    const float* __restrict wv = w.values + w.value_ptr[b];
+#pragma GCC unroll 9
+    for (int k = 0; k < K; ++k) {
+      const vf8 weight = splat8(wv[k]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] += weight * load8(base + r[k] + v * kVec);
+    }
+  }
+}
+
+template <int NV>
+inline void pattern_run_any(const PatternConvWeights& w, const int32_t* __restrict rel, int k_taps,
+                            int64_t channel_stride, const float* __restrict xb, int64_t b0, int64_t b1,
+                            vf8 (&acc)[NV]) {
+  switch (k_taps) {
+    case 1: pattern_run<1>(w, rel, channel_stride, xb, b0, b1, acc); return;
+    case 2: pattern_run<2>(w, rel, channel_stride, xb, b0, b1, acc); return;
+    case 3: pattern_run<3>(w, rel, channel_stride, xb, b0, b1, acc); return;
+    case 4: pattern_run<4>(w, rel, channel_stride, xb, b0, b1, acc); return;
+    case 5: pattern_run<5>(w, rel, channel_stride, xb, b0, b1, acc); return;
+    case 6: pattern_run<6>(w, rel, channel_stride, xb, b0, b1, acc); return;
+    case 7: pattern_run<7>(w, rel, channel_stride, xb, b0, b1, acc); return;
+    case 8: pattern_run<8>(w, rel, channel_stride, xb, b0, b1, acc); return;
+    case 9: pattern_run<9>(w, rel, channel_stride, xb, b0, b1, acc); return;
+    default:
+      for (int64_t b = b0; b < b1; ++b) {
+        const float* __restrict base = xb + w.block_channel[b] * channel_stride;
+        const float* __restrict wv = w.values + w.value_ptr[b];
+        for (int k = 0; k < k_taps; ++k) {
+          const vf8 weight = splat8(wv[k]);
+          for (int v = 0; v < NV; ++v) acc[v] += weight * load8(base + rel[k] + v * kVec);
+        }
+      }
+  }
+}
+
+template <int NV>
+void pattern_channels_tile(const PatternConvWeights& w, const PatternOffsets& off, int taps_per_kernel,
+                           const float* __restrict xph, const float* __restrict bias, bool relu,
+                           float* __restrict yt, int64_t grid_padded, int64_t p0, int64_t o0, int64_t o1) {
+  const float* __restrict xb = xph + p0;
+  for (int64_t o = o0; o < o1; ++o) {
+    vf8 acc[NV];
+    const vf8 init = splat8(bias ? bias[o] : 0.0f);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[v] = init;
+    const int64_t end = w.block_ptr[o + 1];
+    for (int64_t b = w.block_ptr[o]; b < end;) {
+      const int32_t p = w.block_pattern[b];
+      int64_t run_end = b + 1;
+      while (run_end < end && w.block_pattern[run_end] == p) ++run_end;
+      pattern_run_any<NV>(w, off.rel.data() + static_cast<int64_t>(p) * taps_per_kernel, w.pattern_size[p],
+                          off.channel_stride, xb, b, run_end, acc);
+      b = run_end;
+    }
+    if (relu) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[v] = relu8(acc[v]);
+    }
+    store_row_tile<NV>(acc, yt + o * grid_padded + p0);
+  }
+}
+
 }  // namespace conv_detail
+
+inline void pattern_conv_task(const PatternConvWeights& w, const PatternOffsets& off, int taps_per_kernel,
+                              const float* xph, const float* bias, bool relu, float* yt, int64_t grid_padded,
+                              int64_t p0, int64_t width, int64_t o0, int64_t o1) {
+  using namespace conv_detail;
+  for (int64_t p = p0; p < p0 + width;) {
+    const int nv = pick_tile_vectors(p0 + width - p, 8);
+    switch (nv) {
+      case 8: pattern_channels_tile<8>(w, off, taps_per_kernel, xph, bias, relu, yt, grid_padded, p, o0, o1); break;
+      case 4: pattern_channels_tile<4>(w, off, taps_per_kernel, xph, bias, relu, yt, grid_padded, p, o0, o1); break;
+      case 2: pattern_channels_tile<2>(w, off, taps_per_kernel, xph, bias, relu, yt, grid_padded, p, o0, o1); break;
+      default: pattern_channels_tile<1>(w, off, taps_per_kernel, xph, bias, relu, yt, grid_padded, p, o0, o1); break;
+    }
+    p += nv * kVec;
+  }
+}
 
 // One task: grid pixels [p0, p0 + width) (width a multiple of 8, at most 64) for output channels
 // [o0, o1) of one image.

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseprune import formats
-from sparseprune.nn.sparse_conv import SparseConv2d, UnsupportedLayer
+from sparseprune.nn.sparse_conv import SparseConv2d, UnsupportedLayer, count_kernel_patterns
 from sparseprune.nn.sparse_linear import SparseLinear
 from sparseprune.timing import time_interleaved
 
@@ -26,6 +26,10 @@ MIN_GAIN = 1.05
 # Block formats are tried only when their padding zeros add at most this share of stored values
 # (fill = nonzeros / stored values); below it the block kernel does more work than CSR.
 MIN_BLOCK_FILL = 0.6
+
+# The pattern kernel is tried when a convolution's kernels use at most this many patterns (as
+# pattern pruning leaves them: 4-8); with more, runs of same-pattern kernels get too short to pay.
+MAX_PATTERNS_TRIED = 16
 
 # The "threshold" policy (no measurement): CSR at or above this sparsity. On the reference
 # machine (AMD EPYC, 2 threads) CSR beats torch dense from about 60% sparsity at batch 1 and 64
@@ -137,7 +141,13 @@ def choose_conv_kernel(
         if sparse.sparsity >= CSR_SPARSITY_THRESHOLD:
             return KernelChoice("sparse-conv", sparse, f"{why}sparsity >= {CSR_SPARSITY_THRESHOLD}", {}, {})
         return KernelChoice("dense", conv, f"{why}sparsity < {CSR_SPARSITY_THRESHOLD}", {}, {})
+    candidates = {"sparse-conv": sparse}
+    weight = conv.weight.detach().float().cpu().numpy()
+    if 0 < count_kernel_patterns(weight) <= MAX_PATTERNS_TRIED:
+        candidates["pattern-conv"] = SparseConv2d.from_dense(
+            conv, relu=relu, num_threads=num_threads, name=name, patterns=True
+        )
     gen = torch.Generator().manual_seed(0)
     chw = tuple(input_shape[-3:])
     inputs = {b: torch.randn(b, *chw, generator=gen) for b in batch_sizes}
-    return pick_fastest(conv, relu, {"sparse-conv": sparse}, inputs)
+    return pick_fastest(conv, relu, candidates, inputs)

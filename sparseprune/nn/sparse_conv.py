@@ -20,6 +20,13 @@ def _pair(v) -> Tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def count_kernel_patterns(weight: np.ndarray) -> int:
+    """Distinct nonzero-position sets among the non-empty k x k kernels of a conv weight."""
+    kernels = (weight != 0).reshape(-1, weight.shape[-2] * weight.shape[-1])
+    kernels = kernels[kernels.any(axis=1)]
+    return int(np.unique(kernels, axis=0).shape[0]) if kernels.size else 0
+
+
 def conv_padding(conv: nn.Conv2d) -> Tuple[int, int]:
     """Symmetric zero padding of `conv`, or UnsupportedLayer when it has none the kernel runs."""
     if conv.padding_mode != "zeros":
@@ -55,10 +62,19 @@ class SparseConv2d(nn.Module):
 
     @classmethod
     def from_dense(
-        cls, conv: nn.Conv2d, relu: bool = False, num_threads: Optional[int] = None, name: str = ""
+        cls,
+        conv: nn.Conv2d,
+        relu: bool = False,
+        num_threads: Optional[int] = None,
+        name: str = "",
+        patterns: bool = False,
     ) -> "SparseConv2d":
         """Pack `conv`'s (masked) weight and bias. Raises UnsupportedLayer for settings the kernel
-        does not implement (non-zero padding modes, asymmetric 'same' padding)."""
+        does not implement (non-zero padding modes, asymmetric 'same' padding).
+
+        patterns=True groups the weight by k x k kernel pattern and runs the pattern kernel (one
+        specialised loop per pattern); it raises ValueError when the weight has more than 64
+        distinct kernel patterns."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         padding = conv_padding(conv)
@@ -67,13 +83,13 @@ class SparseConv2d(nn.Module):
         arrays = formats.conv_arrays(weight)
         packed = _C.PackedConv(
             conv.in_channels, conv.out_channels, _pair(conv.kernel_size), _pair(conv.stride), padding,
-            _pair(conv.dilation), conv.groups, *arrays, bias,
+            _pair(conv.dilation), conv.groups, *arrays, bias, use_patterns=patterns,
         )
         return cls(packed, relu=relu, num_threads=num_threads, name=name)
 
     @property
     def kernel(self) -> str:
-        return "sparse-conv"
+        return "pattern-conv" if self.packed.pattern_mode else "sparse-conv"
 
     @property
     def nnz(self) -> int:
@@ -131,5 +147,5 @@ class SparseConv2d(nn.Module):
         return (
             f"{p.in_channels}, {p.out_channels}, kernel_size={p.kernel_size}, stride={p.stride}, "
             f"padding={p.padding}, dilation={p.dilation}, groups={p.groups}, "
-            f"sparsity={self.sparsity:.3f}, relu={self.relu}"
+            f"kernel={self.kernel}, sparsity={self.sparsity:.3f}, relu={self.relu}"
         )

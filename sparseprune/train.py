@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,8 @@ def train(
     desc: str = "train",
     position: Optional[int] = None,
     num_threads: Optional[int] = None,
+    on_step: Optional[Callable[[int], object]] = None,
+    on_epoch: Optional[Callable[[int], object]] = None,
 ) -> List[float]:
     """Train `model` in place with cross-entropy on (x, y); returns the mean loss of each epoch.
 
@@ -78,6 +80,12 @@ def train(
     the epochs shows the loss unless `progress` is False. `num_threads` sets torch's intra-op
     threads for the run (restored after); default: leave torch's setting. The model is left in
     eval mode if it was in eval mode before, else in train mode.
+
+    Callbacks (return values ignored; an exception stops training and propagates):
+    `on_step(i)` runs after optimizer step i (0-based, counted across the epochs of this call),
+    `on_epoch(e)` after epoch e (0-based). They may prune the model (e.g.
+    `sparseprune.schedules.GradualPruner.step`): the optimizer holds the parameter objects, which
+    torch's pruning keeps as `weight_orig`, so new masks take effect from the next forward.
     """
     _check_xy(model, x, y)
     epochs = _positive_int(epochs, "epochs", minimum=0)
@@ -96,6 +104,9 @@ def train(
         raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    for arg, fn in (("on_step", on_step), ("on_epoch", on_epoch)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{arg} must be a callable or None, got {type(fn).__name__}")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
@@ -115,7 +126,7 @@ def train(
         torch.set_num_threads(int(num_threads))
     model.train()
     try:
-        for _ in bar:
+        for epoch in bar:
             order = torch.randperm(n, generator=generator)
             total = 0.0
             for start in range(0, n, batch_size):
@@ -131,9 +142,13 @@ def train(
                 loss.backward()
                 opt.step()
                 total += loss.item() * idx.numel()
+                if on_step is not None:
+                    on_step(step)
                 step += 1
             losses.append(total / n)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if on_epoch is not None:
+                on_epoch(epoch)
     finally:
         bar.close()
         model.train(was_training)

@@ -63,19 +63,26 @@ void channels_tile(const SparseConvWeights& w, const int32_t* __restrict offsets
 template <int K, int NV>
 inline void pattern_run(const PatternConvWeights& w, const int32_t* __restrict rel, int64_t channel_stride,
                         const float* __restrict xb, int64_t b0, int64_t b1, vf8 (&acc)[NV]) {
-  int32_t r[K];
+  int64_t r[K];  // this pattern's tap offsets, in registers for the whole run
 #pragma GCC unroll 9
   for (int k = 0; k < K; ++k) r[k] = rel[k];
+  // Accumulate in locals: through the reference the compiler would store them after every FMA.
+  vf8 a[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) a[v] = acc[v];
   for (int64_t b = b0; b < b1; ++b) {
     const float* __restrict base = xb + w.block_channel[b] * channel_stride;
     const float* __restrict wv = w.values + w.value_ptr[b];
 #pragma GCC unroll 9
     for (int k = 0; k < K; ++k) {
       const vf8 weight = splat8(wv[k]);
+      const float* __restrict xk = base + r[k];
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[v] += weight * load8(base + r[k] + v * kVec);
+      for (int v = 0; v < NV; ++v) a[v] += weight * load8(xk + v * kVec);
     }
   }
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = a[v];
 }
 
 template <int NV>

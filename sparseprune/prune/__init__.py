@@ -14,6 +14,10 @@ Structured pruning (`structured`, `kernel_patterns`, `layers`): whole conv filte
 `pattern_assignment_from_weight`), through the same masks. Pruning an output channel also masks
 its bias (and the BatchNorm after it when given).
 
+Data-driven saliency (`saliency`): Optimal Brain Damage (`obd`, 1/2 h_ii w_i^2 with the Hessian
+diagonal from `hessian_diagonal`: exact, Hutchinson or empirical Fisher) and pruning at
+initialisation (`at_init`: random, magnitude or SNIP's |g * w| from `snip_scores`).
+
 An int amount is a count (of entries, or of blocks, filters, units, kernels), a float a fraction.
 """
 from sparseprune.prune.amount import amount_to_count, check_amount
@@ -48,7 +52,25 @@ from sparseprune.prune.layers import (
 from sparseprune.prune.methods import BlockMagnitude, MagnitudeUnstructured, PruningMethod, RandomUnstructured
 from sparseprune.prune.kernel_patterns import PatternAssignment, PatternPruning, pattern_assignment_from_weight
 from sparseprune.prune.reparam import InstalledMask, is_pruned, remove
+from sparseprune.prune.saliency import (
+    at_init,
+    connection_sensitivity,
+    hessian_diagonal,
+    obd,
+    obd_saliency,
+    snip_scores,
+)
 from sparseprune.prune.stats import sparsity
+from sparseprune.prune.depth import LayerRemovalReport, LayerwiseStep, layerwise_neuron_prune, remove_layers
+from sparseprune.prune.ensemble import RandomMaskEnsemble, single_random_mask
+from sparseprune.prune.gates import (
+    GatedLayer,
+    add_channel_gates,
+    gate_l1_penalty,
+    gated_layers,
+    remove_gates,
+    train_with_gate_penalty,
+)
 from sparseprune.prune.structured import (
     ChannelPruning,
     FilterPruning,
@@ -60,6 +82,18 @@ from sparseprune.prune.structured import (
 )
 
 __all__ = [
+    "GatedLayer",
+    "LayerRemovalReport",
+    "LayerwiseStep",
+    "RandomMaskEnsemble",
+    "add_channel_gates",
+    "gate_l1_penalty",
+    "gated_layers",
+    "layerwise_neuron_prune",
+    "remove_gates",
+    "remove_layers",
+    "single_random_mask",
+    "train_with_gate_penalty",
     "BlockMagnitude",
     "ChannelPruning",
     "FilterPruning",
@@ -73,11 +107,13 @@ __all__ = [
     "StructuredPruning",
     "UnitPruning",
     "amount_to_count",
+    "at_init",
     "batchnorm_scale",
     "block_l2",
     "block_magnitude",
     "channels",
     "check_amount",
+    "connection_sensitivity",
     "conv_bn_pairs",
     "filter_norm",
     "filters",
@@ -85,11 +121,14 @@ __all__ = [
     "global_keep",
     "global_kernels",
     "global_magnitude",
+    "hessian_diagonal",
     "is_pruned",
     "kernel_norm",
     "kernels",
     "l1_magnitude",
     "magnitude",
+    "obd",
+    "obd_saliency",
     "pattern_assignment_from_weight",
     "patterns",
     "prune_global",
@@ -99,6 +138,7 @@ __all__ = [
     "random_unstructured",
     "remove",
     "slice_norm",
+    "snip_scores",
     "sparsity",
     "squared_magnitude",
     "units",

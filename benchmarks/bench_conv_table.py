@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import re
 import shlex
@@ -46,10 +45,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseprune import prune
-from sparseprune.bench import build_model, run_metadata, summary_line
+from sparseprune.bench import build_model, summary_line
 from sparseprune.convert import convert
 from sparseprune.nn import SparseConv2d
-from sparseprune.timing import time_interleaved
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common.py sits next to this script
+from bench_common import (  # noqa: E402
+    add_output_args, add_timing_args, check_timing_args, comma_list, fill_from_grid, gflops, log, run_sections,
+    speedups, time_case, write_outputs,
+)
 
 # Where the default shapes come from (224x224 inputs).
 SOURCES = {
@@ -84,10 +88,6 @@ E2E_SPARSITY = 0.9
 FILTER_FRACTION = 0.5
 KERNEL_FRACTION = 0.9
 PATTERNS = {"n_patterns": 4, "pattern_size": 4, "connectivity": 0.5}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------- shapes
@@ -204,34 +204,10 @@ def check(ref_fn: Callable[[], torch.Tensor], fn: Callable[[], torch.Tensor], to
     return err
 
 
-def time_case(
-    fns: Dict[str, Callable[[], object]], args: argparse.Namespace
-) -> Tuple[Dict[str, Dict[str, float]], int, int]:
-    """Round-robin timing, with fewer rounds (>= --min-repeats) when one round is slow."""
-    t0 = time.perf_counter()
-    for fn in fns.values():
-        fn()
-    round_s = time.perf_counter() - t0
-    calls = 4  # time_interleaved: one untimed + three timed calls per candidate per round
-    repeats = max(args.min_repeats, min(args.repeats, int(args.budget_s / max(round_s * calls, 1e-9))))
-    warmup = args.warmup if round_s * args.warmup <= args.budget_s / 2 else 1
-    times = time_interleaved(fns, warmup=warmup, repeats=repeats)
-    out = {name: {"median_ms": t.median_ms, "p90_ms": t.p90_ms} for name, t in times.items()}
-    return out, repeats, warmup
-
-
-def speedups(times: Dict[str, Dict[str, float]]) -> Dict[str, float]:
-    dense_ms = times["dense"]["median_ms"]
-    return {k: dense_ms / v["median_ms"] for k, v in times.items() if k != "dense"}
-
-
 def layer_row(section: str, shape: ConvShape, sparsity: float, nnz: int, batch: int, threads: int,
               times, errors, runs, warmup) -> dict:
     oh, ow = shape.out_hw
     pixels = oh * ow * batch
-    dense_flop = 2.0 * shape.weights * pixels
-    actual_flop = 2.0 * nnz * pixels
-    ours_s = times["ours"]["median_ms"] / 1e3
     return {
         "section": section,
         "shape": shape.spec,
@@ -245,9 +221,7 @@ def layer_row(section: str, shape: ConvShape, sparsity: float, nnz: int, batch: 
         "threads": threads,
         "times_ms": times,
         "speedup_vs_dense": speedups(times),
-        "ours_gflops_dense_equiv": dense_flop / ours_s / 1e9,
-        "ours_gflops_actual": actual_flop / ours_s / 1e9,
-        "dense_gflops": dense_flop / (times["dense"]["median_ms"] / 1e3) / 1e9,
+        **gflops(times, "ours", dense_flop=2.0 * shape.weights * pixels, actual_flop=2.0 * nnz * pixels),
         "runs": runs,
         "warmup": warmup,
         "max_abs_error": errors,
@@ -598,99 +572,48 @@ def markdown(result: dict) -> str:
 
 
 # ------------------------------------------------------------------------------- arguments
-def _list(kind: Callable[[str], object], check_fn: Callable[[object], bool], what: str):
-    def parse(text: str):
-        try:
-            values = [kind(p.strip()) for p in text.split(",") if p.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
-        if not values or not all(check_fn(v) for v in values):
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
-        return values
-
-    return parse
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", type=_list(str, lambda s: True, "conv shapes like 3x3:64-64@56, dw3x3:96@56"),
+    p.add_argument("--shapes", type=comma_list(str, lambda s: True, "conv shapes like 3x3:64-64@56, dw3x3:96@56"),
                    help="e.g. 3x3:128-128@28,1x1:256-64@56,dw3x3:96@56 (default: the 7 model shapes)")
-    p.add_argument("--sparsities", type=_list(float, lambda v: 0 <= v < 1, "fractions in [0, 1)"),
+    p.add_argument("--sparsities", type=comma_list(float, lambda v: 0 <= v < 1, "fractions in [0, 1)"),
                    help="unstructured sparsities of the layers section (default 0.9)")
-    p.add_argument("--batches", type=_list(int, lambda v: v >= 1, "positive ints"),
+    p.add_argument("--batches", type=comma_list(int, lambda v: v >= 1, "positive ints"),
                    help="layers: default 1,8 (--quick 1); e2e: 1 unless given")
-    p.add_argument("--threads", type=_list(int, lambda v: v >= 1, "positive ints"), help="default 1,2 (--quick 2)")
-    p.add_argument("--repeats", type=int, help="max timed rounds per case (default 20, --quick 10)")
-    p.add_argument("--min-repeats", type=int, default=3, help="timed rounds even for slow cases (default 3)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--budget-s", type=float, default=1.0, help="target timed seconds per case (default 1)")
-    p.add_argument("--sections", type=_list(str, lambda v: v in SECTIONS, f"names from {SECTIONS}"),
-                   default=list(SECTIONS))
+    p.add_argument("--threads", type=comma_list(int, lambda v: v >= 1, "positive ints"), help="default 1,2 (--quick 2)")
+    add_timing_args(p, SECTIONS)
     p.add_argument("--e2e-model", default="resnet18", help="model of the e2e section (default %(default)s; "
                    "resnet18-small for a smoke test)")
     p.add_argument("--quick", action="store_true",
                    help="3 shapes, batch 1, 2 threads, e2e at batch 1: a couple of minutes")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="bench_conv_table.json", metavar="PATH", help="JSON output (default: %(default)s)")
-    p.add_argument("--markdown", metavar="PATH", help="Markdown table to PATH instead of stdout")
+    add_output_args(p, "bench_conv_table.json")
     args = p.parse_args(argv)
-    grid = QUICK if args.quick else FULL
     args.e2e_batches = list(args.batches) if args.batches is not None else [1]
-    for key in ("shapes", "sparsities", "batches", "threads", "repeats"):
-        if getattr(args, key) is None:
-            setattr(args, key, grid[key])
+    fill_from_grid(args, QUICK if args.quick else FULL, ("shapes", "sparsities", "batches", "threads", "repeats"))
     try:
         args.shapes = [parse_shape(s) for s in args.shapes]
     except ValueError as exc:
         p.error(f"--shapes: cannot parse {exc}; expected [dw]KxK:CIN-COUT@H[xW][/sS] (dw: [dw]KxK:C@H)")
-    if args.repeats < 1 or args.min_repeats < 1 or args.warmup < 0 or args.budget_s <= 0:
-        p.error("--repeats and --min-repeats must be >= 1, --warmup >= 0, --budget-s > 0")
-    args.min_repeats = min(args.min_repeats, args.repeats)
+    check_timing_args(p, args)
     args.command = shlex.join(["python", *(sys.argv if argv is None else ["benchmarks/bench_conv_table.py", *argv])])
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    cpus = os.cpu_count() or 1
-    if max(args.threads) > cpus:
-        log(f"warning: {max(args.threads)} threads on {cpus} logical CPUs: oversubscribed, numbers are not meaningful")
-    previous = torch.get_num_threads()
-    rows: List[dict] = []
     started = time.perf_counter()
-    try:
-        if "layers" in args.sections:
-            rows += run_layers(args)
-        if "structured" in args.sections:
-            rows += run_structured(args)
-        if "e2e" in args.sections:
-            rows += run_e2e_convert(args)
-            rows += run_e2e_shrink(args)
-    finally:
-        torch.set_num_threads(previous)
-    meta = run_metadata(args.threads)
-    meta.update({
-        "command": args.command,
-        "grid": {"shapes": [s.spec for s in args.shapes], "sparsities": args.sparsities, "batches": args.batches,
-                 "e2e_batches": args.e2e_batches, "sections": args.sections, "e2e_model": args.e2e_model},
-        "repeats": args.repeats, "min_repeats": args.min_repeats, "warmup": args.warmup,
-        "budget_s": args.budget_s, "seed": args.seed, "elapsed_s": time.perf_counter() - started,
+    rows = run_sections(args, {
+        "layers": run_layers,
+        "structured": run_structured,
+        "e2e": lambda a: run_e2e_convert(a) + run_e2e_shrink(a),
+    })
+    grid = {"shapes": [s.spec for s in args.shapes], "sparsities": args.sparsities, "batches": args.batches,
+            "e2e_batches": args.e2e_batches, "sections": args.sections, "e2e_model": args.e2e_model}
+    write_outputs(args, rows, markdown, started, head={"command": args.command, "grid": grid}, notes={
         "tolerance": {"layers": LAYER_TOLERANCE, "e2e": E2E_TOLERANCE, "relative_to": "max |dense output|"},
         "dense": "torch.nn.functional.conv2d on the pruned weights (layers), the eager model (e2e)",
         "ours": "sparseprune.nn.SparseConv2d.from_dense(conv), num_threads following torch.set_num_threads",
     })
-    result = json.loads(json.dumps({"metadata": meta, "rows": rows}, default=str))
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    log(f"wrote {args.json}")
-    table = markdown(result)
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(table + "\n")
-        log(f"wrote {args.markdown}")
-    else:
-        print(table)
     return 0
 
 

@@ -20,7 +20,6 @@ rounds (never fewer than --min-repeats) so the full grid finishes; `runs` record
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,9 +33,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseprune import formats
-from sparseprune.bench import benchmark, build_model, prune_linear_layers, run_metadata, summary_line
+from sparseprune.bench import benchmark, build_model, prune_linear_layers, summary_line
 from sparseprune.nn import SparseLinear
-from sparseprune.timing import time_interleaved
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common.py sits next to this script
+from bench_common import (  # noqa: E402
+    add_output_args, add_timing_args, check_timing_args, comma_list, fill_from_grid, gflops, log, run_sections,
+    speedups, time_case, write_outputs,
+)
 
 # torch's sparse CSR path says it is beta on every construction; the numbers are what we want.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -58,10 +62,6 @@ QUICK = {
 SECTIONS = ("linear", "block", "e2e")
 # Output of a candidate may differ from dense by float32 summation order only.
 REL_TOLERANCE = 1e-3
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------- weights
@@ -120,22 +120,6 @@ def check_all(fns: Dict[str, Callable[[], torch.Tensor]], where: str) -> Dict[st
             raise SystemExit(f"{where}: {name} disagrees with dense (max abs error {err:.3g}); not timing it")
         errors[name] = err
     return errors
-
-
-def time_case(
-    fns: Dict[str, Callable[[], object]], args: argparse.Namespace
-) -> Tuple[Dict[str, Dict[str, float]], int, int]:
-    """Round-robin timing, with fewer rounds (>= --min-repeats) when one round is slow."""
-    t0 = time.perf_counter()
-    for fn in fns.values():
-        fn()
-    round_s = time.perf_counter() - t0
-    calls = 4  # time_interleaved: one untimed + three timed calls per candidate per round
-    repeats = max(args.min_repeats, min(args.repeats, int(args.budget_s / max(round_s * calls, 1e-9))))
-    warmup = args.warmup if round_s * args.warmup <= args.budget_s / 2 else 1
-    times = time_interleaved(fns, warmup=warmup, repeats=repeats)
-    out = {name: {"median_ms": t.median_ms, "p90_ms": t.p90_ms} for name, t in times.items()}
-    return out, repeats, warmup
 
 
 # ------------------------------------------------------------------------------- sections
@@ -224,10 +208,6 @@ def run_e2e(args: argparse.Namespace) -> List[dict]:
 
 
 def make_row(section, out_f, in_f, sparsity, nnz, batch, threads, times, errors, runs, warmup, ours) -> dict:
-    dense_ms = times["dense"]["median_ms"]
-    dense_flop = 2.0 * out_f * in_f * batch
-    actual_flop = 2.0 * nnz * batch
-    ours_s = times[ours]["median_ms"] / 1e3
     return {
         "section": section,
         "shape": [out_f, in_f],
@@ -236,11 +216,9 @@ def make_row(section, out_f, in_f, sparsity, nnz, batch, threads, times, errors,
         "batch": batch,
         "threads": threads,
         "times_ms": times,
-        "speedup_vs_dense": {k: dense_ms / v["median_ms"] for k, v in times.items() if k != "dense"},
+        "speedup_vs_dense": speedups(times),
         "ours": ours,
-        "ours_gflops_dense_equiv": dense_flop / ours_s / 1e9,
-        "ours_gflops_actual": actual_flop / ours_s / 1e9,
-        "dense_gflops": dense_flop / (dense_ms / 1e3) / 1e9,
+        **gflops(times, ours, dense_flop=2.0 * out_f * in_f * batch, actual_flop=2.0 * nnz * batch),
         "runs": runs,
         "warmup": warmup,
         "max_abs_error": errors,
@@ -316,19 +294,6 @@ def markdown(result: dict) -> str:
 
 
 # ------------------------------------------------------------------------------- arguments
-def _list(kind: Callable[[str], object], check: Callable[[object], bool], what: str):
-    def parse(text: str):
-        try:
-            values = [kind(p.strip()) for p in text.split(",") if p.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
-        if not values or not all(check(v) for v in values):
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}")
-        return values
-
-    return parse
-
-
 def _shape(text: str) -> Tuple[int, int]:
     out_f, _, in_f = text.lower().partition("x")
     shape = (int(out_f), int(in_f))
@@ -339,68 +304,29 @@ def _shape(text: str) -> Tuple[int, int]:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", type=_list(_shape, lambda s: True, "OUTxIN shapes"), help="e.g. 3072x768,768x3072")
-    p.add_argument("--sparsities", type=_list(float, lambda v: 0 <= v < 1, "fractions in [0, 1)"))
-    p.add_argument("--block-sparsities", type=_list(float, lambda v: 0 <= v < 1, "fractions in [0, 1)"))
-    p.add_argument("--batches", type=_list(int, lambda v: v >= 1, "positive ints"))
-    p.add_argument("--threads", type=_list(int, lambda v: v >= 1, "positive ints"), default=[1, 2])
-    p.add_argument("--repeats", type=int, help="max timed rounds per case (default 20, --quick 10)")
-    p.add_argument("--min-repeats", type=int, default=3, help="timed rounds even for slow cases (default 3)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--budget-s", type=float, default=1.0, help="target timed seconds per case (default 1)")
-    p.add_argument("--sections", type=_list(str, lambda v: v in SECTIONS, f"names from {SECTIONS}"), default=list(SECTIONS))
+    p.add_argument("--shapes", type=comma_list(_shape, lambda s: True, "OUTxIN shapes"), help="e.g. 3072x768,768x3072")
+    p.add_argument("--sparsities", type=comma_list(float, lambda v: 0 <= v < 1, "fractions in [0, 1)"))
+    p.add_argument("--block-sparsities", type=comma_list(float, lambda v: 0 <= v < 1, "fractions in [0, 1)"))
+    p.add_argument("--batches", type=comma_list(int, lambda v: v >= 1, "positive ints"))
+    p.add_argument("--threads", type=comma_list(int, lambda v: v >= 1, "positive ints"), default=[1, 2])
+    add_timing_args(p, SECTIONS)
     p.add_argument("--quick", action="store_true", help="a small grid (2 shapes, 3 sparsities, batches 1,64): a few minutes at most")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default="bench_linear_table.json", metavar="PATH", help="JSON output (default: %(default)s)")
-    p.add_argument("--markdown", metavar="PATH", help="Markdown table to PATH instead of stdout")
+    add_output_args(p, "bench_linear_table.json")
     args = p.parse_args(argv)
-    grid = QUICK if args.quick else FULL
-    for key in ("shapes", "sparsities", "block_sparsities", "batches", "repeats"):
-        if getattr(args, key) is None:
-            setattr(args, key, grid[key])
-    if args.repeats < 1 or args.min_repeats < 1 or args.warmup < 0 or args.budget_s <= 0:
-        p.error("--repeats and --min-repeats must be >= 1, --warmup >= 0, --budget-s > 0")
-    args.min_repeats = min(args.min_repeats, args.repeats)
+    fill_from_grid(args, QUICK if args.quick else FULL, ("shapes", "sparsities", "block_sparsities", "batches", "repeats"))
+    check_timing_args(p, args)
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    cpus = os.cpu_count() or 1
-    if max(args.threads) > cpus:
-        log(f"warning: {max(args.threads)} threads on {cpus} logical CPUs: oversubscribed, numbers are not meaningful")
-    previous = torch.get_num_threads()
-    rows: List[dict] = []
     started = time.perf_counter()
-    try:
-        if "linear" in args.sections:
-            rows += run_linear(args)
-        if "block" in args.sections:
-            rows += run_block(args)
-        if "e2e" in args.sections:
-            rows += run_e2e(args)
-    finally:
-        torch.set_num_threads(previous)
-    meta = run_metadata(args.threads)
-    meta.update({
-        "grid": {k: getattr(args, k) for k in ("shapes", "sparsities", "block_sparsities", "batches", "sections")},
-        "repeats": args.repeats, "min_repeats": args.min_repeats, "warmup": args.warmup,
-        "budget_s": args.budget_s, "seed": args.seed, "elapsed_s": time.perf_counter() - started,
+    rows = run_sections(args, {"linear": run_linear, "block": run_block, "e2e": run_e2e})
+    grid = {k: getattr(args, k) for k in ("shapes", "sparsities", "block_sparsities", "batches", "sections")}
+    write_outputs(args, rows, markdown, started, head={"grid": grid}, notes={
         "torch_csr": "int32 indices, torch.sparse.addmm(bias, csr, x.T).T (output left transposed)",
         "scipy_csr": "x @ csr.T + b, scipy.sparse.csr_matrix, single-threaded",
     })
-    result = json.loads(json.dumps({"metadata": meta, "rows": rows}, default=str))
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    log(f"wrote {args.json}")
-    table = markdown(result)
-    if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(table + "\n")
-        log(f"wrote {args.markdown}")
-    else:
-        print(table)
     return 0
 
 

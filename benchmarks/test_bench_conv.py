@@ -7,7 +7,8 @@ Not part of the test run (pyproject's testpaths is tests/). Run it with
     pytest benchmarks/ --benchmark-only --benchmark-compare    # against the last saved one
 
 Every case checks the sparse output against dense before it is timed, and stores the thread
-count, build info, CPU model and git revision in the benchmark's extra_info.
+count, build info, CPU model and git revision in the benchmark's extra_info (the
+`threads` and `run_info` fixtures are in conftest.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseprune import prune
-from sparseprune.bench import run_metadata
 from sparseprune.nn import SparseConv2d
 
 SPARSITY = 0.9
@@ -41,21 +41,8 @@ def layer(request):
     return name, conv.eval(), SparseConv2d.from_dense(conv), x
 
 
-@pytest.fixture(scope="module")
-def metadata():
-    return run_metadata()
-
-
-@pytest.fixture(params=[1, 2], ids=lambda t: f"threads{t}")
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("impl", ["torch_dense", "sparseprune_conv"])
-def test_conv_90_batch1(benchmark, layer, metadata, threads, impl):
+def test_conv_90_batch1(benchmark, layer, run_info, threads, impl):
     name, conv, sparse, x = layer
     w, b = conv.weight.detach(), conv.bias.detach()
 
@@ -75,10 +62,7 @@ def test_conv_90_batch1(benchmark, layer, metadata, threads, impl):
                 "sparsity": SPARSITY,
                 "layer": name,
                 "nnz": sparse.nnz,
-                "build_info": metadata["build_info"],
-                "cpu": metadata["cpu"],
-                "git_revision": metadata["git_revision"],
-                "torch_version": metadata["torch_version"],
+                **run_info,
             }
         )
         benchmark(fn)

@@ -7,7 +7,8 @@ Not part of the test run (pyproject's testpaths is tests/). Run it with
     pytest benchmarks/ --benchmark-only --benchmark-compare    # against the last saved one
 
 Every case checks the sparse output against dense before it is timed, and stores the thread
-count, build info, CPU model and git revision in the benchmark's extra_info.
+count, build info, CPU model and git revision in the benchmark's extra_info (the
+`threads` and `run_info` fixtures are in conftest.py).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseprune.bench import prune_linear_layers, run_metadata
+from sparseprune.bench import prune_linear_layers
 from sparseprune.nn import SparseLinear
 
 OUT_FEATURES, IN_FEATURES = 3072, 768  # BERT-base FFN up-projection
@@ -32,22 +33,9 @@ def layer():
     return linear.eval(), SparseLinear.from_dense(linear, "csr")
 
 
-@pytest.fixture(scope="module")
-def metadata():
-    return run_metadata()
-
-
-@pytest.fixture(params=[1, 2], ids=lambda t: f"threads{t}")
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("batch", [1, 64], ids=lambda b: f"batch{b}")
 @pytest.mark.parametrize("impl", ["torch_dense", "sparseprune_csr"])
-def test_linear_3072x768_90(benchmark, layer, metadata, threads, batch, impl):
+def test_linear_3072x768_90(benchmark, layer, run_info, threads, batch, impl):
     linear, sparse = layer
     w, b = linear.weight.detach(), linear.bias.detach()
     x = torch.randn(batch, IN_FEATURES, generator=torch.Generator().manual_seed(batch))
@@ -61,10 +49,7 @@ def test_linear_3072x768_90(benchmark, layer, metadata, threads, batch, impl):
                 "batch": batch,
                 "sparsity": SPARSITY,
                 "shape": [OUT_FEATURES, IN_FEATURES],
-                "build_info": metadata["build_info"],
-                "cpu": metadata["cpu"],
-                "git_revision": metadata["git_revision"],
-                "torch_version": metadata["torch_version"],
+                **run_info,
             }
         )
         benchmark(fn)

@@ -96,7 +96,7 @@ def test_measure_policy_with_example_inputs_records_timings(gen):
     check_same(model, conv, x)
     for choice in conv.sparseprune_report.layers:
         assert set(choice.dense_ms) == {1}
-        assert choice.kernel in ("dense", "sparse-conv")
+        assert choice.kernel in ("dense", "sparse-conv", "pattern-conv")
 
 
 def test_dense_choice_keeps_the_fused_relu(gen):

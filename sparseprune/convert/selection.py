@@ -59,12 +59,43 @@ def pick_fastest(
     relu: bool,
     sparse_modules: Dict[str, nn.Module],
     inputs: Dict[int, torch.Tensor],
+    second_opinion: bool = False,
 ) -> KernelChoice:
     """Time `dense` (plus ReLU when fused) against each sparse candidate on each input, keyed by
     batch size, and keep the fastest sparse one only if it wins at every size by MIN_GAIN.
 
     The decision compares each candidate's best run: interference from other processes only
     ever adds time, and a few samples on a shared machine can put a spike into a median."""
+    dense_ms, sparse_ms = _measure(dense, relu, sparse_modules, inputs)
+    if second_opinion and not _winners(dense_ms, sparse_ms, inputs):
+        # A busy neighbour can make a 2-thread kernel look several times slower for a moment;
+        # before keeping a sparse-enough layer dense, time it again and keep each best run.
+        dense2, sparse2 = _measure(dense, relu, sparse_modules, inputs)
+        dense_ms = {b: min(dense_ms[b], dense2[b]) for b in inputs}
+        sparse_ms = {n: {b: min(sparse_ms[n][b], sparse2[n][b]) for b in inputs} for n in sparse_modules}
+
+    def geomean_ratio(name: str) -> float:
+        return math.exp(np.mean([math.log(dense_ms[b] / sparse_ms[name][b]) for b in inputs]))
+
+    winners = _winners(dense_ms, sparse_ms, inputs)
+    if not winners:
+        best = max(sparse_modules, key=geomean_ratio)
+        return KernelChoice(
+            "dense", dense, f"no sparse kernel beat dense by {MIN_GAIN}x (best {best}: "
+            f"{geomean_ratio(best):.2f}x)", dense_ms, dict(dense_ms)
+        )
+    best = max(winners, key=geomean_ratio)
+    return KernelChoice(best, sparse_modules[best], "fastest measured", dense_ms, sparse_ms[best])
+
+
+def _winners(dense_ms, sparse_ms, inputs) -> list:
+    return [
+        name for name in sparse_ms if all(dense_ms[b] >= MIN_GAIN * sparse_ms[name][b] for b in inputs)
+    ]
+
+
+def _measure(dense, relu, sparse_modules, inputs):
+    """Best-of-N milliseconds of dense and of each sparse candidate, by batch size."""
     dense_ms: Dict[int, float] = {}
     sparse_ms: Dict[str, Dict[int, float]] = {name: {} for name in sparse_modules}
     for batch, x in inputs.items():
@@ -80,21 +111,7 @@ def pick_fastest(
         dense_ms[batch] = times["dense"].min_s * 1e3
         for name in sparse_modules:
             sparse_ms[name][batch] = times[name].min_s * 1e3
-
-    def geomean_ratio(name: str) -> float:
-        return math.exp(np.mean([math.log(dense_ms[b] / sparse_ms[name][b]) for b in inputs]))
-
-    winners = [
-        name for name in sparse_modules if all(dense_ms[b] >= MIN_GAIN * sparse_ms[name][b] for b in inputs)
-    ]
-    if not winners:
-        best = max(sparse_modules, key=geomean_ratio)
-        return KernelChoice(
-            "dense", dense, f"no sparse kernel beat dense by {MIN_GAIN}x (best {best}: "
-            f"{geomean_ratio(best):.2f}x)", dense_ms, dict(dense_ms)
-        )
-    best = max(winners, key=geomean_ratio)
-    return KernelChoice(best, sparse_modules[best], "fastest measured", dense_ms, sparse_ms[best])
+    return dense_ms, sparse_ms
 
 
 def choose_linear_kernel(
@@ -118,7 +135,7 @@ def choose_linear_kernel(
     }
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn(b, linear.in_features, generator=gen) for b in batch_sizes}
-    return pick_fastest(linear, relu, sparse_modules, inputs)
+    return pick_fastest(linear, relu, sparse_modules, inputs, second_opinion=sparsity >= CSR_SPARSITY_THRESHOLD)
 
 
 def choose_conv_kernel(
@@ -143,11 +160,11 @@ def choose_conv_kernel(
         return KernelChoice("dense", conv, f"{why}sparsity < {CSR_SPARSITY_THRESHOLD}", {}, {})
     candidates = {"sparse-conv": sparse}
     weight = conv.weight.detach().float().cpu().numpy()
-    if 0 < count_kernel_patterns(weight) <= MAX_PATTERNS_TRIED:
+    if weight.shape[-1] * weight.shape[-2] > 1 and 0 < count_kernel_patterns(weight) <= MAX_PATTERNS_TRIED:
         candidates["pattern-conv"] = SparseConv2d.from_dense(
             conv, relu=relu, num_threads=num_threads, name=name, patterns=True
         )
     gen = torch.Generator().manual_seed(0)
     chw = tuple(input_shape[-3:])
     inputs = {b: torch.randn(b, *chw, generator=gen) for b in batch_sizes}
-    return pick_fastest(conv, relu, candidates, inputs)
+    return pick_fastest(conv, relu, candidates, inputs, second_opinion=sparse.sparsity >= CSR_SPARSITY_THRESHOLD)

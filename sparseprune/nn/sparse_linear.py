@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sparseprune import formats
+from sparseprune._native import openmp_enabled
 from sparseprune.config import resolve_threads
 
 
@@ -33,7 +34,9 @@ class SparseLinear(nn.Module):
         self.out_features, self.in_features = packed.shape
         self.relu = bool(relu)
         # Checked once here (and the no-OpenMP warning given), not on every call.
-        self.num_threads = None if num_threads is None else resolve_threads(num_threads)
+        self.num_threads = resolve_threads(num_threads) if num_threads is not None else None
+        if num_threads is None and not openmp_enabled():
+            resolve_threads(None)  # warns once if torch asks for more threads than the build has
 
     @classmethod
     def from_dense(

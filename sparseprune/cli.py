@@ -1,4 +1,5 @@
-"""The `sparseprune` command: `bench` (dense vs converted timing), `info` (build facts), `demo`.
+"""The `sparseprune` command: `bench` (dense vs converted timing), `info` (build facts), `demo`,
+`compare` (every pruning method, measured).
 
 `main(argv)` returns the exit status instead of exiting, so it can be called from tests; bad
 arguments still exit through argparse (status 2, message naming the option).
@@ -181,6 +182,32 @@ def _demo_unavailable(reason: object) -> int:
     return 1
 
 
+# ------------------------------------------------------------------------------------- compare
+# Same pattern as demo: sparseprune.compare (and torch training, matplotlib) is imported only
+# when the compare subcommand is asked for.
+def _add_compare(subparsers, selected: bool) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="every pruning method on a digits MLP and CNN: accuracy, measured speedup, size",
+        description="Prune a digits MLP and CNN with every method, convert, check and time each result "
+                    "(see sparseprune/compare.py).",
+    )
+    if not selected:
+        return
+    try:
+        compare = importlib.import_module("sparseprune.compare")
+    except ImportError as exc:
+        p.set_defaults(func=lambda args, exc=exc: _unavailable("compare", exc))
+        return
+    compare.add_arguments(p)
+    p.set_defaults(func=lambda args: int(compare.run(args) or 0))
+
+
+def _unavailable(command: str, reason: object) -> int:
+    print(f"sparseprune {command}: error: not available ({reason})", file=sys.stderr)
+    return 1
+
+
 # ---------------------------------------------------------------------------------------- main
 def _selected_command(argv: Sequence[str]) -> Optional[str]:
     for token in argv:
@@ -201,6 +228,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     _add_bench(subparsers)
     _add_info(subparsers)
     _add_demo(subparsers, selected=_selected_command(argv) == "demo")
+    _add_compare(subparsers, selected=_selected_command(argv) == "compare")
     return parser
 
 

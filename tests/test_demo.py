@@ -31,49 +31,61 @@ def demo_run(tmp_path_factory):
     return status, out
 
 
+def _rows(out):
+    record = json.loads((out / "demo.json").read_text())
+    return record, {(row["method"], row["schedule"]): row for row in record["rows"]}
+
+
 def test_demo_returns_zero_and_writes_files(demo_run):
     status, out = demo_run
     assert status == 0
-    assert (out / "demo.json").is_file()
-    assert (out / "demo.csv").is_file()
+    for name in ("demo.json", "demo.csv", "demo_accuracy_vs_sparsity.png", "demo_speedup_vs_sparsity.png",
+                 "demo_accuracy_vs_speedup.png"):
+        assert (out / name).is_file(), name
 
 
 def test_demo_json_has_every_method_with_valid_accuracies(demo_run):
     _, out = demo_run
-    record = json.loads((out / "demo.json").read_text())
-    rows = {row["method"]: row for row in record["methods"]}
-    assert set(rows) == {"dense", *demo.METHODS}
+    record, rows = _rows(out)
+    assert set(rows) == {("dense", "-"), *demo.METHODS}
     for row in rows.values():
-        assert 0.0 <= row["accuracy"] <= 1.0
-        if row["method"] != "dense":
-            assert 0.0 <= row["accuracy_converted"] <= 1.0
+        assert row["status"] == "ok"
+        assert row["model"] == "mlp"
+        for key in ("acc_dense", "acc_pruned", "acc_converted"):
+            assert 0.0 <= row[key] <= 1.0
+        assert set(row["timing"]) == {"1", "256"}
+        assert all(t["speedup"] > 0 for t in row["timing"].values())
+        if row["method"] not in ("dense", "units"):
             assert row["sparsity"] == pytest.approx(0.9, abs=1e-3)
-            assert set(row["speedup"]) == {str(b) for b in demo.TIMING_BATCH_SIZES}
-    assert record["config"]["quick"] is True
+    # units: 90% of the hidden neurons go, and their columns in the next layer with them
+    assert rows[("units", "iterative")]["sparsity"] > 0.9
+    assert rows[("units", "iterative")]["deploy"] == "shrink+convert"
+    assert record["config"]["sparsities"] == [0.9]
     assert record["config"]["threads"] == torch.get_num_threads()
 
 
 def test_demo_accuracies(demo_run):
     _, out = demo_run
-    rows = {row["method"]: row for row in json.loads((out / "demo.json").read_text())["methods"]}
-    dense = rows["dense"]["accuracy"]
+    _, rows = _rows(out)
+    dense = rows[("dense", "-")]["acc_pruned"]
     assert dense > 0.9
-    assert rows["magnitude+finetune"]["accuracy"] >= dense - MAX_FINETUNE_DROP
+    assert rows[demo.MAIN_METHOD]["acc_pruned"] >= dense - MAX_FINETUNE_DROP
     # the criterion matters: magnitude beats random, with or without fine-tuning
-    assert rows["magnitude+finetune"]["accuracy"] > rows["random+finetune"]["accuracy"]
-    assert rows["magnitude-oneshot"]["accuracy"] > rows["random-oneshot"]["accuracy"]
+    assert rows[("magnitude", "iterative")]["acc_pruned"] > rows[("random", "iterative")]["acc_pruned"]
+    assert rows[("magnitude", "one-shot")]["acc_pruned"] > rows[("random", "one-shot")]["acc_pruned"]
+    # and fine-tuning matters
+    assert rows[("magnitude", "iterative")]["acc_pruned"] > rows[("magnitude", "one-shot")]["acc_pruned"]
 
 
 def test_demo_converted_outputs_match_masked_model(demo_run):
     _, out = demo_run
-    record = json.loads((out / "demo.json").read_text())
-    for row in record["methods"]:
-        if row["method"] == "dense":
-            continue
+    _, rows = _rows(out)
+    for row in rows.values():
+        assert row["outputs_match"] is True
         assert row["max_abs_diff"] < 1e-4
         # argmax can only flip on an exact tie, so converted accuracy equals the masked one
-        assert row["accuracy_converted"] == pytest.approx(row["accuracy"], abs=1 / 450 + 1e-9)
-    assert set(record["conversion"]) == set(demo.METHODS)
+        assert row["acc_converted"] == pytest.approx(row["acc_pruned"], abs=1 / 450 + 1e-9)
+        assert row["extra"]["conversion"]["layers"]
 
 
 def test_demo_csv_matches_json(demo_run):
@@ -81,9 +93,9 @@ def test_demo_csv_matches_json(demo_run):
     with open(out / "demo.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     record = json.loads((out / "demo.json").read_text())
-    assert [r["method"] for r in rows] == [r["method"] for r in record["methods"]]
-    for r, j in zip(rows, record["methods"]):
-        assert float(r["accuracy"]) == pytest.approx(j["accuracy"])
+    assert [(r["method"], r["schedule"]) for r in rows] == [(r["method"], r["schedule"]) for r in record["rows"]]
+    for r, j in zip(rows, record["rows"]):
+        assert float(r["acc_pruned"]) == pytest.approx(j["acc_pruned"])
 
 
 def test_demo_arguments_defaults_and_errors():
@@ -92,15 +104,8 @@ def test_demo_arguments_defaults_and_errors():
     for bad in (["--sparsity", "1.5"], ["--sparsity", "nan"], ["--seed", "-1"]):
         with pytest.raises(SystemExit):
             _args(*bad)
-
-
-def test_schedule_removes_equal_share_each_round():
-    steps = demo.schedule(0.9, 3)
-    assert steps[-1] == 0.9
-    assert steps == sorted(steps)
-    densities = [1.0] + [1.0 - s for s in steps]
-    ratios = [b / a for a, b in zip(densities, densities[1:])]
-    assert ratios == pytest.approx([ratios[0]] * 3)
+    with pytest.raises(ValueError, match="sparsity"):
+        demo.run_demo(sparsity=1.0)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -217,24 +222,12 @@ def test_evaluate_accuracy_restores_mode_and_train_checks_arguments():
         train(model, x, y[:-1], epochs=1, lr=0.1, progress=False)
 
 
-def test_run_demo_accepts_user_data_and_callables():
+def test_run_demo_accepts_user_data():
     x, y = _blobs(120, seed=1)
     data = split_arrays(x, y, seed=0, test_fraction=0.25)
-    calls = {"train": 0, "eval": 0}
-
-    def train_fn(model, x, y, *, epochs, lr):
-        calls["train"] += 1
-        return train(model, x, y, epochs=1, lr=lr, batch_size=32, progress=False, num_threads=1)
-
-    def eval_fn(model, x, y):
-        calls["eval"] += 1
-        return evaluate_accuracy(model, x, y)
-
-    config = demo.DemoConfig(dense_epochs=1, rounds=1, finetune_epochs=1, timing_warmup=0, timing_repeats=1,
-                             timing_min_time_s=0.0)
-    result = demo.run_demo(seed=0, sparsity=0.5, progress=False, data=data, train_fn=train_fn, eval_fn=eval_fn,
-                           config=config, log=lambda _: None)
-    assert calls["train"] == 1 + 2 * config.rounds
-    assert calls["eval"] > 0
-    assert {row["method"] for row in result["methods"]} == {"dense", *demo.METHODS}
-    assert all(row["max_abs_diff"] < 1e-4 for row in result["methods"] if row["method"] != "dense")
+    result = demo.run_demo(seed=0, sparsity=0.5, quick=True, progress=False, data=data, log=lambda _: None)
+    assert result["config"]["data"] == "user data"
+    rows = result["rows"]
+    assert {(row["method"], row["schedule"]) for row in rows} == {("dense", "-"), *demo.METHODS}
+    assert all(row["status"] == "ok" and row["max_abs_diff"] < 1e-4 for row in rows)
+    assert rows[0]["acc_dense"] > 0.9  # three well separated blobs

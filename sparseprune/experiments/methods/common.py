@@ -1,0 +1,105 @@
+"""Pieces the runners share: "prune to a total sparsity" functions and the schedules around them.
+
+A prune function `prune(model, sparsity)` brings the model's weights to a TOTAL of `sparsity`
+(masks already installed stay: masks only ever remove more), so the same function serves one
+shot, each round of iterative pruning and each step of gradual pruning.
+
+Schedules (what `Method.schedule` names):
+  one-shot      prune to the target, no training;
+  one-shot+ft   prune to the target, then fine-tune for the whole fine-tuning budget;
+  iterative     `rounds` rounds of prune-then-fine-tune (sparseprune.schedules.iterative_prune),
+                the same fine-tuning budget split over the rounds;
+  gradual       polynomial sparsity ramp while fine-tuning (sparseprune.schedules.GradualPruner);
+  at-init       mask the untrained network, then train it from scratch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+from sparseprune.experiments.models import weight_layers
+from sparseprune.experiments.registry import Job, Outcome, require
+
+PruneFn = Callable[[nn.Module, float], None]
+
+# The gradual ramp ends after this share of the fine-tuning steps, so the final masks still get
+# the last third of the training to recover (Zhu & Gupta's schedule stops before training ends).
+GRADUAL_RAMP_END = 2 / 3
+GRADUAL_UPDATES = 10  # mask updates along the ramp
+
+
+def linear_layers(model: nn.Module) -> List[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def conv_layers(model: nn.Module) -> List[nn.Conv2d]:
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+# ------------------------------------------------------------------------------ prune functions
+def magnitude_per_layer(model: nn.Module, sparsity: float) -> None:
+    import sparseprune.prune as P
+
+    for layer in weight_layers(model):
+        P.magnitude(layer, sparsity)
+
+
+def magnitude_global(model: nn.Module, sparsity: float) -> None:
+    import sparseprune.prune as P
+
+    P.global_magnitude(model, sparsity, layer_types=(nn.Linear, nn.Conv2d))
+
+
+def random_per_layer(generator: torch.Generator) -> PruneFn:
+    def prune(model: nn.Module, sparsity: float) -> None:
+        import sparseprune.prune as P
+
+        for layer in weight_layers(model):
+            P.random_unstructured(layer, sparsity, generator=generator)
+
+    return prune
+
+
+# ------------------------------------------------------------------------------------ schedules
+def rounds_record(result: object) -> List[Dict[str, object]]:
+    """The per-round records of an `IterativeResult` (target, sparsity, accuracy after pruning
+    and after fine-tuning), as plain dicts."""
+    return list(result.to_dict()["rounds"])
+
+
+def one_shot(job: Job, prune: PruneFn, finetune: bool = False, shrink: bool = False) -> Outcome:
+    model = job.dense
+    prune(model, job.sparsity)
+    if finetune:
+        job.finetune(model)
+    return Outcome(model, shrink=shrink)
+
+
+def iterative(job: Job, prune: PruneFn, shrink: bool = False) -> Outcome:
+    iterative_prune = require("sparseprune.schedules", "iterative_prune")
+    model = job.dense
+    rounds = job.config.rounds
+    per_round = max(1, math.ceil(job.budget.finetune_epochs / rounds))
+
+    def train_fn(m: nn.Module) -> None:
+        job.finetune(m, epochs=per_round)
+
+    result = iterative_prune(model, job.sparsity, rounds=rounds, train_fn=train_fn, prune_fn=prune,
+                             schedule="geometric", eval_fn=job.accuracy, progress=False)
+    return Outcome(model, shrink=shrink, notes=[f"{rounds} rounds x {per_round} epochs"],
+                   extra={"rounds": rounds_record(result)})
+
+
+def gradual(job: Job, prune: PruneFn) -> Outcome:
+    GradualPruner = require("sparseprune.schedules", "GradualPruner")
+    model = job.dense
+    epochs = job.budget.finetune_epochs
+    steps = epochs * math.ceil(job.data.x_train.shape[0] / job.config.batch_size)
+    end = max(1, int(steps * GRADUAL_RAMP_END))
+    pruner = GradualPruner(model, job.sparsity, begin_step=0, end_step=end,
+                           frequency=max(1, end // GRADUAL_UPDATES), prune_fn=prune)
+    job.finetune(model, on_step=pruner.step)
+    return Outcome(model, notes=[f"ramp over {end} of {steps} steps"])

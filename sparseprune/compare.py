@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sparseprune.argtypes import non_negative_int
 from sparseprune.experiments.config import DEFAULT_SPARSITIES, FULL, PRESETS, Budget, CompareConfig
 from sparseprune.experiments.models import MODELS
 from sparseprune.experiments.registry import MethodUnavailable, all_methods, method_names, select
@@ -152,15 +153,6 @@ def load_npz(path: str, seed: int):
 
 
 # ---------------------------------------------------------------------------------------- cli
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
 
 def _sparsities(text: str) -> List[float]:
     values = []
@@ -194,15 +186,6 @@ def _schedule_names() -> List[str]:
     return list(dict.fromkeys(m.schedule for m in all_methods()))
 
 
-def _epochs(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The compare options, added to `parser` (the `sparseprune compare` subparser, or your own)."""
@@ -216,12 +199,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         metavar="mlp,cnn", help="models to train (default: mlp,cnn)")
     parser.add_argument("--data", metavar="FILE.npz", default=None,
                         help="your data: arrays x, y (split 75/25 by --seed) or x_train, y_train, x_test, y_test")
-    parser.add_argument("--seed", type=_seed, default=0, help="seed of the split, weights, masks, shuffles (default: 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split, weights, masks, shuffles (default: 0)")
     parser.add_argument("--out", metavar="DIR", default="sparseprune-compare",
                         help="directory for compare.json, compare.csv and the PNG plots (default: sparseprune-compare)")
     parser.add_argument("--quick", action="store_true", help="a few epochs, sparsity 0.9 only, short timing")
-    parser.add_argument("--dense-epochs", type=_epochs, default=None, help="override the dense training epochs")
-    parser.add_argument("--finetune-epochs", type=_epochs, default=None, help="override the fine-tuning epochs")
+    parser.add_argument("--dense-epochs", type=non_negative_int, default=None, help="override the dense training epochs")
+    parser.add_argument("--finetune-epochs", type=non_negative_int, default=None, help="override the fine-tuning epochs")
     parser.add_argument("--strict", action="store_true", help="stop at the first method that fails")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from tqdm import tqdm
 
+from sparseprune.argtypes import non_negative_int
 from sparseprune.experiments.config import DEMO, Budget, CompareConfig
 
 # (method family, schedule) pairs the demo runs, in table order.
@@ -76,15 +77,6 @@ def run_demo(
 
 
 # ---------------------------------------------------------------------------------------- cli
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
 
 def _fraction(text: str) -> float:
     try:
@@ -103,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "magnitude and random (one-shot and iterative), global magnitude, 4x1 blocks and whole units, "
         "convert each result, check it against the pruned model, and time it against torch dense."
     )
-    parser.add_argument("--seed", type=_seed, default=0, help="seed of the split, weights and shuffles (default: 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the split, weights and shuffles (default: 0)")
     parser.add_argument("--sparsity", type=_fraction, default=0.9,
                         help="target sparsity of every method (default: 0.9)")
     parser.add_argument("--out", metavar="DIR", default=None, help="write demo.json, demo.csv and PNG plots to DIR")

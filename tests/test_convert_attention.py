@@ -22,14 +22,7 @@ E, HEADS, FF = 32, 4, 64
 N, L, S = 3, 6, 5  # batch, target length, source length (cross-attention)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These checks are about the math, not speed: one thread keeps them quick on a busy machine
-    # (threaded kernels are tested against one thread in the kernel tests).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _convert(model: nn.Module) -> nn.Module:

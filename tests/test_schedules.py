@@ -25,12 +25,7 @@ BATCH = 30  # 10 optimizer steps per epoch
 HIDDEN = 32  # weights 32x64 and 10x32: 2048 and 320 entries, so 0.75 is an exact count in each
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

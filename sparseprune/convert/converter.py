@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Sequence, Tuple, Type
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -182,7 +182,7 @@ class ConvHandler(ShrinkHandler):
             k = m.out_channels // m.in_channels
             expected = (kin.repeat_interleave(k) * k + torch.arange(k).repeat(len(kin)))
             if not torch.equal(expected, kout):
-                raise ShrinkError(f"internal: depthwise conv keeps inconsistent channels")
+                raise ShrinkError("internal: depthwise conv keeps inconsistent channels")
             bias = m.bias.detach() if m.bias is not None else None
             groups = len(kin)
         else:

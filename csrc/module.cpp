@@ -10,6 +10,7 @@ namespace bindings {
 void bind_linear(py::module_& m);
 void bind_runtime(py::module_& m);
 void bind_conv(py::module_& m);
+void bind_plan(py::module_& m);
 }  // namespace bindings
 }  // namespace sparseprune
 
@@ -18,6 +19,7 @@ PYBIND11_MODULE(_C, m) {
   sparseprune::bindings::bind_linear(m);
   sparseprune::bindings::bind_runtime(m);
   sparseprune::bindings::bind_conv(m);
+  sparseprune::bindings::bind_plan(m);
   m.def("build_info", [] {
     py::dict info;
     info["compiler"] = SP_COMPILER;

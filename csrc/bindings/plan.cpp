@@ -1,0 +1,309 @@
+// Python binding of Plan: reads the JSON spec and the weight arrays, checks every field while
+// holding the GIL, and runs the whole plan with the GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+
+#include "bindings/checks.h"
+#include "kernels/plan.h"
+
+namespace sparseprune {
+namespace bindings {
+
+namespace {
+
+class SpecError : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+py::object field(const py::dict& d, const char* key, const std::string& where) {
+  if (!d.contains(key)) throw SpecError(where + " has no field '" + key + "'");
+  return d[key];
+}
+
+int64_t int_field(const py::dict& d, const char* key, const std::string& where) {
+  py::object v = field(d, key, where);
+  if (!py::isinstance<py::int_>(v) || py::isinstance<py::bool_>(v))
+    throw SpecError(where + "." + key + " must be an int");
+  return v.cast<int64_t>();
+}
+
+std::array<int, 2> pair_field(const py::dict& d, const char* key, const std::string& where) {
+  py::object v = field(d, key, where);
+  if (!py::isinstance<py::list>(v) || py::len(v) != 2) throw SpecError(where + "." + key + " must be a list of 2 ints");
+  std::array<int, 2> out{};
+  for (int i = 0; i < 2; ++i) {
+    py::object e = v.cast<py::list>()[i];
+    if (!py::isinstance<py::int_>(e) || py::isinstance<py::bool_>(e)) throw SpecError(where + "." + key + " must hold ints");
+    const int64_t x = e.cast<int64_t>();
+    if (x < 0 || x > (1 << 20)) throw SpecError(where + "." + key + " is out of range");
+    out[i] = static_cast<int>(x);
+  }
+  return out;
+}
+
+std::string str_field(const py::dict& d, const char* key, const std::string& where) {
+  py::object v = field(d, key, where);
+  if (!py::isinstance<py::str>(v)) throw SpecError(where + "." + key + " must be a string");
+  return v.cast<std::string>();
+}
+
+std::string activation_field(const py::dict& d, const std::string& where) {
+  if (!d.contains("activation") || d["activation"].is_none()) return "none";
+  if (!py::isinstance<py::str>(d["activation"])) throw SpecError(where + ".activation must be a string or null");
+  return d["activation"].cast<std::string>();
+}
+
+py::array array_named(const py::dict& arrays, const std::string& name, bool required = true) {
+  if (!arrays.contains(name.c_str())) {
+    if (required) throw SpecError("array '" + name + "' is missing");
+    return py::array();
+  }
+  py::object a = arrays[name.c_str()];
+  if (!py::isinstance<py::array>(a)) throw py::type_error("array '" + name + "' must be a numpy array");
+  return a.cast<py::array>();
+}
+
+py::array_t<int64_t> index_vector(const py::dict& arrays, const std::string& name) {
+  py::array a = array_named(arrays, name);
+  require_ndim(a, name.c_str(), 1);
+  if (!(a.dtype().is(py::dtype::of<int64_t>()) || a.dtype().is(py::dtype::of<int32_t>())))
+    throw py::type_error("array '" + name + "' must be int64 or int32, got " + dtype_name(a));
+  return py::array_t<int64_t, py::array::c_style | py::array::forcecast>(a);
+}
+
+py::array_t<float> float_vector(const py::dict& arrays, const std::string& name, bool required = true) {
+  py::array a = array_named(arrays, name, required);
+  if (!a) return py::array_t<float>();
+  require_ndim(a, name.c_str(), 1);
+  require_dtype<float>(a, name.c_str(), "float32");
+  return py::array_t<float, py::array::c_style>(a);
+}
+
+std::shared_ptr<const PackedLinear> make_linear(const py::dict& op, const py::dict& arrays, const std::string& where) {
+  const std::string w = str_field(op, "weight", where);
+  const std::string fmt = str_field(op, "format", where);
+  const auto block = pair_field(op, "block", where);
+  const int64_t rows = int_field(op, "rows", where), cols = int_field(op, "cols", where);
+  const auto ptr = index_vector(arrays, w + ".indptr");
+  const auto idx = index_vector(arrays, w + ".indices");
+  const auto val = float_vector(arrays, w + ".values");
+  const auto bias = float_vector(arrays, w + ".bias", false);
+  if (bias && bias.shape(0) != rows) throw SpecError("array '" + w + ".bias' must have " + std::to_string(rows) + " entries");
+  if (ptr.shape(0) == 0) throw SpecError("array '" + w + ".indptr' must not be empty");
+  SparseFormat format;
+  if (fmt == "csr") format = SparseFormat::csr;
+  else if (fmt == "bsr") format = SparseFormat::bsr;
+  else throw SpecError(where + ".format must be 'csr' or 'bsr'");
+  return std::make_shared<const PackedLinear>(PackedLinear::make(format, block[0], block[1], rows, cols, ptr.data(),
+                                                                 ptr.shape(0), idx.data(), idx.shape(0), val.data(),
+                                                                 val.shape(0), bias ? bias.data() : nullptr));
+}
+
+std::shared_ptr<const PackedConv> make_conv(const py::dict& op, const py::dict& arrays, const std::string& where) {
+  const std::string w = str_field(op, "weight", where);
+  ConvShape s;
+  s.in_channels = int_field(op, "in_channels", where);
+  s.out_channels = int_field(op, "out_channels", where);
+  const auto k = pair_field(op, "kernel", where), st = pair_field(op, "stride", where);
+  const auto pd = pair_field(op, "padding", where), dl = pair_field(op, "dilation", where);
+  s.kernel_h = k[0]; s.kernel_w = k[1];
+  s.stride_h = st[0]; s.stride_w = st[1];
+  s.pad_h = pd[0]; s.pad_w = pd[1];
+  s.dilation_h = dl[0]; s.dilation_w = dl[1];
+  const int64_t groups = int_field(op, "groups", where);
+  if (groups < 1 || groups > (1 << 20)) throw SpecError(where + ".groups is out of range");
+  s.groups = static_cast<int>(groups);
+  const auto ptr = index_vector(arrays, w + ".row_ptr");
+  const auto taps = index_vector(arrays, w + ".taps");
+  const auto val = float_vector(arrays, w + ".values");
+  const auto bias = float_vector(arrays, w + ".bias", false);
+  if (bias && bias.shape(0) != s.out_channels) throw SpecError("array '" + w + ".bias' must have out_channels entries");
+  if (ptr.shape(0) == 0) throw SpecError("array '" + w + ".row_ptr' must not be empty");
+  auto conv = std::make_unique<PackedConv>(PackedConv::make(s, ptr.data(), ptr.shape(0), taps.data(), taps.shape(0),
+                                                            val.data(), val.shape(0), bias ? bias.data() : nullptr));
+  return std::shared_ptr<const PackedConv>(std::move(conv));
+}
+
+OpKind parse_kind(const std::string& name, const std::string& where) {
+  if (name == "linear") return OpKind::linear;
+  if (name == "conv2d") return OpKind::conv2d;
+  if (name == "activation") return OpKind::activation;
+  if (name == "add") return OpKind::add;
+  if (name == "mul") return OpKind::mul;
+  if (name == "maxpool2d") return OpKind::maxpool2d;
+  if (name == "avgpool2d") return OpKind::avgpool2d;
+  if (name == "global_avgpool") return OpKind::global_avgpool;
+  if (name == "softmax") return OpKind::softmax;
+  if (name == "layernorm") return OpKind::layernorm;
+  throw SpecError(where + ".op '" + name + "' is not a known op");
+}
+
+std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& arrays) {
+  py::object parsed;
+  try {
+    parsed = py::module_::import("json").attr("loads")(spec_json);
+  } catch (py::error_already_set& e) {
+    throw SpecError(std::string("spec is not valid JSON: ") + e.what());
+  }
+  if (!py::isinstance<py::dict>(parsed)) throw SpecError("spec must be a JSON object");
+  const py::dict spec = parsed.cast<py::dict>();
+  if (!spec.contains("format") || !py::isinstance<py::str>(spec["format"]) ||
+      spec["format"].cast<std::string>() != "sparseprune.executable")
+    throw SpecError("spec.format must be 'sparseprune.executable'");
+  if (int_field(spec, "version", "spec") != 1) throw SpecError("spec.version must be 1");
+  auto plan = std::make_unique<Plan>();
+  py::object buffers = field(spec, "buffers", "spec");
+  if (!py::isinstance<py::list>(buffers)) throw SpecError("spec.buffers must be a list");
+  int i = 0;
+  for (py::handle h : buffers) {
+    const std::string where = "buffers[" + std::to_string(i++) + "]";
+    if (!py::isinstance<py::dict>(h)) throw SpecError(where + " must be an object");
+    const py::dict b = h.cast<py::dict>();
+    py::object shape = field(b, "shape", where);
+    if (!py::isinstance<py::list>(shape) || py::len(shape) == 0 || py::len(shape) > 8)
+      throw SpecError(where + ".shape must be a non-empty list of at most 8 ints");
+    std::vector<int64_t> dims;
+    for (py::handle d : shape) {
+      if (!py::isinstance<py::int_>(d) || py::isinstance<py::bool_>(d)) throw SpecError(where + ".shape must hold ints");
+      dims.push_back(d.cast<int64_t>());
+    }
+    int alias = -1;
+    if (b.contains("alias_of") && !b["alias_of"].is_none()) alias = static_cast<int>(int_field(b, "alias_of", where));
+    if (b.contains("alias_of") && !b["alias_of"].is_none() && alias < 0) throw SpecError(where + ".alias_of must be >= 0");
+    plan->add_buffer(dims, alias);
+  }
+  auto id_list = [&](const char* key) {
+    py::object v = field(spec, key, "spec");
+    if (!py::isinstance<py::list>(v)) throw SpecError(std::string("spec.") + key + " must be a list");
+    std::vector<int> ids;
+    for (py::handle h : v) {
+      if (!py::isinstance<py::int_>(h) || py::isinstance<py::bool_>(h)) throw SpecError(std::string("spec.") + key + " must hold ints");
+      const int64_t x = h.cast<int64_t>();
+      if (x < 0 || x > (1 << 30)) throw SpecError(std::string("spec.") + key + " holds an out-of-range id");
+      ids.push_back(static_cast<int>(x));
+    }
+    return ids;
+  };
+  plan->set_io(id_list("inputs"), id_list("outputs"));
+  py::object ops = field(spec, "ops", "spec");
+  if (!py::isinstance<py::list>(ops)) throw SpecError("spec.ops must be a list");
+  i = 0;
+  for (py::handle h : ops) {
+    const std::string where = "ops[" + std::to_string(i++) + "]";
+    if (!py::isinstance<py::dict>(h)) throw SpecError(where + " must be an object");
+    const py::dict o = h.cast<py::dict>();
+    PlanOp op;
+    op.kind = parse_kind(str_field(o, "op", where), where);
+    auto id = [&](const char* key) {
+      const int64_t x = int_field(o, key, where);
+      if (x < 0 || x > (1 << 30)) throw SpecError(where + "." + key + " is out of range");
+      return static_cast<int>(x);
+    };
+    if (op.kind == OpKind::add || op.kind == OpKind::mul) {
+      op.in = id("a");
+      op.in2 = id("b");
+    } else {
+      op.in = id("in");
+    }
+    op.out = id("out");
+    try {
+      op.act = parse_activation(op.kind == OpKind::activation ? str_field(o, "kind", where)
+                                                              : activation_field(o, where));
+    } catch (const SpecError&) {
+      throw;
+    } catch (const std::invalid_argument& e) {
+      throw SpecError(where + ": " + e.what());
+    }
+    switch (op.kind) {
+      case OpKind::linear: op.linear = make_linear(o, arrays, where); break;
+      case OpKind::conv2d: op.conv = make_conv(o, arrays, where); break;
+      case OpKind::maxpool2d:
+      case OpKind::avgpool2d: {
+        const auto k = pair_field(o, "kernel", where), st = pair_field(o, "stride", where), pd = pair_field(o, "padding", where);
+        for (int d = 0; d < 2; ++d) { op.kernel[d] = k[d]; op.stride[d] = st[d]; op.padding[d] = pd[d]; }
+        break;
+      }
+      case OpKind::layernorm: {
+        const std::string w = str_field(o, "weight", where);
+        const auto g = float_vector(arrays, w + ".gamma"), b = float_vector(arrays, w + ".beta");
+        op.gamma.assign(g.data(), g.data() + g.shape(0));
+        op.beta.assign(b.data(), b.data() + b.shape(0));
+        py::object eps = field(o, "eps", where);
+        if (!py::isinstance<py::float_>(eps) && !py::isinstance<py::int_>(eps)) throw SpecError(where + ".eps must be a number");
+        op.eps = eps.cast<float>();
+        break;
+      }
+      default: break;
+    }
+    plan->add_op(std::move(op));
+  }
+  if (plan->n_ops() == 0) throw SpecError("spec.ops must not be empty");
+  return plan;
+}
+
+std::vector<py::array_t<float>> run_plan(const Plan& plan, const std::vector<py::array>& inputs, int n_threads) {
+  if (inputs.size() != plan.inputs().size())
+    throw py::value_error("expected " + std::to_string(plan.inputs().size()) + " inputs, got " + std::to_string(inputs.size()));
+  if (n_threads < 0) throw py::value_error("n_threads must be >= 0");
+  std::vector<py::array_t<float, py::array::c_style>> held;
+  std::vector<const float*> in_ptrs;
+  int64_t batch = -1;
+  for (size_t k = 0; k < inputs.size(); ++k) {
+    const std::string name = "input " + std::to_string(k);
+    require_dtype<float>(inputs[k], name.c_str(), "float32");
+    const auto& want = plan.shape(plan.inputs()[k]);
+    bool ok = inputs[k].ndim() == static_cast<py::ssize_t>(want.size()) + 1;
+    for (size_t d = 0; ok && d < want.size(); ++d) ok = inputs[k].shape(static_cast<py::ssize_t>(d) + 1) == want[d];
+    if (!ok) {
+      std::string w = "(batch";
+      for (int64_t d : want) w += ", " + std::to_string(d);
+      throw py::value_error(name + " must have shape " + w + ")");
+    }
+    if (batch >= 0 && inputs[k].shape(0) != batch) throw py::value_error("all inputs must have the same batch size");
+    batch = inputs[k].shape(0);
+    held.emplace_back(py::array_t<float, py::array::c_style>::ensure(inputs[k]));
+    in_ptrs.push_back(held.back().data());
+  }
+  std::vector<py::array_t<float>> outs;
+  std::vector<float*> out_ptrs;
+  for (int b : plan.outputs()) {
+    std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(batch)};
+    for (int64_t d : plan.shape(b)) shape.push_back(static_cast<py::ssize_t>(d));
+    outs.emplace_back(shape);
+    out_ptrs.push_back(outs.back().mutable_data());
+  }
+  if (batch > 0) {
+    py::gil_scoped_release release;
+    plan.run(in_ptrs, batch, out_ptrs, n_threads);
+  }
+  return outs;
+}
+
+}  // namespace
+
+void bind_plan(py::module_& m) {
+  py::register_exception<SpecError>(m, "SpecError", PyExc_ValueError);
+  py::class_<Plan>(m, "Plan", "A whole model as one native plan (see sparseprune.runtime).")
+      .def(py::init(&build_plan), py::arg("spec_json"), py::arg("arrays"))
+      .def("run", &run_plan, py::arg("inputs"), py::arg("n_threads") = 0,
+           "Run the whole plan in one call with the GIL released; returns the outputs.")
+      .def_property_readonly("input_shapes", [](const Plan& p) {
+        std::vector<std::vector<int64_t>> s;
+        for (int b : p.inputs()) s.push_back(p.shape(b));
+        return s;
+      })
+      .def_property_readonly("output_shapes", [](const Plan& p) {
+        std::vector<std::vector<int64_t>> s;
+        for (int b : p.outputs()) s.push_back(p.shape(b));
+        return s;
+      })
+      .def_property_readonly("n_ops", &Plan::n_ops);
+}
+
+}  // namespace bindings
+}  // namespace sparseprune

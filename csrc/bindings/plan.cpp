@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "bindings/checks.h"
@@ -58,11 +59,8 @@ std::string activation_field(const py::dict& d, const std::string& where) {
   return d["activation"].cast<std::string>();
 }
 
-py::array array_named(const py::dict& arrays, const std::string& name, bool required = true) {
-  if (!arrays.contains(name.c_str())) {
-    if (required) throw SpecError("array '" + name + "' is missing");
-    return py::array();
-  }
+py::array array_named(const py::dict& arrays, const std::string& name) {
+  if (!arrays.contains(name.c_str())) throw SpecError("array '" + name + "' is missing");
   py::object a = arrays[name.c_str()];
   if (!py::isinstance<py::array>(a)) throw py::type_error("array '" + name + "' must be a numpy array");
   return a.cast<py::array>();
@@ -76,12 +74,17 @@ py::array_t<int64_t> index_vector(const py::dict& arrays, const std::string& nam
   return py::array_t<int64_t, py::array::c_style | py::array::forcecast>(a);
 }
 
-py::array_t<float> float_vector(const py::dict& arrays, const std::string& name, bool required = true) {
-  py::array a = array_named(arrays, name, required);
-  if (!a) return py::array_t<float>();
+py::array_t<float> float_vector(const py::dict& arrays, const std::string& name) {
+  py::array a = array_named(arrays, name);
   require_ndim(a, name.c_str(), 1);
   require_dtype<float>(a, name.c_str(), "float32");
   return py::array_t<float, py::array::c_style>(a);
+}
+
+// A bias is optional: absent means none.
+std::optional<py::array_t<float>> optional_float_vector(const py::dict& arrays, const std::string& name) {
+  if (!arrays.contains(name.c_str())) return std::nullopt;
+  return float_vector(arrays, name);
 }
 
 std::shared_ptr<const PackedLinear> make_linear(const py::dict& op, const py::dict& arrays, const std::string& where) {
@@ -92,8 +95,9 @@ std::shared_ptr<const PackedLinear> make_linear(const py::dict& op, const py::di
   const auto ptr = index_vector(arrays, w + ".indptr");
   const auto idx = index_vector(arrays, w + ".indices");
   const auto val = float_vector(arrays, w + ".values");
-  const auto bias = float_vector(arrays, w + ".bias", false);
-  if (bias && bias.shape(0) != rows) throw SpecError("array '" + w + ".bias' must have " + std::to_string(rows) + " entries");
+  const auto bias = optional_float_vector(arrays, w + ".bias");
+  const bool has_bias = bias.has_value();
+  if (has_bias && bias->shape(0) != rows) throw SpecError("array '" + w + ".bias' must have " + std::to_string(rows) + " entries");
   if (ptr.shape(0) == 0) throw SpecError("array '" + w + ".indptr' must not be empty");
   SparseFormat format;
   if (fmt == "csr") format = SparseFormat::csr;
@@ -101,7 +105,7 @@ std::shared_ptr<const PackedLinear> make_linear(const py::dict& op, const py::di
   else throw SpecError(where + ".format must be 'csr' or 'bsr'");
   return std::make_shared<const PackedLinear>(PackedLinear::make(format, block[0], block[1], rows, cols, ptr.data(),
                                                                  ptr.shape(0), idx.data(), idx.shape(0), val.data(),
-                                                                 val.shape(0), bias ? bias.data() : nullptr));
+                                                                 val.shape(0), has_bias ? bias->data() : nullptr));
 }
 
 std::shared_ptr<const PackedConv> make_conv(const py::dict& op, const py::dict& arrays, const std::string& where) {
@@ -121,11 +125,12 @@ std::shared_ptr<const PackedConv> make_conv(const py::dict& op, const py::dict& 
   const auto ptr = index_vector(arrays, w + ".row_ptr");
   const auto taps = index_vector(arrays, w + ".taps");
   const auto val = float_vector(arrays, w + ".values");
-  const auto bias = float_vector(arrays, w + ".bias", false);
-  if (bias && bias.shape(0) != s.out_channels) throw SpecError("array '" + w + ".bias' must have out_channels entries");
+  const auto bias = optional_float_vector(arrays, w + ".bias");
+  const bool has_bias = bias.has_value();
+  if (has_bias && bias->shape(0) != s.out_channels) throw SpecError("array '" + w + ".bias' must have out_channels entries");
   if (ptr.shape(0) == 0) throw SpecError("array '" + w + ".row_ptr' must not be empty");
   auto conv = std::make_unique<PackedConv>(PackedConv::make(s, ptr.data(), ptr.shape(0), taps.data(), taps.shape(0),
-                                                            val.data(), val.shape(0), bias ? bias.data() : nullptr));
+                                                            val.data(), val.shape(0), has_bias ? bias->data() : nullptr));
   return std::shared_ptr<const PackedConv>(std::move(conv));
 }
 

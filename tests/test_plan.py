@@ -145,12 +145,14 @@ def test_not_json_is_a_value_error():
 
 
 def test_layers_without_bias(gen):
-    lin = sparse_(torch.nn.Linear(6, 4, bias=False), 0.5, gen)
     conv = sparse_(torch.nn.Conv2d(2, 3, 3, bias=False), 0.5, gen)
+    lin = sparse_(torch.nn.Linear(27, 4, bias=False), 0.5, gen)
     plan = _C.Plan(spec([[2, 5, 5], [3, 3, 3], {"shape": [27], "alias_of": 1}, [4]], [0], [3], [
         {"op": "conv2d", "in": 0, "out": 1, "weight": "c", "in_channels": 2, "out_channels": 3, "kernel": [3, 3],
          "stride": [1, 1], "padding": [0, 0], "dilation": [1, 1], "groups": 1},
         {"op": "linear", "in": 2, "out": 3, "weight": "l", "format": "csr", "block": [1, 1], "rows": 4, "cols": 27},
-    ]), {**conv_arrays("c", conv), **linear_arrays("l", torch.nn.Linear(27, 4, bias=False))})
-    assert plan.run([np.zeros((2, 2, 5, 5), np.float32)])[0].shape == (2, 4)
-    assert lin.bias is None
+    ]), {**conv_arrays("c", conv), **linear_arrays("l", lin)})
+    x = torch.randn(2, 2, 5, 5, generator=gen)
+    with torch.no_grad():
+        ref = lin(conv(x).flatten(1)).numpy()
+    np.testing.assert_allclose(plan.run([x.numpy()])[0], ref, rtol=1e-5, atol=1e-6)

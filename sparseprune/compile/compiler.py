@@ -1,0 +1,843 @@
+"""compile(): lower a (pruned) PyTorch model to one native executable (issue 5).
+
+The model is copied, put in eval mode, its prunings made permanent, BatchNorms folded into the
+convolutions before them and ReLUs after Linear/Conv marked for fusion (convert.fusion), then
+traced with torch.fx. ShapeProp on the example inputs gives every value's shape; each node is
+lowered to an op of the executable spec (sparseprune.runtime.spec) over buffers whose shapes are
+per sample, so the executable runs any batch size. A final pass fuses an activation into the
+op producing its input and drops buffers nothing uses. The executable is then run on the example
+inputs and must match the model within fp32 tolerance.
+
+Anything the executor cannot run stops compile with UnsupportedOperation naming the op and the
+module path; sparseprune.convert still works for such models (it replaces supported layers one
+by one and leaves the rest to torch).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from sparseprune import formats
+from sparseprune.config import resolve_threads
+from sparseprune.convert.fusion import fuses_relu, prepare_fusions
+from sparseprune.convert.selection import MIN_BLOCK_FILL
+from sparseprune.nn.sparse_conv import SparseConv2d, UnsupportedLayer, conv_padding
+from sparseprune.nn.sparse_linear import SparseLinear
+from sparseprune.prune import is_pruned, remove
+from sparseprune.runtime import Executable
+from sparseprune.runtime.spec import SPEC_FORMAT, SPEC_VERSION
+from sparseprune.timing import time_interleaved
+
+POLICIES = ("measure", "threshold")
+
+# The executable must reproduce the model within fp32 rounding: |y - ref| <= ATOL_SCALE *
+# max(1, max|ref|) + RTOL * |ref|. Folding BatchNorm and summing in another order change results
+# by ~1e-6 relative per layer; 1e-4 leaves room for deep networks while catching any real error
+# (a wrong op or weight is off by far more).
+RTOL = 1e-4
+ATOL_SCALE = 1e-4
+
+_CONVERT_HINT = (
+    "sparseprune.convert(model) still works for this model: it swaps the supported layers for "
+    "sparse modules one by one and leaves the rest to torch"
+)
+
+
+class UnsupportedOperation(ValueError):
+    """The model uses an op (or an op setting) the native executor does not run."""
+
+
+class VerificationError(RuntimeError):
+    """The compiled executable does not reproduce the model on the example inputs."""
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    buffer: int
+
+
+class _Batch:
+    """The batch size (x.size(0), x.shape[0]): symbolic, so the executable takes any batch."""
+
+    def __repr__(self) -> str:
+        return "<batch>"
+
+
+_BATCH = _Batch()
+
+
+@dataclass(frozen=True)
+class _Param:
+    """A tensor attribute (get_attr): only usable where an op takes a parameter (layer_norm)."""
+
+    tensor: torch.Tensor
+
+
+_ACTIVATION_MODULES = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.GELU: "gelu",
+    nn.SiLU: "silu",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.Hardswish: "hardswish",
+}
+_ACTIVATION_FUNCTIONS = {
+    F.relu: "relu",
+    torch.relu: "relu",
+    F.relu6: "relu6",
+    F.gelu: "gelu",
+    F.silu: "silu",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    F.hardswish: "hardswish",
+}
+_ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                     nn.FeatureAlphaDropout)
+_DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+_ADD = (operator.add, torch.add)
+_MUL = (operator.mul, torch.mul)
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, also keeping sparseprune's native modules whole (their forward is numpy)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, (SparseLinear, SparseConv2d)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _pair(v) -> List[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(v[0]), int(v[1])]
+
+
+def _fn_name(target) -> str:
+    if isinstance(target, str):
+        return target
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__name__", repr(target))
+    if module in ("_operator", "operator"):
+        return f"operator.{name}"
+    if module.startswith("torch") or module == "":
+        prefix = "torch.nn.functional" if module == "torch.nn.functional" else "torch"
+        return f"{prefix}.{name}"
+    return f"{module}.{name}"
+
+
+class _Lowering:
+    def __init__(self, gm: fx.GraphModule, batch: int, policy: str, threads: int):
+        self.gm = gm
+        self.batch = batch
+        self.policy = policy
+        self.threads = threads
+        self.buffers: List[Dict[str, Any]] = []
+        self.ops: List[Dict[str, Any]] = []
+        self.arrays: Dict[str, np.ndarray] = {}
+        self.layers: List[Dict[str, Any]] = []  # metadata: one row per weighted layer
+        self.packed_names: Dict[int, str] = {}  # id(module) -> weight name (shared modules packed once)
+        self.env: Dict[fx.Node, Any] = {}
+        self.inputs: List[int] = []
+        self.outputs: List[int] = []
+        self._linear_fields: Dict[str, Dict[str, Any]] = {}  # weight name -> spec fields
+        self._conv_fields: Dict[str, Dict[str, Any]] = {}
+        self._param_pairs: Dict[Tuple[int, int], Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def where(self, node: fx.Node) -> str:
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            return f"module '{node.target}' ({type(module).__name__})"
+        stack = node.meta.get("nn_module_stack") or {}
+        inside = ""
+        if stack:
+            path, cls = list(stack.values())[-1]
+            inside = f" inside module '{path}' ({getattr(cls, '__name__', cls)})"
+        what = _fn_name(node.target) if node.op != "call_method" else f"Tensor.{node.target}"
+        return f"'{what}' (node '{node.name}'){inside}"
+
+    def fail(self, node: fx.Node, why: str) -> UnsupportedOperation:
+        return UnsupportedOperation(f"cannot compile {self.where(node)}: {why}. {_CONVERT_HINT}")
+
+    def new_buffer(self, shape: Sequence[int], name: str, alias_of: Optional[int] = None) -> int:
+        self.buffers.append({"shape": [int(d) for d in shape], "alias_of": alias_of, "name": name})
+        return len(self.buffers) - 1
+
+    def shape_of(self, buffer: int) -> Tuple[int, ...]:
+        return tuple(self.buffers[buffer]["shape"])
+
+    def sample_shape(self, node: fx.Node) -> Tuple[int, ...]:
+        """Per-sample shape of the tensor `node` computes (from ShapeProp), checked."""
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise self.fail(node, "its result is not a single tensor")
+        shape = tuple(int(d) for d in meta.shape)
+        if meta.dtype != torch.float32:
+            raise self.fail(node, f"it computes a {meta.dtype} tensor (the executor runs float32 only)")
+        if len(shape) < 2:
+            raise self.fail(node, f"its result has shape {shape}: the executor needs a batch dimension plus at "
+                                  "least one per-sample dimension")
+        if shape[0] != self.batch:
+            raise self.fail(node, f"its result has shape {shape}, whose first dimension is not the batch "
+                                  f"({self.batch})")
+        return shape[1:]
+
+    def tensor(self, node: fx.Node, value: Any, what: str = "input") -> int:
+        if isinstance(value, fx.Node):
+            value = self.env[value]
+        if not isinstance(value, _Tensor):
+            raise self.fail(node, f"its {what} is {self._describe(value)}, not an activation tensor")
+        return value.buffer
+
+    @staticmethod
+    def _describe(value: Any) -> str:
+        if isinstance(value, _Param):
+            return "a parameter/constant tensor"
+        return f"the constant {value!r:.60}"
+
+    def arg(self, node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+        if len(node.args) > index:
+            v = node.args[index]
+        else:
+            v = node.kwargs.get(name, default)
+        if isinstance(v, fx.Node):
+            return self.env[v]
+        if isinstance(v, (list, tuple)):
+            items = [self.env[x] if isinstance(x, fx.Node) else x for x in v]
+            return tuple(items) if isinstance(v, tuple) else items
+        return v
+
+    def emit(self, op: Dict[str, Any], node: fx.Node) -> _Tensor:
+        """Append `op`, writing a new buffer shaped like `node`'s result."""
+        out = self.new_buffer(self.sample_shape(node), node.name)
+        op["out"] = out
+        self.ops.append(op)
+        return _Tensor(out)
+
+    def reshape(self, node: fx.Node, src: int) -> _Tensor:
+        """A view of `src` with `node`'s per-sample shape (same storage: buffers are contiguous)."""
+        shape = self.sample_shape(node)
+        if math.prod(shape) != math.prod(self.shape_of(src)):
+            raise self.fail(node, "it changes the number of elements per sample")
+        if shape == self.shape_of(src):
+            return _Tensor(src)
+        return _Tensor(self.new_buffer(shape, node.name, alias_of=src))
+
+    # --- weighted layers -----------------------------------------------------------------------
+
+    def linear_arrays(self, layer: Any, path: str, x_rows: int) -> Tuple[str, Dict[str, Any]]:
+        """Pack a Linear/SparseLinear (or a (weight, bias) pair of tensors) once; returns its
+        weight name and the spec fields."""
+        if id(layer) in self.packed_names:
+            name = self.packed_names[id(layer)]
+            return name, self._linear_fields[name]
+        if isinstance(layer, SparseLinear):
+            p = layer.packed
+            fmt, block = p.format, tuple(p.block_shape)
+            rows, cols = p.shape
+            indptr, indices, values, bias = p.indptr, p.indices, p.values, p.bias
+            kernel, reason = (fmt if fmt == "csr" else "bsr{}x{}".format(*block)), "already converted"
+            sparsity = layer.sparsity
+        else:
+            w_t, b_t = (layer.weight, layer.bias) if isinstance(layer, nn.Module) else layer
+            weight = w_t.detach().to(torch.float32).cpu().contiguous().numpy()
+            bias = None if b_t is None else b_t.detach().to(torch.float32).cpu().numpy().reshape(-1)
+            rows, cols = weight.shape
+            sparsity = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
+            kernel, fmt, block, reason = self.choose_linear_format(weight, bias, x_rows)
+            arrays = formats.csr_arrays(weight) if fmt == "csr" else formats.bsr_arrays(weight, *block)
+            indptr, indices, values = arrays
+        name = path
+        self.arrays[f"{name}.indptr"] = np.ascontiguousarray(indptr, dtype=np.int64)
+        self.arrays[f"{name}.indices"] = _small_indices(indices)
+        self.arrays[f"{name}.values"] = np.ascontiguousarray(values, dtype=np.float32)
+        if bias is not None:
+            self.arrays[f"{name}.bias"] = np.ascontiguousarray(bias, dtype=np.float32)
+        fields = {"weight": name, "format": fmt, "block": list(block), "rows": int(rows), "cols": int(cols)}
+        self.packed_names[id(layer)] = name
+        self._linear_fields[name] = fields
+        self.layers.append({"name": path, "op": "linear", "kernel": kernel, "sparsity": round(float(sparsity), 6),
+                            "reason": reason})
+        return name, fields
+
+    def choose_linear_format(self, weight: np.ndarray, bias, x_rows: int):
+        """csr, or a block format when measured faster on this machine (policy="measure")."""
+        candidates = {"csr": ("csr", (1, 1))}
+        for r, c in formats.BLOCK_SHAPES:
+            if formats.block_fill(weight, r, c) >= MIN_BLOCK_FILL:
+                candidates[f"bsr{r}x{c}"] = ("bsr", (r, c))
+        if self.policy == "threshold" or len(candidates) == 1:
+            why = "policy='threshold'" if self.policy == "threshold" else "no block format fits the nonzeros"
+            return "csr", "csr", (1, 1), why
+        packed = {k: formats.pack(weight, bias, fmt, block) for k, (fmt, block) in candidates.items()}
+        x = np.random.default_rng(0).standard_normal((max(x_rows, 1), weight.shape[1])).astype(np.float32)
+        fns = {k: (lambda p=p: p.forward(x, False, self.threads)) for k, p in packed.items()}
+        times = time_interleaved(fns, warmup=1, repeats=5, min_time_s=0.005)
+        best = min(times, key=lambda k: times[k].min_s)
+        fmt, block = candidates[best]
+        return best, fmt, block, f"fastest measured of {sorted(candidates)} at {x_rows} rows"
+
+    def lower_linear(self, node: fx.Node, layer: Any, relu: bool, path: Optional[str] = None) -> _Tensor:
+        src = self.tensor(node, node.args[0])
+        shape = self.shape_of(src)
+        x_rows = self.batch * math.prod(shape[:-1])
+        path = node.target if path is None else path
+        name, fields = self.linear_arrays(layer, path, x_rows)
+        if shape[-1] != fields["cols"]:
+            raise self.fail(node, f"its input has {shape[-1]} features, the layer expects {fields['cols']}")
+        op = {"op": "linear", "name": path, "in": src, **fields, "activation": "relu" if relu else None}
+        return self.emit(op, node)
+
+    def lower_conv(self, node: fx.Node, layer: nn.Module, relu: bool) -> _Tensor:
+        src = self.tensor(node, node.args[0])
+        if id(layer) in self.packed_names:
+            name = self.packed_names[id(layer)]
+            fields = self._conv_fields[name]
+        else:
+            name = node.target
+            if isinstance(layer, SparseConv2d):
+                p = layer.packed
+                fields = {"in_channels": p.in_channels, "out_channels": p.out_channels,
+                          "kernel": _pair(p.kernel_size), "stride": _pair(p.stride), "padding": _pair(p.padding),
+                          "dilation": _pair(p.dilation), "groups": int(p.groups)}
+                row_ptr, taps, values, bias = p.row_ptr, p.taps, p.values, p.bias
+                sparsity = layer.sparsity
+            else:
+                try:
+                    padding = conv_padding(layer)
+                except UnsupportedLayer as exc:
+                    raise self.fail(node, str(exc)) from None
+                weight = layer.weight.detach().to(torch.float32).cpu().contiguous().numpy()
+                bias = None if layer.bias is None else layer.bias.detach().to(torch.float32).cpu().numpy()
+                fields = {"in_channels": layer.in_channels, "out_channels": layer.out_channels,
+                          "kernel": _pair(layer.kernel_size), "stride": _pair(layer.stride),
+                          "padding": list(padding), "dilation": _pair(layer.dilation), "groups": int(layer.groups)}
+                row_ptr, taps, values = formats.conv_arrays(weight)
+                sparsity = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
+            self.arrays[f"{name}.row_ptr"] = np.ascontiguousarray(row_ptr, dtype=np.int64)
+            self.arrays[f"{name}.taps"] = _small_indices(taps)
+            self.arrays[f"{name}.values"] = np.ascontiguousarray(values, dtype=np.float32)
+            if bias is not None:
+                self.arrays[f"{name}.bias"] = np.ascontiguousarray(bias, dtype=np.float32)
+            self.packed_names[id(layer)] = name
+            self._conv_fields[name] = fields
+            self.layers.append({"name": name, "op": "conv2d", "kernel": "sparse-conv",
+                                "sparsity": round(float(sparsity), 6), "reason": "the executor's conv kernel"})
+        shape = self.shape_of(src)
+        if len(shape) != 3 or shape[0] != fields["in_channels"]:
+            raise self.fail(node, f"its input has per-sample shape {shape}, the layer expects "
+                                  f"({fields['in_channels']}, H, W)")
+        op = {"op": "conv2d", "name": node.target, "in": src, "weight": name, **fields,
+              "activation": "relu" if relu else None}
+        return self.emit(op, node)
+
+    # --- other ops -----------------------------------------------------------------------------
+
+    def activation(self, node: fx.Node, kind: str, src_value: Any) -> _Tensor:
+        src = self.tensor(node, src_value)
+        return self.emit({"op": "activation", "kind": kind, "in": src, "name": node.name}, node)
+
+    def binary(self, node: fx.Node, kind: str) -> _Tensor:
+        if len(node.args) != 2 or (node.kwargs and set(node.kwargs) - {"alpha"}):
+            raise self.fail(node, "only the two-operand form is supported")
+        if node.kwargs.get("alpha", 1) != 1:
+            raise self.fail(node, "alpha != 1 is not supported")
+        a = self.tensor(node, node.args[0], "first operand")
+        b = self.tensor(node, node.args[1], "second operand")
+        if self.shape_of(a) != self.shape_of(b):
+            raise self.fail(node, f"operands of per-sample shapes {self.shape_of(a)} and {self.shape_of(b)} "
+                                  "need broadcasting, which the executor does not do")
+        return self.emit({"op": kind, "a": a, "b": b, "activation": None, "name": node.name}, node)
+
+    def softmax(self, node: fx.Node, src_value: Any, dim: Any, dtype: Any = None) -> _Tensor:
+        src = self.tensor(node, src_value)
+        ndim = len(self.shape_of(src)) + 1
+        if dtype is not None:
+            raise self.fail(node, "softmax with a dtype is not supported")
+        if not isinstance(dim, int) or dim not in (-1, ndim - 1):
+            raise self.fail(node, f"softmax over dim={dim!r}: only the last dimension is supported")
+        return self.emit({"op": "softmax", "in": src, "name": node.name}, node)
+
+    def layernorm(self, node: fx.Node, src_value: Any, normalized_shape, weight, bias, eps: float) -> _Tensor:
+        src = self.tensor(node, src_value)
+        shape = self.shape_of(src)
+        normalized = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        if normalized != shape[-1:]:
+            raise self.fail(node, f"layer norm over {normalized}: only the last dimension ({shape[-1]},) is supported")
+        n = shape[-1]
+        name = node.target if node.op == "call_module" else node.name
+
+        def param(v, default: float) -> np.ndarray:
+            if v is None:
+                return np.full(n, default, dtype=np.float32)
+            if isinstance(v, _Param):
+                v = v.tensor
+            if not isinstance(v, torch.Tensor):
+                raise self.fail(node, "its weight/bias is computed by the model, not a parameter")
+            return np.ascontiguousarray(v.detach().to(torch.float32).cpu().numpy().reshape(-1))
+
+        self.arrays[f"{name}.gamma"] = param(weight, 1.0)
+        self.arrays[f"{name}.beta"] = param(bias, 0.0)
+        return self.emit({"op": "layernorm", "in": src, "weight": name, "eps": float(eps), "name": name}, node)
+
+    def pool(self, node: fx.Node, is_max: bool, src_value: Any, kernel, stride, padding, dilation=1,
+             ceil_mode=False, count_include_pad=True, divisor_override=None, return_indices=False) -> _Tensor:
+        src = self.tensor(node, src_value)
+        if ceil_mode:
+            raise self.fail(node, "ceil_mode=True is not supported")
+        if is_max and (_pair(dilation) != [1, 1] or return_indices):
+            raise self.fail(node, "max pooling with dilation or return_indices is not supported")
+        if not is_max and (not count_include_pad or divisor_override is not None):
+            raise self.fail(node, "average pooling needs count_include_pad=True and no divisor_override")
+        kernel = _pair(kernel)
+        stride = kernel if stride is None or stride == [] or stride == () else _pair(stride)
+        if len(self.shape_of(src)) != 3:
+            raise self.fail(node, f"pooling needs (N, C, H, W) input, got per-sample shape {self.shape_of(src)}")
+        op = {"op": "maxpool2d" if is_max else "avgpool2d", "in": src, "kernel": kernel, "stride": stride,
+              "padding": _pair(padding), "name": node.target if node.op == "call_module" else node.name}
+        return self.emit(op, node)
+
+    def adaptive_avgpool(self, node: fx.Node, src_value: Any, output_size) -> _Tensor:
+        src = self.tensor(node, src_value)
+        shape = self.shape_of(src)
+        if len(shape) != 3:
+            raise self.fail(node, f"pooling needs (N, C, H, W) input, got per-sample shape {shape}")
+        oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+        oh, ow = shape[1] if oh is None else oh, shape[2] if ow is None else ow
+        name = node.target if node.op == "call_module" else node.name
+        if (oh, ow) == (1, 1):
+            return self.emit({"op": "global_avgpool", "in": src, "name": name}, node)
+        if (oh, ow) == shape[1:]:
+            return _Tensor(src)
+        if shape[1] % oh == 0 and shape[2] % ow == 0:  # equal windows: a plain average pool
+            k = [shape[1] // oh, shape[2] // ow]
+            return self.emit({"op": "avgpool2d", "in": src, "kernel": k, "stride": k, "padding": [0, 0],
+                              "name": name}, node)
+        raise self.fail(node, f"adaptive average pooling from {shape[1:]} to {(oh, ow)} (unequal windows)")
+
+    def mean(self, node: fx.Node, src_value: Any, dim, keepdim=False, dtype=None) -> _Tensor:
+        src = self.tensor(node, src_value)
+        shape = self.shape_of(src)
+        dims = list(dim) if isinstance(dim, (list, tuple)) else [dim]
+        ok = len(shape) == 3 and all(isinstance(d, int) for d in dims) and sorted(d % 4 for d in dims) == [2, 3]
+        if not ok or dtype is not None:
+            raise self.fail(node, "mean is supported over the spatial dims (2, 3) of an (N, C, H, W) tensor only")
+        pooled = self.new_buffer((shape[0], 1, 1), node.name + "_pool")
+        self.ops.append({"op": "global_avgpool", "in": src, "out": pooled, "name": node.name})
+        return self.reshape(node, pooled)
+
+    def view(self, node: fx.Node, src_value: Any, sizes: Sequence[Any]) -> _Tensor:
+        """x.view / x.reshape / torch.reshape: the batch dimension must stay first and symbolic."""
+        src = self.tensor(node, src_value)
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+            sizes = sizes[0]
+        sizes = list(sizes)
+        if not sizes:
+            raise self.fail(node, "it reshapes to a scalar")
+        head, rest = sizes[0], sizes[1:]
+        if any(isinstance(s, _Batch) for s in rest) or not all(isinstance(s, (int, _Batch)) for s in sizes):
+            raise self.fail(node, f"reshape to {sizes}: only (batch, ...) shapes with constant per-sample sizes")
+        if isinstance(head, _Batch):
+            pass
+        elif head == -1 and -1 not in rest and math.prod(rest) == math.prod(self.shape_of(src)):
+            pass  # (-1, per-sample dims...): the batch stays first
+        else:
+            raise self.fail(node, f"reshape to {sizes} does not keep the batch as its own first dimension "
+                                  "(write x.view(x.size(0), ...) or x.flatten(1))")
+        return self.reshape(node, src)
+
+    def flatten(self, node: fx.Node, src_value: Any, start_dim=0, end_dim=-1) -> _Tensor:
+        src = self.tensor(node, src_value)
+        ndim = len(self.shape_of(src)) + 1
+        if start_dim % ndim == 0 and ndim > 1 and not (end_dim % ndim == 0):
+            raise self.fail(node, f"flatten(start_dim={start_dim}) merges the batch dimension (use start_dim=1)")
+        return self.reshape(node, src)
+
+    def size(self, node: fx.Node, src_value: Any, dim=None):
+        src = self.tensor(node, src_value)
+        full = (_BATCH,) + self.shape_of(src)
+        if dim is None:
+            return full
+        if not isinstance(dim, int) or not -len(full) <= dim < len(full):
+            raise self.fail(node, f"size({dim!r}) is out of range")
+        return full[dim]
+
+    # --- the walk ------------------------------------------------------------------------------
+
+    def lower(self) -> None:
+        for node in self.gm.graph.nodes:
+            if node.op == "output":
+                self.lower_output(node)
+            else:
+                self.env[node] = self.lower_node(node)
+
+    def lower_output(self, node: fx.Node) -> None:
+        result = node.args[0]
+        items = list(result) if isinstance(result, (tuple, list)) else [result]
+        for item in items:
+            if not isinstance(item, fx.Node) or not isinstance(self.env.get(item), _Tensor):
+                raise UnsupportedOperation(
+                    f"cannot compile the model's output {result!r:.100}: outputs must be a tensor or a tuple/list "
+                    f"of tensors computed from the inputs. {_CONVERT_HINT}")
+            self.outputs.append(self.env[item].buffer)
+
+    def lower_node(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            buffer = self.new_buffer(self.sample_shape(node), node.name)
+            self.inputs.append(buffer)
+            return _Tensor(buffer)
+        if node.op == "get_attr":
+            value = self.gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            if not isinstance(value, torch.Tensor):
+                raise self.fail(node, f"attribute of type {type(value).__name__}")
+            return _Param(value)
+        if node.op == "call_module":
+            return self.lower_module(node, self.gm.get_submodule(node.target))
+        if node.op == "call_function":
+            return self.lower_function(node)
+        if node.op == "call_method":
+            return self.lower_method(node)
+        raise self.fail(node, f"fx node kind {node.op!r}")
+
+    def lower_module(self, node: fx.Node, m: nn.Module) -> Any:
+        t = type(m)
+        x = node.args[0] if node.args else None
+        if len(node.args) != 1 or node.kwargs:
+            raise self.fail(node, "called with more than one argument")
+        # Subclasses count when they keep the base forward (e.g. MultiheadAttention's out_proj).
+        if t is SparseLinear or (isinstance(m, nn.Linear) and t.forward is nn.Linear.forward):
+            return self.lower_linear(node, m, relu=m.relu if t is SparseLinear else fuses_relu(m))
+        if t is SparseConv2d or (isinstance(m, nn.Conv2d) and t.forward is nn.Conv2d.forward):
+            return self.lower_conv(node, m, relu=m.relu if t is SparseConv2d else fuses_relu(m))
+        if t in _ACTIVATION_MODULES:
+            if t is nn.GELU and m.approximate != "none":
+                raise self.fail(node, f"GELU(approximate={m.approximate!r}) (only the exact erf form)")
+            return self.activation(node, _ACTIVATION_MODULES[t], x)
+        if t in _IDENTITY_MODULES:
+            return _Tensor(self.tensor(node, x))
+        if t is nn.Flatten:
+            return self.flatten(node, x, m.start_dim, m.end_dim)
+        if t is nn.MaxPool2d:
+            return self.pool(node, True, x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                             return_indices=m.return_indices)
+        if t is nn.AvgPool2d:
+            return self.pool(node, False, x, m.kernel_size, m.stride, m.padding, 1, m.ceil_mode,
+                             m.count_include_pad, m.divisor_override)
+        if t is nn.AdaptiveAvgPool2d:
+            return self.adaptive_avgpool(node, x, m.output_size)
+        if t is nn.LayerNorm:
+            return self.layernorm(node, x, m.normalized_shape, m.weight, m.bias, m.eps)
+        if t is nn.Softmax:
+            return self.softmax(node, x, m.dim)
+        if isinstance(m, nn.BatchNorm2d):
+            raise self.fail(node, "a BatchNorm2d that does not directly follow a Conv2d cannot be folded")
+        raise self.fail(node, f"the executor has no op for {t.__name__}")
+
+    def lower_function(self, node: fx.Node) -> Any:
+        fn = node.target
+        a = lambda i, name, default=None: self.arg(node, i, name, default)  # noqa: E731
+        if fn in _ADD:
+            return self.binary(node, "add")
+        if fn in _MUL:
+            return self.binary(node, "mul")
+        if fn in _ACTIVATION_FUNCTIONS:
+            kind = _ACTIVATION_FUNCTIONS[fn]
+            if fn is F.gelu and a(1, "approximate", "none") != "none":
+                raise self.fail(node, "gelu(approximate='tanh') (only the exact erf form)")
+            return self.activation(node, kind, a(0, "input"))
+        if fn in _DROPOUT_FUNCTIONS:
+            if a(2, "training", True):
+                raise self.fail(node, "dropout with training=True")
+            return _Tensor(self.tensor(node, a(0, "input")))
+        if fn is F.linear:
+            weight, bias = a(1, "weight"), a(2, "bias")
+            if not isinstance(weight, _Param) or not (bias is None or isinstance(bias, _Param)):
+                raise self.fail(node, "F.linear needs a weight (and bias) that are parameters of the model")
+            if weight.tensor.dim() != 2:
+                raise self.fail(node, f"F.linear with a {weight.tensor.dim()}-D weight")
+            key = self._param_pairs.setdefault((id(weight.tensor), id(getattr(bias, "tensor", None))),
+                                               (weight.tensor, None if bias is None else bias.tensor))
+            weight_node = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+            return self.lower_linear(node, key, relu=False, path=weight_node.target)
+        if fn is torch.flatten:
+            return self.flatten(node, a(0, "input"), a(1, "start_dim", 0), a(2, "end_dim", -1))
+        if fn is torch.reshape:
+            return self.view(node, a(0, "input"), [a(1, "shape")])
+        if fn in (F.softmax, torch.softmax):
+            return self.softmax(node, a(0, "input"), a(1, "dim"), a(3 if fn is F.softmax else 2, "dtype"))
+        if fn is F.layer_norm:
+            return self.layernorm(node, a(0, "input"), a(1, "normalized_shape"), a(2, "weight"), a(3, "bias"),
+                                  a(4, "eps", 1e-5))
+        if fn is F.max_pool2d:
+            return self.pool(node, True, a(0, "input"), a(1, "kernel_size"), a(2, "stride"), a(3, "padding", 0),
+                             a(4, "dilation", 1), a(5, "ceil_mode", False),
+                             return_indices=a(6, "return_indices", False))
+        if fn is F.avg_pool2d:
+            return self.pool(node, False, a(0, "input"), a(1, "kernel_size"), a(2, "stride"), a(3, "padding", 0), 1,
+                             a(4, "ceil_mode", False), a(5, "count_include_pad", True), a(6, "divisor_override"))
+        if fn is F.adaptive_avg_pool2d:
+            return self.adaptive_avgpool(node, a(0, "input"), a(1, "output_size"))
+        if fn is torch.mean:
+            return self.mean(node, a(0, "input"), a(1, "dim"), a(2, "keepdim", False), a(3, "dtype"))
+        if fn is getattr and len(node.args) == 2 and node.args[1] == "shape":
+            return self.size(node, a(0, "obj"))
+        if fn is operator.getitem:
+            container = a(0, "a")
+            if isinstance(container, tuple) and isinstance(node.args[1], int):
+                return container[node.args[1]]
+            raise self.fail(node, "indexing or slicing a tensor")
+        raise self.fail(node, "the executor has no op for it")
+
+    def lower_method(self, node: fx.Node) -> Any:
+        name = node.target
+        a = lambda i, key, default=None: self.arg(node, i, key, default)  # noqa: E731
+        if name == "size":
+            return self.size(node, a(0, "self"), a(1, "dim"))
+        if name == "dim":
+            return len(self.shape_of(self.tensor(node, a(0, "self")))) + 1
+        if name in ("view", "reshape"):
+            if node.kwargs:
+                raise self.fail(node, "keyword arguments to view/reshape")
+            sizes = [self.arg(node, i, "") for i in range(1, len(node.args))]
+            return self.view(node, a(0, "self"), sizes)
+        if name == "flatten":
+            return self.flatten(node, a(0, "self"), a(1, "start_dim", 0), a(2, "end_dim", -1))
+        if name == "contiguous":
+            return _Tensor(self.tensor(node, a(0, "self")))
+        if name in _ACTIVATION_METHODS:
+            return self.activation(node, _ACTIVATION_METHODS[name], a(0, "self"))
+        if name == "softmax":
+            return self.softmax(node, a(0, "self"), a(1, "dim"), a(2, "dtype"))
+        if name in ("add", "mul"):
+            return self.binary(node, name)
+        if name == "mean":
+            return self.mean(node, a(0, "self"), a(1, "dim"), a(2, "keepdim", False), a(3, "dtype"))
+        raise self.fail(node, "the executor has no op for it")
+
+
+def _small_indices(indices: np.ndarray) -> np.ndarray:
+    """Column indices / taps as int32 when they fit (always, for real layers): the file then
+    stores 8 bytes per nonzero instead of 12, 20% of the dense weight at 90% sparsity."""
+    indices = np.asarray(indices)
+    if indices.size == 0 or int(indices.max()) < 2**31:
+        return np.ascontiguousarray(indices, dtype=np.int32)
+    return np.ascontiguousarray(indices, dtype=np.int64)
+
+
+def _fuse_activations(
+    buffers: List[Dict[str, Any]], ops: List[Dict[str, Any]], outputs: Sequence[int]
+) -> List[Dict[str, Any]]:
+    """An activation op whose input only it reads, written by a linear/conv/add/mul without an
+    activation, becomes that op's activation (one pass over the output instead of two)."""
+    aliased = {b["alias_of"] for b in buffers if b["alias_of"] is not None}
+    readers: Dict[int, int] = {}
+    for op in ops:
+        for key in ("in", "a", "b"):
+            if key in op:
+                readers[op[key]] = readers.get(op[key], 0) + 1
+    producer = {op["out"]: op for op in ops}
+    kept = []
+    for op in ops:
+        if op["op"] == "activation":
+            src = op["in"]
+            prod = producer.get(src)
+            if (prod is not None and prod["op"] in ("linear", "conv2d", "add", "mul") and prod.get("activation") is None
+                    and readers.get(src) == 1 and src not in aliased and src not in outputs
+                    and buffers[src]["alias_of"] is None):
+                prod["activation"] = op["kind"]
+                prod["out"] = op["out"]
+                producer[op["out"]] = prod
+                continue
+        kept.append(op)
+    return kept
+
+
+def _compact(buffers, ops, inputs, outputs):
+    """Drop buffers nothing refers to and renumber the rest (order kept: aliases stay after
+    their targets)."""
+    used = set(inputs) | set(outputs)
+    for op in ops:
+        used.update(op[k] for k in ("in", "a", "b", "out") if k in op)
+    for i in range(len(buffers) - 1, -1, -1):  # the buffers an alias views must exist too
+        if i in used and buffers[i]["alias_of"] is not None:
+            used.add(buffers[i]["alias_of"])
+    new_id = {old: new for new, old in enumerate(sorted(used))}
+    new_buffers = []
+    for old in sorted(used):
+        b = dict(buffers[old])
+        if b["alias_of"] is not None:
+            b["alias_of"] = new_id[b["alias_of"]]
+        new_buffers.append(b)
+    for op in ops:
+        for k in ("in", "a", "b", "out"):
+            if k in op:
+                op[k] = new_id[op[k]]
+    return new_buffers, ops, [new_id[b] for b in inputs], [new_id[b] for b in outputs]
+
+
+def _copy_model(model: nn.Module) -> nn.Module:
+    """model_copy.deepcopy_model, sharing the native packed weights of already converted layers
+    (immutable, and not copyable)."""
+    memo = {}
+    for m in model.modules():
+        if isinstance(m, (SparseLinear, SparseConv2d)):
+            memo[id(m.packed)] = m.packed
+    saved = []
+    for module in model.modules():  # non-leaf weights of torch.nn.utils.prune (see deepcopy_model)
+        for key, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                saved.append((module, key, value))
+                setattr(module, key, value.detach())
+    try:
+        return copy.deepcopy(model, memo)
+    finally:
+        for module, key, value in saved:
+            setattr(module, key, value)
+
+
+def _as_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise TypeError("example_inputs must be a tensor or a non-empty tuple of input tensors, e.g. (x,)")
+    for k, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"example_inputs[{k}] must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise TypeError(f"example_inputs[{k}] must be a float32 CPU tensor, got {x.dtype} on {x.device}")
+        if x.dim() < 2 or x.shape[0] < 1:
+            raise ValueError(f"example_inputs[{k}] must have a batch dimension of at least 1 plus one more "
+                             f"dimension, got shape {tuple(x.shape)}")
+    batches = {int(x.shape[0]) for x in example_inputs}
+    if len(batches) != 1:
+        raise ValueError(f"example_inputs must share one batch size, got {sorted(batches)}")
+    return tuple(x.detach() for x in example_inputs)
+
+
+def _model_outputs(result) -> List[np.ndarray]:
+    items = list(result) if isinstance(result, (tuple, list)) else [result]
+    if not all(isinstance(t, torch.Tensor) for t in items):
+        raise UnsupportedOperation(f"the model returns {type(result).__name__}: outputs must be a tensor or a "
+                                   f"tuple/list of tensors. {_CONVERT_HINT}")
+    return [t.detach().cpu().numpy() for t in items]
+
+
+def verify(executable: Executable, example_inputs: Sequence[torch.Tensor], expected: Sequence[np.ndarray]) -> float:
+    """Run `executable` on the example inputs; raise VerificationError unless every output is
+    within fp32 tolerance of `expected`. Returns the largest absolute difference."""
+    got = executable.run(*[x.contiguous().numpy() for x in example_inputs])
+    got = list(got) if isinstance(got, tuple) else [got]
+    worst = 0.0
+    for k, (y, ref) in enumerate(zip(got, expected)):
+        if y.shape != ref.shape:
+            raise VerificationError(f"output {k} has shape {y.shape}, the model's has {ref.shape}")
+        diff = np.abs(y.astype(np.float64) - ref.astype(np.float64))
+        scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
+        bad = ~(diff <= ATOL_SCALE * scale + RTOL * np.abs(ref))
+        if bad.any():
+            raise VerificationError(
+                f"output {k} differs from the model beyond fp32 tolerance: max |diff| = {float(np.nanmax(diff)):.3g} "
+                f"at {int(bad.sum())} of {bad.size} entries (scale {scale:.3g}); please report this as a bug"
+            )
+        worst = max(worst, float(diff.max()) if diff.size else 0.0)
+    return worst
+
+
+def compile(
+    model: nn.Module,
+    example_inputs,
+    *,
+    policy: str = "measure",
+    num_threads: Optional[int] = None,
+    check: bool = True,
+) -> Executable:
+    """Lower `model` to one native Executable that runs the whole network in a single call.
+
+    example_inputs: a tensor or tuple of float32 tensors [batch, ...] (batch >= 1) used to trace
+    shapes and to check the result; the executable then takes any batch size. BatchNorm2d after a
+    Conv2d is folded in, activations are fused into the layer producing their input, pruned
+    layers are read through their effective (masked) weights, and every Linear/Conv2d is packed
+    sparse (a dense layer is stored with all its entries). policy="measure" (default) times CSR
+    against the block-sparse formats that fit each Linear on this machine; "threshold" packs CSR
+    without timing. num_threads: the executable's intra-op threads (default: torch's count).
+
+    Raises UnsupportedOperation (a ValueError) naming the op and the module path when the model
+    uses something the executor does not run (sparseprune.convert still works then), and
+    VerificationError when check=True and the executable does not reproduce the model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    threads = resolve_threads(num_threads)  # validates num_threads
+    inputs = _as_inputs(example_inputs)
+    batch = int(inputs[0].shape[0])
+
+    work = _copy_model(model).eval()
+    if _Tracer().is_leaf_module(work, ""):  # a single layer: fx would trace into its forward
+        work = nn.Sequential(work)
+    if is_pruned(work):
+        remove(work)  # the effective (masked) weights become the plain weights of the copy
+    with torch.no_grad():
+        expected = _model_outputs(work(*inputs))
+        prepare_fusions(work)
+        try:
+            graph = _Tracer().trace(work)
+        except Exception as exc:
+            raise UnsupportedOperation(
+                f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}. {_CONVERT_HINT}"
+            ) from exc
+        gm = fx.GraphModule(work, graph, type(work).__name__)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        try:
+            ShapeProp(gm).propagate(*inputs)
+        except Exception as exc:
+            raise UnsupportedOperation(
+                f"the torch.fx trace of {type(model).__name__} does not run on example_inputs "
+                f"({type(exc).__name__}: {exc}). {_CONVERT_HINT}"
+            ) from exc
+
+    lowering = _Lowering(gm, batch, policy, threads)
+    lowering.lower()
+    if not lowering.ops:
+        raise UnsupportedOperation(
+            f"{type(model).__name__} computes nothing the executor runs (no ops). {_CONVERT_HINT}")
+    ops = _fuse_activations(lowering.buffers, lowering.ops, lowering.outputs)
+    buffers, ops, ins, outs = _compact(lowering.buffers, ops, lowering.inputs, lowering.outputs)
+    for op in ops:
+        if op.get("activation", "x") is None:
+            del op["activation"]
+    spec = {
+        "format": SPEC_FORMAT,
+        "version": SPEC_VERSION,
+        "buffers": buffers,
+        "inputs": ins,
+        "outputs": outs,
+        "ops": ops,
+        "metadata": {
+            "producer": f"sparseprune {getattr(sys.modules.get('sparseprune'), '__version__', 'unknown')}",
+            "model": type(model).__name__,
+            "policy": policy,
+            "example_batch": batch,
+            "layers": lowering.layers,
+        },
+    }
+    executable = Executable.from_spec(spec, lowering.arrays, n_threads=num_threads)
+    if check:
+        verify(executable, inputs, expected)
+    return executable

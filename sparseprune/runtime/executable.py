@@ -1,0 +1,278 @@
+"""Executable: a whole model as one native plan, with a one-file format and strict input checks.
+
+The file is a safetensors file: the weight arrays as tensors plus the JSON spec in the header's
+metadata under "sparseprune_spec". Loading parses JSON and raw little-endian arrays only (no
+pickle, no code), validates the whole spec in Python (spec.validate) and then again natively,
+so a truncated, corrupted or hostile file ends in a ValueError.
+
+numpy only: this module must not import torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from types import MappingProxyType
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from sparseprune._native import _C
+from sparseprune.config import resolve_threads
+from sparseprune.runtime.spec import SPEC_FORMAT, SpecError, validate
+
+SPEC_KEY = "sparseprune_spec"  # safetensors metadata key holding the JSON spec
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _check_threads(n_threads: Optional[int], what: str = "n_threads") -> Optional[int]:
+    if n_threads is None:
+        return None
+    if not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < 1:
+        raise ValueError(f"{what} must be None or a positive int, got {n_threads!r}")
+    return n_threads
+
+
+class Executable:
+    """A compiled model: run(*inputs) executes every op in one native call with the GIL released.
+
+    Build one with sparseprune.compile(model, example_inputs), Executable.from_spec(spec, arrays)
+    or sparseprune.runtime.load(path). One Executable may be shared by many threads: each call
+    gets its own scratch buffers. Inputs are float32 numpy arrays [batch, *input_shapes[k]], any
+    batch size (including 0 and 1).
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("use sparseprune.compile(), Executable.from_spec() or sparseprune.runtime.load()")
+
+    @classmethod
+    def from_spec(cls, spec: Union[Mapping[str, Any], str], arrays: Mapping[str, np.ndarray], *,
+                  n_threads: Optional[int] = None) -> "Executable":
+        """Validate `spec` (a dict or its JSON text) with its weight `arrays` and build the plan.
+
+        Raises SpecError (a ValueError) naming the bad field, or TypeError for an array of the
+        wrong type or dtype."""
+        if isinstance(spec, (str, bytes)):
+            spec = _parse_json(spec, "spec")
+        layout = validate(spec, arrays)
+        # Only the arrays the ops use (validate refuses others), contiguous, owned by us.
+        owned = {name: np.ascontiguousarray(arrays[name]) for name in sorted(layout.used_arrays)}
+        try:
+            spec_json = json.dumps(layout.spec, allow_nan=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:  # metadata holding a non-JSON value
+            raise SpecError(f"spec.metadata must hold only JSON values: {exc}") from None
+        plan = _C.Plan(spec_json, owned)
+        self = object.__new__(cls)
+        self._layout = layout
+        self._arrays = owned
+        self._spec_json = spec_json
+        self._plan = plan
+        self._n_threads = _check_threads(n_threads)
+        return self
+
+    # --- running -------------------------------------------------------------------------------
+
+    def run(self, *inputs: np.ndarray, n_threads: Optional[int] = None):
+        """The outputs for `inputs` (float32 numpy arrays, one per model input): one array when
+        the model has one output, else a tuple. n_threads overrides the executable's setting."""
+        layout = self._layout
+        if len(inputs) != len(layout.input_shapes):
+            want = ", ".join(f"{n} {_batch_shape(s)}" for n, s in zip(layout.input_names, layout.input_shapes))
+            raise ValueError(f"expected {len(layout.input_shapes)} input(s) [{want}], got {len(inputs)}")
+        arrays = []
+        batch = None
+        for name, shape, x in zip(layout.input_names, layout.input_shapes, inputs):
+            if not isinstance(x, np.ndarray):
+                hint = " (call .numpy() on a torch tensor)" if hasattr(x, "numpy") else ""
+                raise TypeError(
+                    f"{name} must be a float32 numpy array of shape {_batch_shape(shape)}, got {type(x).__name__}{hint}"
+                )
+            if x.dtype != np.float32:
+                raise TypeError(f"{name} must be float32, got {x.dtype} (expected shape {_batch_shape(shape)})")
+            if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+                raise ValueError(f"{name} must have shape {_batch_shape(shape)}, got {tuple(x.shape)}")
+            if batch is not None and x.shape[0] != batch:
+                raise ValueError(
+                    f"{name} has batch size {x.shape[0]}, but input 0 has {batch}: all inputs share the batch")
+            batch = x.shape[0]
+            arrays.append(np.ascontiguousarray(x))
+        threads = _check_threads(n_threads) or self._n_threads
+        outs = self._plan.run(arrays, resolve_threads(threads))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    __call__ = run
+
+    @property
+    def n_threads(self) -> Optional[int]:
+        """Intra-op threads for run(); None = torch's thread count when torch is loaded, else
+        OpenMP's default. Set per executable."""
+        return self._n_threads
+
+    @n_threads.setter
+    def n_threads(self, value: Optional[int]) -> None:
+        self._n_threads = _check_threads(value)
+
+    # --- description ---------------------------------------------------------------------------
+
+    @property
+    def input_shapes(self) -> Tuple[Tuple[int, ...], ...]:
+        """Per-sample shapes of the inputs (the batch dimension comes first at run time)."""
+        return self._layout.input_shapes
+
+    @property
+    def output_shapes(self) -> Tuple[Tuple[int, ...], ...]:
+        return self._layout.output_shapes
+
+    @property
+    def spec(self) -> Dict[str, Any]:
+        """A copy of the canonical spec (a JSON-compatible dict)."""
+        return json.loads(self._spec_json)
+
+    @property
+    def spec_json(self) -> str:
+        return self._spec_json
+
+    @property
+    def arrays(self) -> Mapping[str, np.ndarray]:
+        """The weight arrays by name (read-only view; the plan holds its own packed copy)."""
+        return MappingProxyType(self._arrays)
+
+    @property
+    def metadata(self) -> Dict[str, Any]:
+        return dict(self.spec.get("metadata", {}))
+
+    @property
+    def n_ops(self) -> int:
+        return len(self._layout.spec["ops"])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all weight arrays (what the file stores, without its small JSON header)."""
+        return int(sum(a.nbytes for a in self._arrays.values()))
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes the same weights take as dense float32 tensors (weights, biases, norm params)."""
+        total = 0
+        for op in self._layout.spec["ops"]:
+            w = op.get("weight")
+            if op["op"] == "linear":
+                total += op["rows"] * op["cols"] * 4
+            elif op["op"] == "conv2d":
+                kh, kw = op["kernel"]
+                total += op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw * 4
+            for part in ("bias", "gamma", "beta"):
+                a = self._arrays.get(f"{w}.{part}")
+                total += 0 if a is None else a.nbytes
+        return total
+
+    def layer_table(self) -> List[Dict[str, Any]]:
+        """One row per weighted op: name, op, format, stored nonzeros and sparsity."""
+        rows = []
+        for i, op in enumerate(self._layout.spec["ops"]):
+            if op["op"] not in ("linear", "conv2d"):
+                continue
+            w = op["weight"]
+            if op["op"] == "linear":
+                total = op["rows"] * op["cols"]
+                fmt = "csr" if op["format"] == "csr" else "bsr{}x{}".format(*op["block"])
+                nnz = int(np.count_nonzero(self._arrays[f"{w}.values"]))
+            else:
+                kh, kw = op["kernel"]
+                total = op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw
+                fmt = "sparse-conv"
+                nnz = int(np.count_nonzero(self._arrays[f"{w}.values"]))
+            rows.append({"index": i, "name": op.get("name", w), "op": op["op"], "format": fmt, "nnz": nnz,
+                         "sparsity": 1.0 - nnz / total if total else 0.0, "activation": op.get("activation")})
+        return rows
+
+    def __repr__(self) -> str:
+        ins = ", ".join(_batch_shape(s) for s in self.input_shapes)
+        outs = ", ".join(_batch_shape(s) for s in self.output_shapes)
+        return (f"Executable(inputs=[{ins}], outputs=[{outs}], ops={self.n_ops}, "
+                f"weights={self.nbytes / 1e6:.2f} MB ({self.nbytes / max(self.dense_nbytes, 1):.0%} of dense), "
+                f"n_threads={self._n_threads})")
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def save(self, path: PathLike) -> int:
+        """Write the executable to one safetensors file (replaced atomically); returns its size
+        in bytes. Load it back with sparseprune.runtime.load (no torch needed)."""
+        from safetensors.numpy import save_file
+
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".sparseprune-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            save_file(dict(self._arrays), tmp, metadata={SPEC_KEY: self._spec_json, "format": SPEC_FORMAT})
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return os.path.getsize(path)
+
+    # Executables hold a native plan; copying or pickling one is not supported (save/load it).
+    def __reduce__(self):
+        raise TypeError("an Executable cannot be pickled: use .save(path) and sparseprune.runtime.load(path)")
+
+
+def _batch_shape(shape: Sequence[int]) -> str:
+    return "(batch" + "".join(f", {d}" for d in shape) + ")"
+
+
+def _parse_json(text: Union[str, bytes], what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int too long, nesting too deep
+        raise SpecError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+
+
+def load(path: PathLike, *, n_threads: Optional[int] = None) -> Executable:
+    """Read an executable written by Executable.save. Needs numpy and the native extension only.
+
+    Everything in the file is checked before use; a file that is not a valid executable
+    (truncated, corrupted, from a newer version, hostile) raises ValueError (SpecError). A
+    missing file raises FileNotFoundError, an unreadable one PermissionError."""
+    from safetensors import safe_open
+
+    n_threads = _check_threads(n_threads)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such file: {path!r}")
+        raise ValueError(f"{path!r} is not a file")
+    # Reading an untrusted file: any failure of the safetensors parser is a bad file.
+    try:
+        with safe_open(path, framework="np") as f:
+            meta = f.metadata() or {}
+            spec_text = meta.get(SPEC_KEY)
+            if not isinstance(spec_text, str):
+                raise SpecError(
+                    f"{path!r} is a safetensors file but not a sparseprune executable (no {SPEC_KEY!r} metadata)")
+            spec = _parse_json(spec_text, f"the spec in {path!r}")
+            arrays = {name: f.get_tensor(name) for name in f.keys()}
+    except (SpecError, PermissionError):
+        raise
+    except Exception as exc:  # SafetensorError, unsupported dtypes, ...
+        raise SpecError(f"{path!r} is not a valid executable file: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    try:
+        return Executable.from_spec(spec, arrays, n_threads=n_threads)
+    except Exception as exc:  # whatever a hostile spec triggers, the caller gets one clean error
+        raise SpecError(f"{path!r} is not a valid executable: {str(exc)[:1000]}") from exc
+
+
+def file_size(path: PathLike) -> int:
+    """Size of a saved executable in bytes."""
+    return os.path.getsize(os.fspath(path))
+
+
+def weight_bytes_ratio(executable: Executable) -> float:
+    """Stored weight bytes / dense float32 weight bytes (the issue's file-size target is <= 0.25
+    at 90% sparsity)."""
+    return executable.nbytes / max(executable.dense_nbytes, 1)
+
+
+__all__ = ["Executable", "load", "file_size", "weight_bytes_ratio", "SPEC_KEY"]

@@ -1,0 +1,143 @@
+"""A slow, obviously correct numpy executor for executable specs: the reference the native plan is
+tested against. It densifies every weight and runs each op with plain numpy; use it for tests and
+for debugging a spec, never for speed. numpy only (no torch).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Sequence
+
+import numpy as np
+
+from sparseprune.runtime.spec import PlanLayout, validate
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def activate(x: np.ndarray, kind) -> np.ndarray:
+    x = x.astype(np.float64)
+    if kind is None:
+        y = x
+    elif kind == "relu":
+        y = np.maximum(x, 0.0)
+    elif kind == "relu6":
+        y = np.clip(x, 0.0, 6.0)
+    elif kind == "gelu":
+        y = 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+    elif kind == "silu":
+        y = x / (1.0 + np.exp(-x))
+    elif kind == "sigmoid":
+        y = 1.0 / (1.0 + np.exp(-x))
+    elif kind == "tanh":
+        y = np.tanh(x)
+    elif kind == "hardswish":
+        y = x * np.clip(x + 3.0, 0.0, 6.0) / 6.0
+    else:
+        raise ValueError(f"unknown activation {kind!r}")
+    return y.astype(np.float32)
+
+
+def dense_linear_weight(op: Mapping, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The dense [rows, cols] matrix a linear op's csr/bsr arrays hold."""
+    w, (r, c), rows, cols = op["weight"], op["block"], op["rows"], op["cols"]
+    indptr, indices, values = arrays[f"{w}.indptr"], arrays[f"{w}.indices"], arrays[f"{w}.values"]
+    nbr, nbc = -(-rows // r), -(-cols // c)
+    blocks = np.zeros((nbr, nbc, c, r), dtype=np.float32)  # column-major inside a block
+    block_row = np.repeat(np.arange(nbr), np.diff(indptr))
+    blocks[block_row, indices] = values.reshape(-1, c, r)
+    return blocks.transpose(0, 3, 1, 2).reshape(nbr * r, nbc * c)[:rows, :cols]
+
+
+def dense_conv_weight(op: Mapping, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The dense [out, in/groups, kh, kw] filter bank a conv2d op's arrays hold."""
+    w, (kh, kw) = op["weight"], op["kernel"]
+    cout, cin_g = op["out_channels"], op["in_channels"] // op["groups"]
+    row_ptr, taps, values = arrays[f"{w}.row_ptr"], arrays[f"{w}.taps"], arrays[f"{w}.values"]
+    flat = np.zeros((cout, cin_g * kh * kw), dtype=np.float32)
+    flat[np.repeat(np.arange(cout), np.diff(row_ptr)), taps] = values
+    return flat.reshape(cout, cin_g, kh, kw)
+
+
+def _conv2d(x: np.ndarray, weight: np.ndarray, op: Mapping) -> np.ndarray:
+    (sh, sw), (ph, pw), (dh, dw), g = op["stride"], op["padding"], op["dilation"], op["groups"]
+    n, cin, h, wd = x.shape
+    cout, cin_g, kh, kw = weight.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((n, cout, oh, ow))
+    cout_g = cout // g
+    for gi in range(g):
+        xs = xp[:, gi * cin_g:(gi + 1) * cin_g]
+        ws = weight[gi * cout_g:(gi + 1) * cout_g].astype(np.float64)
+        for i in range(kh):
+            for j in range(kw):
+                patch = xs[:, :, i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
+                out[:, gi * cout_g:(gi + 1) * cout_g] += np.einsum("nchw,oc->nohw", patch, ws[:, :, i, j])
+    return out
+
+
+def _pool(x: np.ndarray, op: Mapping, is_max: bool) -> np.ndarray:
+    (kh, kw), (sh, sw), (ph, pw) = op["kernel"], op["stride"], op["padding"]
+    n, c, h, w = x.shape
+    fill = -np.inf if is_max else 0.0
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    windows = [xp[:, :, i: i + sh * (oh - 1) + 1: sh, j: j + sw * (ow - 1) + 1: sw]
+               for i in range(kh) for j in range(kw)]
+    stacked = np.stack(windows)
+    return stacked.max(axis=0) if is_max else stacked.sum(axis=0) / (kh * kw)  # count_include_pad
+
+
+def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """Run `spec` on `inputs` (each [batch, *per-sample shape]) with plain numpy."""
+    layout: PlanLayout = validate(spec, arrays)
+    if len(inputs) != len(layout.input_shapes):
+        raise ValueError(f"expected {len(layout.input_shapes)} inputs, got {len(inputs)}")
+    batch = inputs[0].shape[0]
+    storage: Dict[int, np.ndarray] = {}
+
+    def read(b: int) -> np.ndarray:
+        return storage[layout.roots[b]].reshape((batch,) + layout.shapes[b])
+
+    def write(b: int, value: np.ndarray) -> None:
+        storage[layout.roots[b]] = np.asarray(value, dtype=np.float32).reshape(batch, -1).copy()
+
+    for b, x in zip(layout.spec["inputs"], inputs):
+        write(b, x)
+    for op in layout.spec["ops"]:
+        kind = op["op"]
+        if kind == "linear":
+            x = read(op["in"]).astype(np.float64)
+            y = x @ dense_linear_weight(op, arrays).T.astype(np.float64)
+            bias = arrays.get(f"{op['weight']}.bias")
+            if bias is not None:
+                y = y + bias
+            write(op["out"], activate(y, op["activation"]))
+        elif kind == "conv2d":
+            y = _conv2d(read(op["in"]), dense_conv_weight(op, arrays), op)
+            bias = arrays.get(f"{op['weight']}.bias")
+            if bias is not None:
+                y = y + bias.reshape(1, -1, 1, 1)
+            write(op["out"], activate(y, op["activation"]))
+        elif kind == "activation":
+            write(op["out"], activate(read(op["in"]), op["kind"]))
+        elif kind in ("add", "mul"):
+            a, b = read(op["a"]).astype(np.float64), read(op["b"]).astype(np.float64)
+            write(op["out"], activate(a + b if kind == "add" else a * b, op["activation"]))
+        elif kind in ("maxpool2d", "avgpool2d"):
+            write(op["out"], _pool(read(op["in"]), op, kind == "maxpool2d"))
+        elif kind == "global_avgpool":
+            write(op["out"], read(op["in"]).astype(np.float64).mean(axis=(2, 3)))
+        elif kind == "softmax":
+            x = read(op["in"]).astype(np.float64)
+            e = np.exp(x - x.max(axis=-1, keepdims=True))
+            write(op["out"], e / e.sum(axis=-1, keepdims=True))
+        elif kind == "layernorm":
+            x = read(op["in"]).astype(np.float64)
+            mean, var = x.mean(axis=-1, keepdims=True), x.var(axis=-1, keepdims=True)
+            gamma, beta = arrays[f"{op['weight']}.gamma"], arrays[f"{op['weight']}.beta"]
+            write(op["out"], (x - mean) / np.sqrt(var + op["eps"]) * gamma + beta)
+        else:  # pragma: no cover - validate() refuses unknown ops
+            raise ValueError(f"unknown op {kind!r}")
+    return [read(b).copy() for b in layout.spec["outputs"]]

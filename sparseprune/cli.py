@@ -1,5 +1,9 @@
-"""The `sparseprune` command: `bench` (dense vs converted timing), `info` (build facts), `demo`,
-`compare` (every pruning method, measured).
+"""The `sparseprune` command: `bench` (dense vs converted timing, or a saved executable's timing),
+`compile` (a model to one native executable file), `run` (a saved executable on .npy inputs),
+`info` (build facts), `demo`, `compare` (every pruning method, measured).
+
+`run` and `bench EXECUTABLE` import only numpy and sparseprune.runtime (never torch), like
+importing this module itself: torch is imported inside the commands that need it.
 
 `main(argv)` returns the exit status instead of exiting, so it can be called from tests; bad
 arguments still exit through argparse (status 2, message naming the option).
@@ -48,34 +52,78 @@ def _sparsity(text: str) -> float:
 
 
 # --------------------------------------------------------------------------------------- bench
-def _add_bench(subparsers) -> None:
+_DEFAULT_BENCH_MODEL = "bert-ffn"
+_DEFAULT_SPARSITY = 0.9
+_DEFAULT_POLICY = "measure"
+
+
+def _model_name(text: str) -> str:
+    # Checked when given (not through `choices`), so building the parser never imports torch.
     from sparseprune.bench.models import available_models
 
+    names = available_models()
+    if text not in names:
+        raise argparse.ArgumentTypeError(f"unknown model {text!r} (choose from {', '.join(names)})")
+    return text
+
+
+def _model_help(prefix: str, want_help: bool) -> str:
+    if not want_help:  # listing the models imports torch: only for --help
+        return prefix
+    from sparseprune.bench.models import available_models
+
+    return f"{prefix}; one of: {', '.join(available_models())}"
+
+
+def _add_bench(subparsers, want_help: bool = False) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="prune a built-in model, convert it, time dense vs sparse",
+        help="prune a built-in model, convert it, time dense vs sparse; or time a saved executable",
         description=(
-            "Magnitude-prune every Linear of a built-in model to --sparsity, convert it with "
-            "sparseprune.convert, check the output against dense, then time torch eager dense "
-            "and the converted model round-robin at each thread count and batch size."
+            "With --model: magnitude-prune every Linear and Conv2d of a built-in model to --sparsity, "
+            "convert it with sparseprune.convert, check the output against dense, then time torch eager "
+            "dense and the converted model round-robin at each thread count and batch size. "
+            "With an EXECUTABLE (a file written by `sparseprune compile`): time its run() on random "
+            "inputs at each thread count and batch size, without importing torch."
         ),
     )
-    p.add_argument("--model", default="bert-ffn", choices=available_models(), help="built-in model (default: bert-ffn)")
-    p.add_argument("--sparsity", type=_sparsity, default=0.9, help="fraction of each Linear weight pruned (default: 0.9)")
+    p.add_argument(
+        "executable", nargs="?", metavar="EXECUTABLE",
+        help="a saved executable to time instead of a built-in model (no torch needed)",
+    )
+    p.add_argument(
+        "--model", type=_model_name, metavar="NAME",
+        help=_model_help(f"built-in model (default: {_DEFAULT_BENCH_MODEL})", want_help),
+    )
+    p.add_argument(
+        "--sparsity", type=_sparsity,
+        help=f"fraction of each layer's weight pruned (default: {_DEFAULT_SPARSITY}; --model only)",
+    )
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 64], metavar="N,N,...", help="default: 1,8,64")
     p.add_argument("--threads", type=_int_list, default=[1, 2], metavar="N,N,...", help="default: 1,2")
     p.add_argument("--repeats", type=_bounded_int(1), default=30, help="timed rounds per case (default: 30)")
     p.add_argument("--warmup", type=_bounded_int(0), default=5, help="untimed rounds first (default: 5)")
     p.add_argument(
-        "--policy", choices=("measure", "threshold"), default="measure",
-        help="convert() kernel choice (default: measure, at the first thread count)",
+        "--policy", choices=("measure", "threshold"),
+        help=f"convert() kernel choice (default: {_DEFAULT_POLICY}, at the first thread count; --model only)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the model weights and inputs (default: 0)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON to PATH ('-': print JSON instead of the table)")
-    p.set_defaults(func=_run_bench)
+    p.set_defaults(func=_run_bench, parser=p)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    if args.executable is not None:
+        given = [opt for opt, value in (("--model", args.model), ("--sparsity", args.sparsity),
+                                        ("--policy", args.policy)) if value is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            args.parser.error(f"{', '.join(given)} {verb} to a built-in model, not to an EXECUTABLE")
+        return _run_bench_executable(args)
+    args.model = _DEFAULT_BENCH_MODEL if args.model is None else args.model
+    args.sparsity = _DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
+    args.policy = _DEFAULT_POLICY if args.policy is None else args.policy
+
     from sparseprune.bench import benchmark, build_model, describe_model
 
     model, input_shape = build_model(args.model, seed=args.seed)
@@ -123,6 +171,415 @@ def _run_bench(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"sparseprune bench: error: cannot write --json {args.json}: {exc}", file=sys.stderr)
             return 1
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+# --------------------------------------------------------------------------- executables (issue 5)
+# compile imports torch (inside _run_compile); run and bench EXECUTABLE import numpy and
+# sparseprune.runtime only, so they work where torch is not installed.
+def _shape(text: str) -> tuple:
+    try:
+        values = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated shape such as 3,224,224, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"every dimension must be >= 1, got {text!r}")
+    return values
+
+
+def _one_line(exc: BaseException, limit: int = 500) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"sparseprune {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _batch_shape(shape: Sequence[int]) -> str:
+    return "(batch" + "".join(f", {d}" for d in shape) + ")"
+
+
+def _load_executable(command: str, path: str, n_threads: Optional[int] = None):
+    """(executable, None), or (None, exit status) after printing why the file cannot be used."""
+    from sparseprune.runtime import load
+
+    try:
+        return load(path, n_threads=n_threads), None
+    except (OSError, ValueError) as exc:  # missing/unreadable file; SpecError: not an executable
+        return None, _fail(command, _one_line(exc))
+
+
+def _add_compile(subparsers, want_help: bool = False) -> None:
+    p = subparsers.add_parser(
+        "compile",
+        help="compile a model (built-in or your own file) to one native executable file",
+        description=(
+            "Compile a model with sparseprune.compile and save the executable (one safetensors file, "
+            "loaded with `sparseprune run`, `sparseprune bench EXECUTABLE` or sparseprune.load, "
+            "without torch). A built-in --model is first magnitude-pruned per layer (every Linear and "
+            "Conv2d, as `sparseprune bench` does). --model-file imports your Python file and calls the "
+            "factory in it: this runs that file's code, so only use files you trust (your own model "
+            "definition). --weights are read with safetensors (no pickle)."
+        ),
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=_model_name, metavar="NAME", help=_model_help("a built-in model", want_help))
+    source.add_argument(
+        "--model-file", metavar="FILE.py:FACTORY",
+        help="a Python file and the function in it that returns the nn.Module (runs that file's code)",
+    )
+    p.add_argument("--weights", metavar="FILE.safetensors",
+                   help="state_dict of plain weights for --model-file's model (safetensors.torch.load_file, strict "
+                        "keys; make pruning permanent with prune.remove before saving)")
+    p.add_argument(
+        "--sparsity", type=_sparsity,
+        help=f"per-layer L1 magnitude pruning of every Linear and Conv2d to this fraction (default: "
+             f"{_DEFAULT_SPARSITY} for --model; none for --model-file, whose weights are used as they are)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the built-in model's weights and the example inputs "
+                                                       "(default: 0)")
+    p.add_argument(
+        "--input-shape", type=_shape, action="append", metavar="D,D,...",
+        help="shape of one sample of an input, without the batch dimension, e.g. 3,224,224; once per model "
+             "input, in order (default: the built-in model's; required with --model-file)",
+    )
+    p.add_argument("--batch", type=_bounded_int(1), default=1,
+                   help="batch size of the example inputs (default: 1; the executable runs any batch)")
+    p.add_argument("--policy", choices=("measure", "threshold"), default="measure",
+                   help="measure: time the candidate kernels per layer on this machine; threshold: by sparsity "
+                        "alone, faster (default: measure)")
+    p.add_argument("--threads", type=_bounded_int(1), default=None,
+                   help="threads used to time kernels and verify (default: torch's count; not stored in the file)")
+    p.add_argument("-o", "--output", required=True, metavar="PATH", help="where to write the executable")
+    p.set_defaults(func=_run_compile, parser=p)
+
+
+def _load_model_file(spec: str):
+    """Import the user's file and call its factory (their own code, run on purpose)."""
+    import importlib.util
+    import os
+
+    from torch import nn
+
+    path, sep, factory_name = spec.rpartition(":")
+    if not sep or not path or not factory_name.isidentifier():
+        raise ValueError(f"--model-file must be PATH.py:FACTORY, got {spec!r}")
+    if not os.path.isfile(path):
+        raise ValueError(f"--model-file: no such file: {path!r}")
+    module_name = "_sparseprune_model_file_" + "".join(c if c.isalnum() else "_" for c in os.path.abspath(path))
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"--model-file: cannot import {path!r} as a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    directory = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, directory)  # so the file can import its neighbours
+    sys.modules[module_name] = module
+    try:
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ValueError(f"--model-file: importing {path!r} failed: {type(exc).__name__}: {_one_line(exc)}") from exc
+        factory = getattr(module, factory_name, None)
+        if not callable(factory):
+            raise ValueError(f"--model-file: {path!r} defines no callable {factory_name!r}")
+        try:
+            model = factory()
+        except Exception as exc:
+            raise ValueError(f"--model-file: {factory_name}() failed: {type(exc).__name__}: {_one_line(exc)}") from exc
+    finally:
+        try:
+            sys.path.remove(directory)
+        except ValueError:
+            pass
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model-file: {factory_name}() returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _load_weights(model, path: str) -> None:
+    import os
+
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise ValueError(f"--weights: no such file: {path!r}")
+    try:
+        state = load_file(path)  # safetensors: arrays only, never pickle
+    except Exception as exc:
+        raise ValueError(f"--weights: {path!r} is not a valid safetensors file: {_one_line(exc)}") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except Exception as exc:  # missing/unexpected keys, shape mismatches
+        raise ValueError(f"--weights: {path!r} does not fit the model: {_one_line(exc)}") from exc
+
+
+def _run_compile(args: argparse.Namespace) -> int:
+    import torch
+
+    import sparseprune
+    from sparseprune.bench import build_model, prune_linear_layers
+    from sparseprune.compile import UnsupportedOperation, VerificationError, verify
+
+    if args.weights is not None and args.model is not None:
+        args.parser.error("--weights goes with --model-file (built-in models have seeded random weights)")
+    if args.model_file is not None and not args.input_shape:
+        args.parser.error("--input-shape is required with --model-file")
+    try:
+        if args.model is not None:
+            model, default_shape = build_model(args.model, seed=args.seed)
+            name = args.model
+            sparsity = _DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
+            shapes = args.input_shape or [tuple(default_shape)]
+        else:
+            model = _load_model_file(args.model_file)
+            name = args.model_file
+            if args.weights is not None:
+                _load_weights(model, args.weights)
+            sparsity = args.sparsity
+            shapes = args.input_shape
+        model.eval()
+        if sparsity is not None:
+            prune_linear_layers(model, sparsity)
+    except ValueError as exc:
+        return _fail("compile", str(exc))
+
+    gen = torch.Generator().manual_seed(args.seed)
+    inputs = tuple(torch.randn(args.batch, *shape, generator=gen) for shape in shapes)
+    shape_text = ", ".join(str(tuple(x.shape)) for x in inputs)
+    try:
+        with torch.no_grad():
+            result = model(*inputs)
+    except Exception as exc:
+        return _fail("compile", f"the model does not run on example inputs of shape {shape_text} (check "
+                                f"--input-shape): {type(exc).__name__}: {_one_line(exc)}")
+    print(f"sparseprune compile: {name}, sparsity {'as given' if sparsity is None else sparsity}, "
+          f"policy {args.policy}, example inputs {shape_text}", flush=True)
+    try:
+        exe = sparseprune.compile(model, inputs, policy=args.policy, num_threads=args.threads, check=False)
+        outputs = list(result) if isinstance(result, (tuple, list)) else [result]
+        max_diff = verify(exe, inputs, [t.detach().numpy() for t in outputs])
+    except (UnsupportedOperation, VerificationError, ValueError, TypeError, RuntimeError) as exc:
+        return _fail("compile", _one_line(exc, limit=1000))
+    try:
+        size = exe.save(args.output)
+    except OSError as exc:
+        return _fail("compile", f"cannot write {args.output!r}: {_one_line(exc)}")
+
+    layers = exe.layer_table()
+    ins = ", ".join(_batch_shape(s) for s in exe.input_shapes)
+    outs = ", ".join(_batch_shape(s) for s in exe.output_shapes)
+    print(f"{exe.n_ops} ops, {len(layers)} weighted layers; inputs {ins}, outputs {outs}")
+    if layers:
+        rows = [(r["name"], r["op"], r["format"], f"{r['sparsity']:.1%}", r["activation"] or "-") for r in layers]
+        header = ("layer", "op", "kernel", "sparsity", "activation")
+        widths = [max(len(h), *(len(str(row[i])) for row in rows)) for i, h in enumerate(header)]
+        for row in [header, *rows]:
+            print("  " + "  ".join(str(v).ljust(w) if i != 3 else str(v).rjust(w)
+                                   for i, (v, w) in enumerate(zip(row, widths))).rstrip())
+    dense = exe.dense_nbytes
+    print(f"wrote {args.output}: {size:,} bytes, {size / max(dense, 1):.1%} of the dense fp32 weights "
+          f"({dense:,} bytes)")
+    print(f"verified against torch on batch {args.batch}: max |diff| {max_diff:.3g}")
+    return 0
+
+
+def _add_run(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run a saved executable on .npy inputs (no torch needed)",
+        description=(
+            "Load an executable written by `sparseprune compile` and run it, importing numpy and "
+            "sparseprune.runtime only. Inputs come from .npy files (one --input per model input, read "
+            "with allow_pickle=False; integer or float arrays are converted to float32) or, without "
+            "--input, are random normal values of --batch samples."
+        ),
+    )
+    p.add_argument("executable", metavar="EXECUTABLE", help="a file written by `sparseprune compile`")
+    p.add_argument("--input", action="append", metavar="X.npy",
+                   help="an input array [batch, ...]; once per model input, in order")
+    p.add_argument("--batch", type=_bounded_int(1), default=None,
+                   help="batch size of the random inputs used without --input (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
+    p.add_argument("--output", action="append", metavar="Y.npy",
+                   help="save an output with np.save; once per model output, in order")
+    p.add_argument("--threads", type=_bounded_int(1), default=None,
+                   help="intra-op threads (default: OpenMP's default)")
+    p.set_defaults(func=_run_run, parser=p)
+
+
+def _input_dtypes(exe) -> Sequence[str]:
+    return tuple(getattr(exe, "input_dtypes", None) or ("float32",) * len(exe.input_shapes))
+
+
+def _random_inputs(exe, batch: int, seed: int):
+    """Standard normal float32 inputs; for an "int64" (token id) input, ids below the smallest
+    embedding table's row count."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    inputs = []
+    for shape, dtype in zip(exe.input_shapes, _input_dtypes(exe)):
+        if dtype == "int64":
+            tables = [exe.arrays[f"{op['weight']}.table"].shape[0] for op in exe.spec["ops"]
+                      if op["op"] == "embedding" and f"{op['weight']}.table" in exe.arrays]
+            if not tables:
+                raise ValueError("the executable takes integer ids and has no embedding table to draw "
+                                 "random ids for: give --input files")
+            inputs.append(rng.integers(0, min(tables), size=(batch, *shape), dtype=np.int64))
+        else:
+            inputs.append(rng.standard_normal((batch, *shape), dtype=np.float32))
+    return inputs
+
+
+def _read_input(path: str, k: int, shape: Sequence[int], dtype: str):
+    import numpy as np
+
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"--input {path}: cannot read a .npy array: {_one_line(exc)}") from exc
+    if not isinstance(x, np.ndarray):  # an .npz archive
+        if hasattr(x, "close"):
+            x.close()
+        raise ValueError(f"--input {path}: expected one .npy array, got an .npz archive")
+    if dtype == "int64":
+        if not np.issubdtype(x.dtype, np.integer):
+            raise ValueError(f"--input {path}: input {k} of the executable takes integer ids, got dtype {x.dtype}")
+    elif not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise ValueError(f"--input {path}: expected a numeric array, got dtype {x.dtype}")
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
+        raise ValueError(f"--input {path} has shape {tuple(x.shape)}, but input {k} of the executable takes "
+                         f"{_batch_shape(shape)}")
+    return x if dtype == "int64" else np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    if args.input and args.batch is not None:
+        args.parser.error("--batch applies to random inputs only (the batch of --input arrays is their first dimension)")
+    exe, status = _load_executable("run", args.executable, args.threads)
+    if exe is None:
+        return status
+    n_in, n_out = len(exe.input_shapes), len(exe.output_shapes)
+    wants = ", ".join(_batch_shape(s) for s in exe.input_shapes)
+    if args.input and len(args.input) != n_in:
+        return _fail("run", f"the executable takes {n_in} input(s) {wants}, got {len(args.input)} --input")
+    if args.output and len(args.output) != n_out:
+        return _fail("run", f"the executable has {n_out} output(s), got {len(args.output)} --output")
+    try:
+        if args.input:
+            inputs = [_read_input(path, k, shape, dtype) for k, (path, shape, dtype)
+                      in enumerate(zip(args.input, exe.input_shapes, _input_dtypes(exe)))]
+            source = "from " + ", ".join(args.input)
+        else:
+            batch = 1 if args.batch is None else args.batch
+            inputs = _random_inputs(exe, batch, args.seed)
+            source = f"random (seed {args.seed})"
+        result = exe.run(*inputs)
+    except (ValueError, TypeError) as exc:
+        return _fail("run", _one_line(exc))
+    outputs = list(result) if isinstance(result, tuple) else [result]
+
+    model = exe.metadata.get("model", "?")
+    print(f"sparseprune run: {args.executable} ({model}, {exe.n_ops} ops), inputs "
+          f"{', '.join(str(tuple(x.shape)) for x in inputs)} {source}")
+    for k, y in enumerate(outputs):
+        line = f"output {k}: shape {tuple(y.shape)} {y.dtype}"
+        if y.size:
+            line += f", min {float(y.min()):.4g}, max {float(y.max()):.4g}, mean {float(y.mean(dtype=np.float64)):.4g}"
+        print(line)
+        if y.ndim == 2 and y.size:
+            top = y.argmax(axis=1)
+            shown = " ".join(str(int(i)) for i in top[:16])
+            more = f" ... ({len(top)} rows)" if len(top) > 16 else ""
+            print(f"  argmax per row: {shown}{more}")
+    for path, y in zip(args.output or (), outputs):
+        try:
+            with open(path, "wb") as f:  # exactly this path (np.save(str) would append .npy)
+                np.save(f, y, allow_pickle=False)
+        except OSError as exc:
+            return _fail("run", f"cannot write --output {path!r}: {_one_line(exc)}")
+        print(f"wrote {path}")
+    return 0
+
+
+def _run_bench_executable(args: argparse.Namespace) -> int:
+    import datetime
+    import json
+    import platform
+
+    import numpy as np
+
+    import sparseprune
+    from sparseprune.config import build_info
+    from sparseprune.runtime import file_size
+    from sparseprune.timing import time_interleaved
+
+    exe, status = _load_executable("bench", args.executable)
+    if exe is None:
+        return status
+    to_stdout = args.json == "-"
+    ins = ", ".join(_batch_shape(s) for s in exe.input_shapes)
+    if not to_stdout:
+        print(f"sparseprune bench: {args.executable} ({exe.metadata.get('model', '?')}, {exe.n_ops} ops), "
+              f"inputs {ins}, batches {args.batch_sizes}, threads {args.threads}", flush=True)
+    rows = []
+    try:
+        inputs = {batch: _random_inputs(exe, batch, args.seed) for batch in args.batch_sizes}
+        for threads in args.threads:
+            # round-robin over the batch sizes at one thread count (sparseprune.timing)
+            candidates = {batch: (lambda xs=inputs[batch], t=threads: exe.run(*xs, n_threads=t))
+                          for batch in args.batch_sizes}
+            timings = time_interleaved(candidates, warmup=args.warmup, repeats=args.repeats)
+            for batch in args.batch_sizes:
+                t = timings[batch]
+                rows.append({"batch": batch, "threads": threads, "median_ms": t.median_ms, "p90_ms": t.p90_ms,
+                             "min_ms": t.min_s * 1e3, "runs": t.runs, "samples_per_s": batch / t.median_s})
+    except (ValueError, RuntimeError) as exc:
+        return _fail("bench", _one_line(exc))
+    rows.sort(key=lambda r: (r["threads"], r["batch"]))
+    result = {
+        "executable": args.executable,
+        "file_bytes": file_size(args.executable),
+        "input_shapes": [list(s) for s in exe.input_shapes],
+        "output_shapes": [list(s) for s in exe.output_shapes],
+        "executable_metadata": exe.metadata,
+        "metadata": {
+            "sparseprune_version": sparseprune.__version__,
+            "build_info": build_info(),
+            "numpy_version": np.__version__,
+            "python": platform.python_version(),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "batch_sizes": list(args.batch_sizes),
+            "threads": list(args.threads),
+            "warmup": args.warmup,
+            "repeats": args.repeats,
+            "seed": args.seed,
+            "inputs": "standard normal float32 (random ids for token-id inputs)",
+        },
+        "rows": rows,
+    }
+    text = json.dumps(result, indent=2)
+    if to_stdout:
+        print(text)
+        return 0
+    header = ("batch", "threads", "median ms", "p90 ms", "samples/s")
+    table = [(str(r["batch"]), str(r["threads"]), f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}",
+              f"{r['samples_per_s']:,.0f}") for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+    for row in [header, *table]:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    if args.json:
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.write("\n")
+        except OSError as exc:
+            return _fail("bench", f"cannot write --json {args.json}: {_one_line(exc)}")
         print(f"\nwrote {args.json}")
     return 0
 
@@ -225,7 +682,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sparseprune {sparseprune.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_bench(subparsers)
+    command = _selected_command(argv)
+    want_help = any(token in ("-h", "--help") for token in argv)
+    _add_bench(subparsers, want_help=want_help and command == "bench")
+    _add_compile(subparsers, want_help=want_help and command == "compile")
+    _add_run(subparsers)
     _add_info(subparsers)
     _add_demo(subparsers, selected=_selected_command(argv) == "demo")
     _add_compare(subparsers, selected=_selected_command(argv) == "compare")

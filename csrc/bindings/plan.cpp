@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <memory>
 #include <optional>
 #include <string>
@@ -53,6 +54,34 @@ std::string str_field(const py::dict& d, const char* key, const std::string& whe
   return v.cast<std::string>();
 }
 
+float number_field(const py::dict& d, const char* key, const std::string& where) {
+  py::object v = field(d, key, where);
+  if (py::isinstance<py::bool_>(v) || !(py::isinstance<py::float_>(v) || py::isinstance<py::int_>(v)))
+    throw SpecError(where + "." + key + " must be a number");
+  const double x = v.cast<double>();
+  if (!std::isfinite(x) || std::abs(x) > 3.0e38) throw SpecError(where + "." + key + " must be a finite float32");
+  return static_cast<float>(x);
+}
+
+bool bool_field(const py::dict& d, const char* key, const std::string& where) {
+  py::object v = field(d, key, where);
+  if (!py::isinstance<py::bool_>(v)) throw SpecError(where + "." + key + " must be true or false");
+  return v.cast<bool>();
+}
+
+std::vector<int> int_list_field(const py::dict& d, const char* key, const std::string& where, int64_t hi) {
+  py::object v = field(d, key, where);
+  if (!py::isinstance<py::list>(v) || py::len(v) > 64) throw SpecError(where + "." + key + " must be a list of ints");
+  std::vector<int> out;
+  for (py::handle e : v) {
+    if (!py::isinstance<py::int_>(e) || py::isinstance<py::bool_>(e)) throw SpecError(where + "." + key + " must hold ints");
+    const int64_t x = e.cast<int64_t>();
+    if (x < 0 || x > hi) throw SpecError(where + "." + key + " holds an out-of-range value");
+    out.push_back(static_cast<int>(x));
+  }
+  return out;
+}
+
 std::string activation_field(const py::dict& d, const std::string& where) {
   if (!d.contains("activation") || d["activation"].is_none()) return "none";
   if (!py::isinstance<py::str>(d["activation"])) throw SpecError(where + ".activation must be a string or null");
@@ -74,6 +103,16 @@ py::array_t<int64_t> index_vector(const py::dict& arrays, const std::string& nam
   return py::array_t<int64_t, py::array::c_style | py::array::forcecast>(a);
 }
 
+py::array_t<float> float_matrix(const py::dict& arrays, const std::string& name, int64_t rows, int64_t cols) {
+  py::array a = array_named(arrays, name);
+  require_ndim(a, name.c_str(), 2);
+  require_dtype<float>(a, name.c_str(), "float32");
+  if ((rows >= 0 && a.shape(0) != rows) || (cols >= 0 && a.shape(1) != cols))
+    throw SpecError("array '" + name + "' must have shape (" + std::to_string(rows) + ", " + std::to_string(cols) + ")");
+  if (a.shape(0) < 1 || a.shape(1) < 1) throw SpecError("array '" + name + "' must not be empty");
+  return py::array_t<float, py::array::c_style>(a);
+}
+
 py::array_t<float> float_vector(const py::dict& arrays, const std::string& name) {
   py::array a = array_named(arrays, name);
   require_ndim(a, name.c_str(), 1);
@@ -92,6 +131,7 @@ std::shared_ptr<const PackedLinear> make_linear(const py::dict& op, const py::di
   const std::string fmt = str_field(op, "format", where);
   const auto block = pair_field(op, "block", where);
   const int64_t rows = int_field(op, "rows", where), cols = int_field(op, "cols", where);
+  if (fmt == "dense") return nullptr;  // see make_dense
   const auto ptr = index_vector(arrays, w + ".indptr");
   const auto idx = index_vector(arrays, w + ".indices");
   const auto val = float_vector(arrays, w + ".values");
@@ -106,6 +146,16 @@ std::shared_ptr<const PackedLinear> make_linear(const py::dict& op, const py::di
   return std::make_shared<const PackedLinear>(PackedLinear::make(format, block[0], block[1], rows, cols, ptr.data(),
                                                                  ptr.shape(0), idx.data(), idx.shape(0), val.data(),
                                                                  val.shape(0), has_bias ? bias->data() : nullptr));
+}
+
+std::shared_ptr<const DenseWeights> make_dense(const py::dict& op, const py::dict& arrays, const std::string& where) {
+  const std::string w = str_field(op, "weight", where);
+  const int64_t rows = int_field(op, "rows", where), cols = int_field(op, "cols", where);
+  if (rows < 1 || cols < 1 || rows > (int64_t{1} << 31) || cols > (int64_t{1} << 31)) throw SpecError(where + ": bad rows/cols");
+  const auto weight = float_matrix(arrays, w + ".weight", rows, cols);
+  const auto bias = optional_float_vector(arrays, w + ".bias");
+  if (bias && bias->shape(0) != rows) throw SpecError("array '" + w + ".bias' must have " + std::to_string(rows) + " entries");
+  return DenseWeights::make(rows, cols, weight.data(), bias ? bias->data() : nullptr);
 }
 
 std::shared_ptr<const PackedConv> make_conv(const py::dict& op, const py::dict& arrays, const std::string& where) {
@@ -145,6 +195,12 @@ OpKind parse_kind(const std::string& name, const std::string& where) {
   if (name == "global_avgpool") return OpKind::global_avgpool;
   if (name == "softmax") return OpKind::softmax;
   if (name == "layernorm") return OpKind::layernorm;
+  if (name == "affine") return OpKind::affine;
+  if (name == "matmul") return OpKind::matmul;
+  if (name == "attention") return OpKind::attention;
+  if (name == "permute") return OpKind::permute;
+  if (name == "cat") return OpKind::cat;
+  if (name == "embedding") return OpKind::embedding;
   throw SpecError(where + ".op '" + name + "' is not a known op");
 }
 
@@ -209,15 +265,23 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       if (x < 0 || x > (1 << 30)) throw SpecError(where + "." + key + " is out of range");
       return static_cast<int>(x);
     };
-    if (op.kind == OpKind::add || op.kind == OpKind::mul) {
+    if (op.kind == OpKind::add || op.kind == OpKind::mul || op.kind == OpKind::matmul) {
       op.in = id("a");
       op.in2 = id("b");
+    } else if (op.kind == OpKind::attention) {
+      op.in = id("q");
+      op.in2 = id("k");
+      op.in3 = id("v");
+    } else if (op.kind == OpKind::cat) {
+      op.ins = int_list_field(o, "inputs", where, 1 << 30);
     } else {
       op.in = id("in");
     }
     op.out = id("out");
     try {
-      op.act = parse_activation(op.kind == OpKind::activation ? str_field(o, "kind", where)
+      const bool takes_activation = op.kind == OpKind::linear || op.kind == OpKind::conv2d || op.kind == OpKind::add ||
+                                  op.kind == OpKind::mul || op.kind == OpKind::affine || op.kind == OpKind::activation;
+    if (takes_activation) op.act = parse_activation(op.kind == OpKind::activation ? str_field(o, "kind", where)
                                                               : activation_field(o, where));
     } catch (const SpecError&) {
       throw;
@@ -225,7 +289,44 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       throw SpecError(where + ": " + e.what());
     }
     switch (op.kind) {
-      case OpKind::linear: op.linear = make_linear(o, arrays, where); break;
+      case OpKind::linear:
+        op.linear = make_linear(o, arrays, where);
+        if (!op.linear) op.dense = make_dense(o, arrays, where);
+        break;
+      case OpKind::affine:
+        op.scale = number_field(o, "scale", where);
+        op.shift = number_field(o, "shift", where);
+        break;
+      case OpKind::matmul:
+        op.transpose_b = bool_field(o, "transpose_b", where);
+        op.scale = number_field(o, "scale", where);
+        break;
+      case OpKind::attention: {
+        const std::string layout = str_field(o, "layout", where);
+        if (layout != "sequence_first" && layout != "heads_first")
+          throw SpecError(where + ".layout must be 'sequence_first' or 'heads_first'");
+        op.sequence_first = layout == "sequence_first";
+        const int64_t heads = int_field(o, "heads", where);
+        if (heads < 1 || heads > (1 << 20)) throw SpecError(where + ".heads is out of range");
+        op.heads = static_cast<int>(heads);
+        op.scale = number_field(o, "scale", where);
+        op.causal = bool_field(o, "causal", where);
+        break;
+      }
+      case OpKind::permute: op.perm = int_list_field(o, "perm", where, 64); break;
+      case OpKind::cat: {
+        const int64_t axis = int_field(o, "axis", where);
+        if (axis < 0 || axis > 64) throw SpecError(where + ".axis is out of range");
+        op.axis = static_cast<int>(axis);
+        break;
+      }
+      case OpKind::embedding: {
+        const std::string w = str_field(o, "weight", where);
+        const auto t = float_matrix(arrays, w + ".table", -1, -1);
+        op.table.assign(t.data(), t.data() + t.size());
+        op.table_rows = t.shape(0);
+        break;
+      }
       case OpKind::conv2d: op.conv = make_conv(o, arrays, where); break;
       case OpKind::maxpool2d:
       case OpKind::avgpool2d: {
@@ -248,6 +349,7 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
     plan->add_op(std::move(op));
   }
   if (plan->n_ops() == 0) throw SpecError("spec.ops must not be empty");
+  plan->finalize();
   return plan;
 }
 

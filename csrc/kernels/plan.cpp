@@ -3,7 +3,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <stdexcept>
+
+#include "kernels/attention.h"
+#include "kernels/gemm.h"
+#include "kernels/partition.h"
+#include "kernels/scratch.h"
 
 namespace sparseprune {
 
@@ -17,32 +23,59 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return out + ")";
 }
 
-float activate(float x, Activation a) {
-  switch (a) {
-    case Activation::none: return x;
-    case Activation::relu: return x < 0.0f ? 0.0f : x;
-    case Activation::relu6: return x < 0.0f ? 0.0f : (x > 6.0f ? 6.0f : x);
-    case Activation::gelu: return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f));
-    case Activation::silu: return x / (1.0f + std::exp(-x));
-    case Activation::sigmoid: return 1.0f / (1.0f + std::exp(-x));
-    case Activation::tanh: return std::tanh(x);
-    case Activation::hardswish: {
-      const float r = std::min(std::max(x + 3.0f, 0.0f), 6.0f);
-      return x * r / 6.0f;
+int64_t pool_out(int64_t in, int k, int s, int p) { return (in + 2 * p - k) / s + 1; }
+
+int64_t product(std::vector<int64_t>::const_iterator a, std::vector<int64_t>::const_iterator b) {
+  return std::accumulate(a, b, int64_t{1}, std::multiplies<int64_t>());
+}
+
+// Buffers the op reads.
+std::vector<int> reads(const PlanOp& op) {
+  std::vector<int> r{op.in};
+  if (op.in2 >= 0) r.push_back(op.in2);
+  if (op.in3 >= 0) r.push_back(op.in3);
+  if (op.kind == OpKind::cat) r = op.ins;
+  return r;
+}
+
+void pool2d(const float* x, float* y, int64_t planes, const std::vector<int64_t>& si, const std::vector<int64_t>& so,
+            const PlanOp& op, int n_threads) {
+  const bool is_max = op.kind == OpKind::maxpool2d;
+  const float inv_area = 1.0f / static_cast<float>(op.kernel[0] * op.kernel[1]);  // count_include_pad=True
+  const int64_t H = si[1], W = si[2], OH = so[1], OW = so[2];
+  const int sh = op.stride[0], sw = op.stride[1], ph = op.padding[0], pw = op.padding[1];
+  const int threads = std::max(1, std::min<int>(n_threads, static_cast<int>(std::min<int64_t>(planes, 64))));
+#pragma omp parallel for num_threads(threads) if (threads > 1 && planes * OH * OW > 4096) schedule(static)
+  for (int64_t p = 0; p < planes; ++p) {
+    const float* src = x + p * H * W;
+    float* dst = y + p * OH * OW;
+    for (int64_t oh = 0; oh < OH; ++oh) {
+      float* out = dst + oh * OW;
+      for (int64_t ow = 0; ow < OW; ++ow) out[ow] = is_max ? -INFINITY : 0.0f;
+      for (int kh = 0; kh < op.kernel[0]; ++kh) {
+        const int64_t r = oh * sh + kh - ph;
+        if (r < 0 || r >= H) continue;
+        const float* row = src + r * W;
+        for (int kw = 0; kw < op.kernel[1]; ++kw) {
+          // Output columns whose input column ow * sw + kw - pw lies inside the row: no branch inside.
+          const int64_t off = kw - pw;
+          const int64_t lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
+          const int64_t hi = std::min<int64_t>(OW, (W - 1 - off) / sw + 1);
+          if (is_max) {
+            for (int64_t ow = lo; ow < hi; ++ow) {
+              const float v = row[ow * sw + off];
+              out[ow] = (v > out[ow] || v != v) ? v : out[ow];  // NaN wins, as in torch
+            }
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) out[ow] += row[ow * sw + off];
+          }
+        }
+      }
+      if (!is_max)
+        for (int64_t ow = 0; ow < OW; ++ow) out[ow] *= inv_area;
     }
   }
-  return x;
 }
-
-void apply_activation(const float* src, float* dst, int64_t n, Activation a) {
-  if (a == Activation::none) {
-    if (src != dst) std::memmove(dst, src, static_cast<size_t>(n) * sizeof(float));
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) dst[i] = activate(src[i], a);
-}
-
-int64_t pool_out(int64_t in, int k, int s, int p) { return (in + 2 * p - k) / s + 1; }
 
 }  // namespace
 
@@ -58,7 +91,20 @@ Activation parse_activation(const std::string& name) {
   fail("unknown activation '" + name + "'");
 }
 
+std::shared_ptr<const DenseWeights> DenseWeights::make(int64_t rows, int64_t cols, const float* weight,
+                                                       const float* bias) {
+  if (rows < 1 || cols < 1) fail("dense weight must have at least one row and column");
+  auto w = std::make_shared<DenseWeights>();
+  w->rows = rows;
+  w->cols = cols;
+  w->packed.resize(static_cast<size_t>(packed_b_size(cols, rows)));
+  gemm_pack_b(weight, cols, rows, 1, cols, w->packed.data());  // B(k, n) = W[n, k]
+  if (bias) w->bias.assign(bias, bias + rows);
+  return w;
+}
+
 int Plan::add_buffer(const std::vector<int64_t>& shape, int alias_of) {
+  if (finalized_) fail("the plan is finalized");
   int64_t n = 1;
   for (int64_t d : shape) {
     if (d < 1 || d > (int64_t{1} << 31)) fail("buffer " + std::to_string(shapes_.size()) + " has a bad dimension in " + shape_str(shape));
@@ -76,9 +122,9 @@ int Plan::add_buffer(const std::vector<int64_t>& shape, int alias_of) {
   return static_cast<int>(shapes_.size()) - 1;
 }
 
-void Plan::check_buffer(int id, const char* what) const {
+void Plan::check_buffer(int id, const std::string& what) const {
   if (id < 0 || id >= static_cast<int>(shapes_.size()))
-    fail(std::string(what) + " = " + std::to_string(id) + " is not a buffer id (0.." +
+    fail(what + " = " + std::to_string(id) + " is not a buffer id (0.." +
          std::to_string(static_cast<int>(shapes_.size()) - 1) + ")");
 }
 
@@ -87,23 +133,42 @@ void Plan::set_io(const std::vector<int>& inputs, const std::vector<int>& output
   if (outputs.empty()) fail("outputs must not be empty");
   for (int b : inputs) check_buffer(b, "inputs[]");
   for (int b : outputs) check_buffer(b, "outputs[]");
+  for (size_t i = 0; i < inputs.size(); ++i)
+    for (size_t j = 0; j < i; ++j)
+      if (root(inputs[i]) == root(inputs[j])) fail("inputs must be distinct buffers");
   inputs_ = inputs;
   outputs_ = outputs;
 }
 
 void Plan::add_op(PlanOp op) {
+  if (finalized_) fail("the plan is finalized");
   const std::string where = "ops[" + std::to_string(ops_.size()) + "]";
-  check_buffer(op.in, (where + ".in").c_str());
-  check_buffer(op.out, (where + ".out").c_str());
+  if (op.kind == OpKind::cat) {
+    if (op.ins.empty()) fail(where + ": cat needs at least one input");
+    op.in = op.ins[0];
+  }
+  for (int b : reads(op)) check_buffer(b, where + ".in");
+  check_buffer(op.out, where + ".out");
+  if (op.kind == OpKind::add || op.kind == OpKind::mul || op.kind == OpKind::matmul) check_buffer(op.in2, where + ".b");
+  if (op.kind == OpKind::attention) {
+    check_buffer(op.in2, where + ".k");
+    check_buffer(op.in3, where + ".v");
+  }
   const auto& si = shapes_[op.in];
   const auto& so = shapes_[op.out];
-  const bool elementwise = op.kind == OpKind::activation || op.kind == OpKind::add || op.kind == OpKind::mul;
-  if (!elementwise && root(op.in) == root(op.out))
-    fail(where + ": output must not share storage with the input (only elementwise ops run in place)");
+  const bool elementwise = op.kind == OpKind::activation || op.kind == OpKind::add || op.kind == OpKind::mul ||
+                           op.kind == OpKind::affine;
+  for (int b : reads(op))
+    if (!elementwise && root(b) == root(op.out))
+      fail(where + ": output must not share storage with an input (only elementwise ops run in place)");
+  if (elementwise)  // in place only on the very same elements
+    for (int b : reads(op))
+      if (root(b) == root(op.out) && b != op.out && numel_[b] != numel_[op.out]) fail(where + ": bad in-place operand");
   switch (op.kind) {
     case OpKind::linear: {
-      if (!op.linear) fail(where + ": linear without weights");
-      const int64_t rows = op.linear->n_rows(), cols = op.linear->n_cols();
+      if (!op.linear == !op.dense) fail(where + ": linear needs exactly one of sparse or dense weights");
+      const int64_t rows = op.linear ? op.linear->n_rows() : op.dense->rows;
+      const int64_t cols = op.linear ? op.linear->n_cols() : op.dense->cols;
       if (si.back() != cols) fail(where + ": input " + shape_str(si) + " must end in " + std::to_string(cols));
       std::vector<int64_t> want(si.begin(), si.end() - 1);
       want.push_back(rows);
@@ -120,11 +185,11 @@ void Plan::add_op(PlanOp op) {
       break;
     }
     case OpKind::activation:
+    case OpKind::affine:
       if (numel_[op.in] != numel_[op.out]) fail(where + ": input and output sizes differ");
       break;
     case OpKind::add:
     case OpKind::mul:
-      check_buffer(op.in2, (where + ".b").c_str());
       if (numel_[op.in] != numel_[op.out] || numel_[op.in2] != numel_[op.out])
         fail(where + ": operands and output must have the same size (no broadcasting)");
       break;
@@ -154,141 +219,301 @@ void Plan::add_op(PlanOp op) {
         fail(where + ": gamma and beta must have " + std::to_string(si.back()) + " entries");
       if (!(op.eps > 0.0f)) fail(where + ": eps must be > 0");
       break;
+    case OpKind::matmul: {
+      const auto& sb = shapes_[op.in2];
+      if (si.size() < 2 || sb.size() != si.size()) fail(where + ": matmul operands need the same rank >= 2");
+      if (!std::equal(si.begin(), si.end() - 2, sb.begin())) fail(where + ": matmul group dimensions differ");
+      const int64_t M = si[si.size() - 2], K = si.back();
+      const int64_t kb = op.transpose_b ? sb.back() : sb[sb.size() - 2];
+      const int64_t N = op.transpose_b ? sb[sb.size() - 2] : sb.back();
+      if (kb != K) fail(where + ": matmul inner dimensions differ: " + shape_str(si) + " and " + shape_str(sb));
+      std::vector<int64_t> want(si.begin(), si.end() - 2);
+      want.push_back(M);
+      want.push_back(N);
+      if (so != want) fail(where + ": output must have shape " + shape_str(want) + ", got " + shape_str(so));
+      break;
+    }
+    case OpKind::attention: {
+      const auto& sk = shapes_[op.in2];
+      const auto& sv = shapes_[op.in3];
+      if (op.sequence_first) {
+        if (op.heads < 1) fail(where + ": heads must be >= 1");
+        if (si.size() != 2 || sk.size() != 2 || sv.size() != 2) fail(where + ": sequence_first q, k, v must be (L, E)");
+        if (si[1] % op.heads || sv[1] % op.heads || si[1] != sk[1] || sk[0] != sv[0])
+          fail(where + ": q " + shape_str(si) + ", k " + shape_str(sk) + ", v " + shape_str(sv) +
+               " do not fit " + std::to_string(op.heads) + " heads");
+        if (so != std::vector<int64_t>{si[0], sv[1]}) fail(where + ": output must be (L, Ev)");
+      } else {
+        const size_t r = si.size();
+        if (r < 2 || sk.size() != r || sv.size() != r) fail(where + ": q, k, v need the same rank >= 2");
+        if (!std::equal(si.begin(), si.end() - 2, sk.begin()) || !std::equal(si.begin(), si.end() - 2, sv.begin()))
+          fail(where + ": q, k, v group dimensions differ");
+        if (si[r - 1] != sk[r - 1] || sk[r - 2] != sv[r - 2])
+          fail(where + ": q " + shape_str(si) + ", k " + shape_str(sk) + ", v " + shape_str(sv) + " do not fit");
+        std::vector<int64_t> want(si.begin(), si.end() - 1);
+        want.push_back(sv.back());
+        if (so != want) fail(where + ": output must have shape " + shape_str(want) + ", got " + shape_str(so));
+      }
+      if (!std::isfinite(op.scale)) fail(where + ": scale must be finite");
+      break;
+    }
+    case OpKind::permute: {
+      if (op.perm.size() != si.size()) fail(where + ": perm must list " + std::to_string(si.size()) + " dimensions");
+      std::vector<bool> seen(si.size(), false);
+      std::vector<int64_t> want;
+      for (int p : op.perm) {
+        if (p < 0 || p >= static_cast<int>(si.size()) || seen[p]) fail(where + ": perm is not a permutation");
+        seen[p] = true;
+        want.push_back(si[p]);
+      }
+      if (so != want) fail(where + ": output must have shape " + shape_str(want) + ", got " + shape_str(so));
+      break;
+    }
+    case OpKind::cat: {
+      if (op.axis < 0 || op.axis >= static_cast<int>(si.size())) fail(where + ": axis out of range");
+      std::vector<int64_t> want = si;
+      want[op.axis] = 0;
+      for (int b : op.ins) {
+        auto s = shapes_[b];
+        if (s.size() != si.size()) fail(where + ": cat operands need the same rank");
+        const int64_t along = s[op.axis];
+        s[op.axis] = si[op.axis];
+        if (s != si) fail(where + ": cat operands differ outside the axis");
+        want[op.axis] += along;
+      }
+      if (so != want) fail(where + ": output must have shape " + shape_str(want) + ", got " + shape_str(so));
+      break;
+    }
+    case OpKind::embedding: {
+      if (op.table_rows < 1 || op.table.empty() || static_cast<int64_t>(op.table.size()) % op.table_rows)
+        fail(where + ": bad embedding table");
+      std::vector<int64_t> want = si;
+      want.push_back(static_cast<int64_t>(op.table.size()) / op.table_rows);
+      if (so != want) fail(where + ": output must have shape " + shape_str(want) + ", got " + shape_str(so));
+      break;
+    }
   }
   ops_.push_back(std::move(op));
 }
 
-void Plan::run(const std::vector<const float*>& inputs, int64_t batch, const std::vector<float*>& outputs,
-               int n_threads) const {
-  // One arena per call: offsets of every storage-owning buffer, aliases share their root's.
-  std::vector<int64_t> offset(shapes_.size(), 0);
-  int64_t total = 0;
-  for (size_t b = 0; b < shapes_.size(); ++b) {
-    if (alias_[b] >= 0) continue;
-    offset[b] = total;
-    total += (batch * numel_[b] + 15) / 16 * 16;
+void Plan::finalize() {
+  if (finalized_) return;
+  if (ops_.empty()) fail("a plan needs at least one op");
+  const int n = static_cast<int>(shapes_.size());
+  // Lifetime of each storage root in op steps: inputs from step -1, outputs to the end.
+  std::vector<int> first(n, -2), last(n, -2);
+  std::vector<bool> written(n, false);
+  for (int b : inputs_) written[root(b)] = true, first[root(b)] = -1, last[root(b)] = -1;
+  const int end = static_cast<int>(ops_.size());
+  for (int i = 0; i < end; ++i) {
+    const PlanOp& op = ops_[i];
+    for (int b : reads(op)) {
+      if (!written[root(b)]) fail("ops[" + std::to_string(i) + "] reads buffer " + std::to_string(b) + " before any op writes it");
+      last[root(b)] = i;
+    }
+    const int o = root(op.out);
+    if (!written[o]) first[o] = i;
+    written[o] = true;
+    last[o] = std::max(last[o], i);
   }
-  std::vector<float> arena(static_cast<size_t>(std::max<int64_t>(total, 1)));
-  auto buf = [&](int b) { return arena.data() + offset[root(b)]; };
-  for (size_t k = 0; k < inputs_.size(); ++k)
-    std::memcpy(buf(inputs_[k]), inputs[k], static_cast<size_t>(batch * numel_[inputs_[k]]) * sizeof(float));
+  for (int b : outputs_) {
+    if (!written[root(b)]) fail("output buffer " + std::to_string(b) + " is never written");
+    last[root(b)] = end;
+  }
+  // Greedy interval placement, largest first: a root takes the lowest offset where it does not
+  // overlap a placed root whose lifetime meets its own.
+  std::vector<int> roots;
+  for (int b = 0; b < n; ++b)
+    if (alias_[b] < 0 && written[b]) roots.push_back(b);
+  std::stable_sort(roots.begin(), roots.end(), [&](int a, int b) { return numel_[a] > numel_[b]; });
+  offset_.assign(n, 0);
+  std::vector<int> placed;
+  arena_per_sample_ = 0;
+  for (int b : roots) {
+    const int64_t size = (numel_[b] + 15) / 16 * 16;
+    std::vector<std::pair<int64_t, int64_t>> busy;
+    for (int p : placed)
+      if (!(last[p] < first[b] || last[b] < first[p])) busy.emplace_back(offset_[p], offset_[p] + (numel_[p] + 15) / 16 * 16);
+    std::sort(busy.begin(), busy.end());
+    int64_t at = 0;
+    for (const auto& iv : busy) {
+      if (iv.first >= at + size) break;
+      at = std::max(at, iv.second);
+    }
+    offset_[b] = at;
+    placed.push_back(b);
+    arena_per_sample_ = std::max(arena_per_sample_, at + size);
+  }
+  finalized_ = true;
+}
 
-  for (const PlanOp& op : ops_) {
-    const float* x = buf(op.in);
-    float* y = buf(op.out);
-    const int64_t n_in = batch * numel_[op.in], n_out = batch * numel_[op.out];
-    switch (op.kind) {
-      case OpKind::linear: {
-        LinearArgs a;
-        a.x = x;
-        a.batch = n_in / op.linear->n_cols();
-        a.x_stride_b = op.linear->n_cols();
-        a.x_stride_k = 1;
-        a.relu = op.act == Activation::relu;
-        a.y = y;
-        a.y_stride = op.linear->n_rows();
-        a.n_threads = n_threads;
-        op.linear->run(a);
-        if (!a.relu) apply_activation(y, y, n_out, op.act);
+void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_threads) const {
+  const float* x = buf[op.in];
+  float* y = buf[op.out];
+  const int64_t n_in = batch * numel_[op.in], n_out = batch * numel_[op.out];
+  const auto& si = shapes_[op.in];
+  switch (op.kind) {
+    case OpKind::linear: {
+      if (op.dense) {
+        const int64_t rows = n_in / op.dense->cols;
+        gemm(x, op.dense->cols, op.dense->packed.data(), rows, op.dense->rows, op.dense->cols, 1.0f,
+             op.dense->bias.empty() ? nullptr : op.dense->bias.data(), y, op.dense->rows, n_threads);
+        affine_map(y, y, n_out, 1.0f, 0.0f, op.act, n_threads);
         break;
       }
-      case OpKind::conv2d: {
-        const auto& s = shapes_[op.in];
-        ConvArgs a;
-        a.x = x;
+      LinearArgs a;
+      a.x = x;
+      a.batch = n_in / op.linear->n_cols();
+      a.x_stride_b = op.linear->n_cols();
+      a.x_stride_k = 1;
+      a.relu = op.act == Activation::relu;
+      a.y = y;
+      a.y_stride = op.linear->n_rows();
+      a.n_threads = n_threads;
+      op.linear->run(a);
+      if (!a.relu) affine_map(y, y, n_out, 1.0f, 0.0f, op.act, n_threads);
+      break;
+    }
+    case OpKind::conv2d: {
+      ConvArgs a;
+      a.x = x;
+      a.batch = batch;
+      a.x_stride[0] = numel_[op.in];
+      a.x_stride[1] = si[1] * si[2];
+      a.x_stride[2] = si[2];
+      a.x_stride[3] = 1;
+      a.relu = op.act == Activation::relu;
+      a.y = y;
+      a.n_threads = n_threads;
+      op.conv->run(op.conv->geometry(si[1], si[2]), a);
+      if (!a.relu) affine_map(y, y, n_out, 1.0f, 0.0f, op.act, n_threads);
+      break;
+    }
+    case OpKind::activation: affine_map(x, y, n_out, 1.0f, 0.0f, op.act, n_threads); break;
+    case OpKind::affine: affine_map(x, y, n_out, op.scale, op.shift, op.act, n_threads); break;
+    case OpKind::add:
+    case OpKind::mul: binary_map(x, buf[op.in2], y, n_out, op.kind == OpKind::mul, op.act, n_threads); break;
+    case OpKind::maxpool2d:
+    case OpKind::avgpool2d: pool2d(x, y, batch * si[0], si, shapes_[op.out], op, n_threads); break;
+    case OpKind::global_avgpool: {
+      const int64_t plane = si[1] * si[2];
+      for (int64_t p = 0; p < batch * si[0]; ++p) {
+        double acc = 0.0;
+        for (int64_t i = 0; i < plane; ++i) acc += x[p * plane + i];
+        y[p] = static_cast<float>(acc / static_cast<double>(plane));
+      }
+      break;
+    }
+    case OpKind::softmax:
+    case OpKind::layernorm: {
+      const int64_t len = si.back();
+      if (op.kind == OpKind::softmax) softmax_rows(x, len, y, len, n_in / len, len, -1, n_threads);
+      else layernorm_rows(x, y, n_in / len, len, op.gamma.data(), op.beta.data(), op.eps, n_threads);
+      break;
+    }
+    case OpKind::matmul: {
+      const auto& sb = shapes_[op.in2];
+      const int64_t M = si[si.size() - 2], K = si.back();
+      const int64_t N = op.transpose_b ? sb[sb.size() - 2] : sb.back();
+      const int64_t groups = batch * product(si.begin(), si.end() - 2);
+      const float* b = buf[op.in2];
+      const int threads = std::max(1, std::min<int>(threads_for_work(n_threads, double(groups) * M * N * K),
+                                                    static_cast<int>(std::min<int64_t>(groups, 1 << 20))));
+      if (groups == 1) {  // one product: split it inside
+        std::vector<float> packed(static_cast<size_t>(packed_b_size(K, N)));
+        gemm_pack_b(b, K, N, op.transpose_b ? 1 : N, op.transpose_b ? K : 1, packed.data());
+        gemm(x, K, packed.data(), M, N, K, op.scale, nullptr, y, N, n_threads);
+        break;
+      }
+#pragma omp parallel num_threads(threads) if (threads > 1)
+      {
+        std::vector<float> packed(static_cast<size_t>(packed_b_size(K, N)));
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; ++g) {
+          gemm_pack_b(b + g * K * N, K, N, op.transpose_b ? 1 : N, op.transpose_b ? K : 1, packed.data());
+          gemm_panels(x + g * M * K, K, packed.data(), M, N, K, op.scale, nullptr, y + g * M * N, N, 0,
+                      (N + kGemmPanel - 1) / kGemmPanel);
+        }
+      }
+      break;
+    }
+    case OpKind::attention: {
+      const auto& sk = shapes_[op.in2];
+      const auto& sv = shapes_[op.in3];
+      AttentionArgs a;
+      a.q = x;
+      a.k = buf[op.in2];
+      a.v = buf[op.in3];
+      a.out = y;
+      a.sequence_first = op.sequence_first;
+      if (op.sequence_first) {
         a.batch = batch;
-        a.x_stride[0] = numel_[op.in];
-        a.x_stride[1] = s[1] * s[2];
-        a.x_stride[2] = s[2];
-        a.x_stride[3] = 1;
-        a.relu = op.act == Activation::relu;
-        a.y = y;
-        a.n_threads = n_threads;
-        op.conv->run(op.conv->geometry(s[1], s[2]), a);
-        if (!a.relu) apply_activation(y, y, n_out, op.act);
-        break;
+        a.heads = op.heads;
+        a.L = si[0];
+        a.S = sk[0];
+        a.D = si[1] / op.heads;
+        a.Dv = sv[1] / op.heads;
+      } else {
+        a.batch = batch * product(si.begin(), si.end() - 2);
+        a.heads = 1;
+        a.L = si[si.size() - 2];
+        a.S = sk[sk.size() - 2];
+        a.D = si.back();
+        a.Dv = sv.back();
       }
-      case OpKind::activation:
-        apply_activation(x, y, n_out, op.act);
-        break;
-      case OpKind::add:
-      case OpKind::mul: {
-        const float* x2 = buf(op.in2);
-        for (int64_t i = 0; i < n_out; ++i) {
-          const float v = op.kind == OpKind::add ? x[i] + x2[i] : x[i] * x2[i];
-          y[i] = activate(v, op.act);
+      a.scale = op.scale;
+      a.causal = op.causal;
+      a.n_threads = n_threads;
+      attention(a);
+      break;
+    }
+    case OpKind::permute: {
+      const int64_t per = numel_[op.in];
+      for (int64_t s = 0; s < batch; ++s) permute_copy(x + s * per, y + s * per, si, op.perm);
+      break;
+    }
+    case OpKind::cat: {
+      const int64_t outer = product(si.begin(), si.begin() + op.axis);
+      const int64_t out_chunk = numel_[op.out] / outer;
+      for (int64_t s = 0; s < batch; ++s) {
+        int64_t col = 0;
+        for (int b : op.ins) {
+          const int64_t chunk = numel_[b] / outer;
+          const float* src = buf[b] + s * numel_[b];
+          float* dst = y + s * numel_[op.out] + col;
+          for (int64_t o = 0; o < outer; ++o)
+            std::memcpy(dst + o * out_chunk, src + o * chunk, static_cast<size_t>(chunk) * sizeof(float));
+          col += chunk;
         }
-        break;
       }
-      case OpKind::maxpool2d:
-      case OpKind::avgpool2d: {
-        const auto& si = shapes_[op.in];
-        const auto& so = shapes_[op.out];
-        const int64_t planes = batch * si[0];
-        const bool is_max = op.kind == OpKind::maxpool2d;
-        const float area = static_cast<float>(op.kernel[0] * op.kernel[1]);
-        for (int64_t p = 0; p < planes; ++p) {
-          const float* src = x + p * si[1] * si[2];
-          float* dst = y + p * so[1] * so[2];
-          for (int64_t oh = 0; oh < so[1]; ++oh) {
-            for (int64_t ow = 0; ow < so[2]; ++ow) {
-              float acc = is_max ? -INFINITY : 0.0f;
-              for (int kh = 0; kh < op.kernel[0]; ++kh) {
-                const int64_t r = oh * op.stride[0] + kh - op.padding[0];
-                if (r < 0 || r >= si[1]) continue;
-                for (int kw = 0; kw < op.kernel[1]; ++kw) {
-                  const int64_t c = ow * op.stride[1] + kw - op.padding[1];
-                  if (c < 0 || c >= si[2]) continue;
-                  const float v = src[r * si[2] + c];
-                  acc = is_max ? (v > acc || v != v ? v : acc) : acc + v;
-                }
-              }
-              dst[oh * so[2] + ow] = is_max ? acc : acc / area;  // count_include_pad=True
-            }
-          }
-        }
-        break;
-      }
-      case OpKind::global_avgpool: {
-        const auto& si = shapes_[op.in];
-        const int64_t plane = si[1] * si[2];
-        for (int64_t p = 0; p < batch * si[0]; ++p) {
-          double acc = 0.0;
-          for (int64_t i = 0; i < plane; ++i) acc += x[p * plane + i];
-          y[p] = static_cast<float>(acc / static_cast<double>(plane));
-        }
-        break;
-      }
-      case OpKind::softmax:
-      case OpKind::layernorm: {
-        const int64_t len = shapes_[op.in].back();
-        for (int64_t r = 0; r < n_in / len; ++r) {
-          const float* src = x + r * len;
-          float* dst = y + r * len;
-          if (op.kind == OpKind::softmax) {
-            float mx = -INFINITY;
-            for (int64_t i = 0; i < len; ++i) mx = std::max(mx, src[i]);
-            double sum = 0.0;
-            for (int64_t i = 0; i < len; ++i) sum += (dst[i] = std::exp(src[i] - mx));
-            const float inv = static_cast<float>(1.0 / sum);
-            for (int64_t i = 0; i < len; ++i) dst[i] *= inv;
-          } else {
-            double mean = 0.0, var = 0.0;
-            for (int64_t i = 0; i < len; ++i) mean += src[i];
-            mean /= static_cast<double>(len);
-            for (int64_t i = 0; i < len; ++i) var += (src[i] - mean) * (src[i] - mean);
-            var /= static_cast<double>(len);
-            const float inv = static_cast<float>(1.0 / std::sqrt(var + op.eps));
-            for (int64_t i = 0; i < len; ++i)
-              dst[i] = static_cast<float>(src[i] - mean) * inv * op.gamma[i] + op.beta[i];
-          }
-        }
-        break;
-      }
+      break;
+    }
+    case OpKind::embedding: {
+      const int64_t dim = static_cast<int64_t>(op.table.size()) / op.table_rows;
+      const int64_t bad = embedding_lookup(x, n_in, op.table.data(), op.table_rows, dim, y);
+      if (bad >= 0)
+        fail("embedding: input value " + std::to_string(x[bad]) + " at flat position " + std::to_string(bad) +
+             " is not a row index in [0, " + std::to_string(op.table_rows) + ")");
+      break;
     }
   }
+}
+
+void Plan::run(const std::vector<const float*>& inputs, int64_t batch, const std::vector<float*>& outputs,
+               int n_threads) const {
+  if (!finalized_) fail("run() before finalize()");
+  // The arena is the calling thread's own (concurrent calls never share it), kept between calls
+  // so a service does not pay fresh page faults on every request; laid out by finalize(). Not
+  // zero-filled: every op writes all of its output.
+  static thread_local ScratchBuffer arena;
+  float* base = arena.get(std::max<int64_t>(batch * arena_per_sample_, 16));
+  std::vector<float*> buf(shapes_.size());
+  for (size_t b = 0; b < shapes_.size(); ++b) buf[b] = base + batch * offset_[root(static_cast<int>(b))];
+  for (size_t k = 0; k < inputs_.size(); ++k)
+    std::memcpy(buf[inputs_[k]], inputs[k], static_cast<size_t>(batch * numel_[inputs_[k]]) * sizeof(float));
+  for (const PlanOp& op : ops_) run_op(op, buf.data(), batch, n_threads);
   for (size_t k = 0; k < outputs_.size(); ++k)
-    std::memcpy(outputs[k], buf(outputs_[k]), static_cast<size_t>(batch * numel_[outputs_[k]]) * sizeof(float));
+    std::memcpy(outputs[k], buf[outputs_[k]], static_cast<size_t>(batch * numel_[outputs_[k]]) * sizeof(float));
 }
 
 }  // namespace sparseprune

@@ -1,6 +1,6 @@
 // A whole model as one native plan: buffers planned ahead (shapes per sample, batch given at run
 // time) and a list of ops over them, executed in one call. Everything is validated when the plan
-// is built (see bindings/plan.cpp); run() does no checking beyond the batch size.
+// is built (see bindings/plan.cpp); run() checks only the data itself (embedding ids).
 #pragma once
 
 #include <cstdint>
@@ -10,23 +10,44 @@
 
 #include "kernels/packed_conv.h"
 #include "kernels/packed_linear.h"
+#include "kernels/tensor_ops.h"
 
 namespace sparseprune {
 
-enum class Activation { none, relu, relu6, gelu, silu, sigmoid, tanh, hardswish };
 Activation parse_activation(const std::string& name);  // throws std::invalid_argument
 
-enum class OpKind { linear, conv2d, activation, add, mul, maxpool2d, avgpool2d, global_avgpool, softmax, layernorm };
+enum class OpKind {
+  linear, conv2d, activation, add, mul, maxpool2d, avgpool2d, global_avgpool, softmax, layernorm,
+  affine, matmul, attention, permute, cat, embedding
+};
+
+// A dense Linear weight, packed once for the GEMM kernel (W^T in 16-column panels).
+struct DenseWeights {
+  int64_t rows = 0, cols = 0;
+  std::vector<float> packed;  // gemm_pack_b of W^T: cols x rows
+  std::vector<float> bias;    // rows entries, or empty
+  static std::shared_ptr<const DenseWeights> make(int64_t rows, int64_t cols, const float* weight, const float* bias);
+};
 
 struct PlanOp {
   OpKind kind = OpKind::activation;
-  int in = -1, in2 = -1, out = -1;
+  int in = -1, in2 = -1, in3 = -1, out = -1;  // in2: add/mul/matmul second operand, attention k; in3: attention v
+  std::vector<int> ins;                       // cat operands
   Activation act = Activation::none;
-  std::shared_ptr<const PackedLinear> linear;
+  std::shared_ptr<const PackedLinear> linear;  // linear: sparse weights, or
+  std::shared_ptr<const DenseWeights> dense;   // dense weights
   std::shared_ptr<const PackedConv> conv;
   int kernel[2] = {1, 1}, stride[2] = {1, 1}, padding[2] = {0, 0};  // pools
   std::vector<float> gamma, beta;                                   // layernorm
   float eps = 1e-5f;
+  float scale = 1.0f, shift = 0.0f;  // affine; matmul/attention scale
+  bool transpose_b = false;          // matmul
+  bool causal = false, sequence_first = false;
+  int heads = 1;                     // attention (sequence_first layout)
+  std::vector<int> perm;             // permute, over per-sample dims
+  int axis = 0;                      // cat, over per-sample dims
+  std::vector<float> table;          // embedding rows x dim
+  int64_t table_rows = 0;
 };
 
 class Plan {
@@ -36,27 +57,36 @@ class Plan {
   void set_io(const std::vector<int>& inputs, const std::vector<int>& outputs);
   // Checks the op against the buffers' shapes; throws std::invalid_argument naming the problem.
   void add_op(PlanOp op);
+  // After the last add_op: checks every buffer is written before it is read and lays out the
+  // arena, letting buffers whose lifetimes do not overlap share memory.
+  void finalize();
 
   const std::vector<int64_t>& shape(int buffer) const { return shapes_[buffer]; }
   int64_t numel(int buffer) const { return numel_[buffer]; }
   const std::vector<int>& inputs() const { return inputs_; }
   const std::vector<int>& outputs() const { return outputs_; }
   size_t n_ops() const { return ops_.size(); }
+  int64_t arena_floats_per_sample() const { return arena_per_sample_; }
 
   // inputs[k] holds batch * numel(inputs()[k]) floats, outputs[k] room for numel(outputs()[k]).
-  // Scratch is allocated per call, so concurrent calls never share buffers.
+  // Scratch is allocated per call, so concurrent calls never share buffers. Throws
+  // std::invalid_argument for data no plan check can catch (an embedding id out of range).
   void run(const std::vector<const float*>& inputs, int64_t batch, const std::vector<float*>& outputs,
            int n_threads) const;
 
  private:
   int root(int buffer) const { return alias_[buffer] >= 0 ? root(alias_[buffer]) : buffer; }
-  void check_buffer(int id, const char* what) const;
+  void check_buffer(int id, const std::string& what) const;
+  void run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_threads) const;
 
   std::vector<std::vector<int64_t>> shapes_;
   std::vector<int64_t> numel_;
   std::vector<int> alias_;
   std::vector<int> inputs_, outputs_;
   std::vector<PlanOp> ops_;
+  std::vector<int64_t> offset_;  // per root buffer, in floats per sample (times batch at run time)
+  int64_t arena_per_sample_ = 0;
+  bool finalized_ = false;
 };
 
 }  // namespace sparseprune

@@ -27,6 +27,57 @@ inline vf8 relu8(vf8 v) {
   return v < zero ? zero : v;
 }
 
+typedef int32_t vi8 __attribute__((vector_size(32)));
+
+inline vf8 min8(vf8 a, vf8 b) { return a < b ? a : b; }
+inline vf8 max8(vf8 a, vf8 b) { return a > b ? a : b; }
+inline float hsum8(vf8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+inline float hmax8(vf8 v) {
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// e^x to ~2 ulp for x in [-87, 88] (Cephes' expf polynomial after x = n ln2 + r); below -87
+// the result flushes towards 0, above 88 it saturates at e^88. NaN stays NaN.
+inline vf8 exp8(vf8 x) {
+  const vf8 hi = splat8(88.0f), lo = splat8(-87.0f);
+  const vf8 xc = x > hi ? hi : (x < lo ? lo : x);  // NaN compares false and passes through
+  const vf8 t = xc * splat8(1.44269504088896341f) + splat8(0.5f);
+  vi8 n = __builtin_convertvector(t, vi8);           // truncation...
+  vf8 fn = __builtin_convertvector(n, vf8);
+  n = fn > t ? n - 1 : n;                            // ...made floor
+  fn = __builtin_convertvector(n, vf8);
+  const vf8 r = xc - fn * splat8(0.693359375f) + fn * splat8(2.12194440e-4f);
+  vf8 p = splat8(1.9875691500e-4f);
+  p = p * r + splat8(1.3981999507e-3f);
+  p = p * r + splat8(8.3334519073e-3f);
+  p = p * r + splat8(4.1665795894e-2f);
+  p = p * r + splat8(1.6666665459e-1f);
+  p = p * r + splat8(5.0000001201e-1f);
+  p = p * r * r + r + splat8(1.0f);
+  const vi8 bits = (n + 127) << 23;
+  vf8 scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  const vf8 y = p * scale;
+  return x != x ? x : y;
+}
+
+// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), odd-extended.
+inline vf8 erf8(vf8 x) {
+  const vf8 ax = x < splat8(0.0f) ? -x : x;
+  const vf8 t = splat8(1.0f) / (splat8(1.0f) + splat8(0.3275911f) * ax);
+  vf8 p = splat8(1.061405429f);
+  p = p * t + splat8(-1.453152027f);
+  p = p * t + splat8(1.421413741f);
+  p = p * t + splat8(-0.284496736f);
+  p = p * t + splat8(0.254829592f);
+  const vf8 y = splat8(1.0f) - p * t * exp8(-ax * ax);
+  return x < splat8(0.0f) ? -y : y;
+}
+
 constexpr int64_t kVec = 8;         // floats per vector
 constexpr int64_t kAlign = 64;      // bytes; one cache line
 

@@ -15,6 +15,7 @@ by one and leaves the rest to torch).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import operator
 import sys
@@ -30,10 +31,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 from sparseprune import formats
 from sparseprune.config import resolve_threads
 from sparseprune.convert.fusion import fuses_relu, prepare_fusions
-from sparseprune.convert.selection import MIN_BLOCK_FILL
+from sparseprune.convert.selection import CSR_SPARSITY_THRESHOLD, MIN_BLOCK_FILL
 from sparseprune.nn.sparse_conv import SparseConv2d, UnsupportedLayer, conv_padding
 from sparseprune.nn.sparse_linear import SparseLinear
 from sparseprune.prune import is_pruned, remove
+from sparseprune._native import _C
 from sparseprune.runtime import Executable
 from sparseprune.runtime.spec import SPEC_FORMAT, SPEC_VERSION
 from sparseprune.timing import time_interleaved
@@ -83,6 +85,14 @@ class _Param:
     tensor: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _NotComputed:
+    """A result the executable does not compute (e.g. MultiheadAttention's attention weights):
+    fine while unused, an error once an op reads it."""
+
+    what: str
+
+
 _ACTIVATION_MODULES = {
     nn.ReLU: "relu",
     nn.ReLU6: "relu6",
@@ -110,13 +120,22 @@ _IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dro
 _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 _ADD = (operator.add, torch.add)
 _MUL = (operator.mul, torch.mul)
+_SUB = (operator.sub, torch.sub)
+_DIV = (operator.truediv, torch.div)
+
+
+# torch's attention modules branch on tensor properties (fast paths) and cannot be traced: they
+# stay whole and are lowered from their parameters (_Lowering.lower_mha and friends).
+_ATTENTION_LEAVES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer, also keeping sparseprune's native modules whole (their forward is numpy)."""
+    """fx's tracer, also keeping sparseprune's native modules (their forward is numpy) and torch's
+    attention modules whole."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (SparseLinear, SparseConv2d)) or super().is_leaf_module(m, module_qualified_name)
+        return (isinstance(m, (SparseLinear, SparseConv2d)) or type(m) in _ATTENTION_LEAVES
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def _pair(v) -> List[int]:
@@ -152,7 +171,10 @@ class _Lowering:
         self.outputs: List[int] = []
         self._linear_fields: Dict[str, Dict[str, Any]] = {}  # weight name -> spec fields
         self._conv_fields: Dict[str, Dict[str, Any]] = {}
-        self._param_pairs: Dict[Tuple[int, int], Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self._param_pairs: Dict[Any, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
+        self.id_buffers: set = set()  # inputs holding integer ids (embedding lookups only)
+        self.input_dtypes: List[str] = []
+        self.transposed: Dict[int, int] = {}  # buffer -> the buffer it is the last-two-dims transpose of
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -178,13 +200,15 @@ class _Lowering:
     def shape_of(self, buffer: int) -> Tuple[int, ...]:
         return tuple(self.buffers[buffer]["shape"])
 
-    def sample_shape(self, node: fx.Node) -> Tuple[int, ...]:
+    def sample_shape(self, node: fx.Node, allow_ids: bool = False) -> Tuple[int, ...]:
         """Per-sample shape of the tensor `node` computes (from ShapeProp), checked."""
         meta = node.meta.get("tensor_meta")
         if meta is None or not hasattr(meta, "shape"):
             raise self.fail(node, "its result is not a single tensor")
         shape = tuple(int(d) for d in meta.shape)
-        if meta.dtype != torch.float32:
+        if allow_ids and meta.dtype in (torch.int64, torch.int32):
+            pass
+        elif meta.dtype != torch.float32:
             raise self.fail(node, f"it computes a {meta.dtype} tensor (the executor runs float32 only)")
         if len(shape) < 2:
             raise self.fail(node, f"its result has shape {shape}: the executor needs a batch dimension plus at "
@@ -194,17 +218,22 @@ class _Lowering:
                                   f"({self.batch})")
         return shape[1:]
 
-    def tensor(self, node: fx.Node, value: Any, what: str = "input") -> int:
+    def tensor(self, node: fx.Node, value: Any, what: str = "input", allow_ids: bool = False) -> int:
         if isinstance(value, fx.Node):
             value = self.env[value]
         if not isinstance(value, _Tensor):
             raise self.fail(node, f"its {what} is {self._describe(value)}, not an activation tensor")
+        if value.buffer in self.id_buffers and not allow_ids:
+            raise self.fail(node, f"its {what} is an integer (token id) input: the executor only feeds those to "
+                                  "embeddings")
         return value.buffer
 
     @staticmethod
     def _describe(value: Any) -> str:
         if isinstance(value, _Param):
             return "a parameter/constant tensor"
+        if isinstance(value, _NotComputed):
+            return f"{value.what}, which the executable does not compute"
         return f"the constant {value!r:.60}"
 
     def arg(self, node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -226,6 +255,13 @@ class _Lowering:
         self.ops.append(op)
         return _Tensor(out)
 
+    def emit_shaped(self, op: Dict[str, Any], shape: Sequence[int], name: str) -> int:
+        """Append `op`, writing a new buffer of per-sample `shape` (for ops inside a lowered module)."""
+        out = self.new_buffer(shape, name)
+        op["out"] = out
+        self.ops.append(op)
+        return out
+
     def reshape(self, node: fx.Node, src: int) -> _Tensor:
         """A view of `src` with `node`'s per-sample shape (same storage: buffers are contiguous)."""
         shape = self.sample_shape(node)
@@ -243,11 +279,12 @@ class _Lowering:
         if id(layer) in self.packed_names:
             name = self.packed_names[id(layer)]
             return name, self._linear_fields[name]
+        name = path
         if isinstance(layer, SparseLinear):
             p = layer.packed
             fmt, block = p.format, tuple(p.block_shape)
             rows, cols = p.shape
-            indptr, indices, values, bias = p.indptr, p.indices, p.values, p.bias
+            arrays = _sparse_arrays(name, p.indptr, p.indices, p.values, p.bias)
             kernel, reason = (fmt if fmt == "csr" else "bsr{}x{}".format(*block)), "already converted"
             sparsity = layer.sparsity
         else:
@@ -256,15 +293,8 @@ class _Lowering:
             bias = None if b_t is None else b_t.detach().to(torch.float32).cpu().numpy().reshape(-1)
             rows, cols = weight.shape
             sparsity = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
-            kernel, fmt, block, reason = self.choose_linear_format(weight, bias, x_rows)
-            arrays = formats.csr_arrays(weight) if fmt == "csr" else formats.bsr_arrays(weight, *block)
-            indptr, indices, values = arrays
-        name = path
-        self.arrays[f"{name}.indptr"] = np.ascontiguousarray(indptr, dtype=np.int64)
-        self.arrays[f"{name}.indices"] = _small_indices(indices)
-        self.arrays[f"{name}.values"] = np.ascontiguousarray(values, dtype=np.float32)
-        if bias is not None:
-            self.arrays[f"{name}.bias"] = np.ascontiguousarray(bias, dtype=np.float32)
+            kernel, fmt, block, arrays, reason = self.choose_linear_format(name, weight, bias, sparsity, x_rows)
+        self.arrays.update(arrays)
         fields = {"weight": name, "format": fmt, "block": list(block), "rows": int(rows), "cols": int(cols)}
         self.packed_names[id(layer)] = name
         self._linear_fields[name] = fields
@@ -272,32 +302,45 @@ class _Lowering:
                             "reason": reason})
         return name, fields
 
-    def choose_linear_format(self, weight: np.ndarray, bias, x_rows: int):
-        """csr, or a block format when measured faster on this machine (policy="measure")."""
-        candidates = {"csr": ("csr", (1, 1))}
-        for r, c in formats.BLOCK_SHAPES:
-            if formats.block_fill(weight, r, c) >= MIN_BLOCK_FILL:
-                candidates[f"bsr{r}x{c}"] = ("bsr", (r, c))
-        if self.policy == "threshold" or len(candidates) == 1:
-            why = "policy='threshold'" if self.policy == "threshold" else "no block format fits the nonzeros"
-            return "csr", "csr", (1, 1), why
-        packed = {k: formats.pack(weight, bias, fmt, block) for k, (fmt, block) in candidates.items()}
-        x = np.random.default_rng(0).standard_normal((max(x_rows, 1), weight.shape[1])).astype(np.float32)
-        fns = {k: (lambda p=p: p.forward(x, False, self.threads)) for k, p in packed.items()}
-        times = time_interleaved(fns, warmup=1, repeats=5, min_time_s=0.005)
-        best = min(times, key=lambda k: times[k].min_s)
+    def choose_linear_format(self, name: str, weight: np.ndarray, bias, sparsity: float, x_rows: int):
+        """dense, csr or a block format: with policy="measure" the fastest on this machine, timed as
+        the executor runs it (a one-op plan) at the row count the layer sees on the example inputs;
+        with "threshold", csr from CSR_SPARSITY_THRESHOLD sparsity, else dense."""
+        candidates = {"dense": ("dense", (1, 1))}
+        if sparsity > 0.0:
+            candidates["csr"] = ("csr", (1, 1))
+            for r, c in formats.BLOCK_SHAPES:
+                if formats.block_fill(weight, r, c) >= MIN_BLOCK_FILL:
+                    candidates[f"bsr{r}x{c}"] = ("bsr", (r, c))
+        arrays = {k: _linear_format_arrays(name, weight, bias, fmt, block) for k, (fmt, block) in candidates.items()}
+        if self.policy == "threshold":
+            best = "csr" if sparsity >= CSR_SPARSITY_THRESHOLD else "dense"
+            why = f"policy='threshold': sparsity {sparsity:.2f} {'>=' if best == 'csr' else '<'} {CSR_SPARSITY_THRESHOLD}"
+        else:
+            rows, cols = weight.shape
+            x = np.random.default_rng(0).standard_normal((max(x_rows, 1), cols)).astype(np.float32)
+            plans = {k: _one_linear_plan(arrays[k], name, fmt, block, rows, cols, bias is not None)
+                     for k, (fmt, block) in candidates.items()}
+            fns = {k: (lambda p=p: p.run([x], self.threads)) for k, p in plans.items()}
+            times = time_interleaved(fns, warmup=1, repeats=5, min_time_s=0.005)
+            best = min(times, key=lambda k: times[k].min_s)
+            why = f"fastest measured of {sorted(candidates)} at {x_rows} rows"
         fmt, block = candidates[best]
-        return best, fmt, block, f"fastest measured of {sorted(candidates)} at {x_rows} rows"
+        return best, fmt, block, arrays[best], why
 
-    def lower_linear(self, node: fx.Node, layer: Any, relu: bool, path: Optional[str] = None) -> _Tensor:
-        src = self.tensor(node, node.args[0])
+    def linear_op(self, node: fx.Node, src: int, layer: Any, path: str, activation: Optional[str] = None) -> Tuple[Dict[str, Any], Tuple[int, ...]]:
+        """The spec op applying `layer` to buffer `src`, and its output's per-sample shape."""
         shape = self.shape_of(src)
         x_rows = self.batch * math.prod(shape[:-1])
-        path = node.target if path is None else path
         name, fields = self.linear_arrays(layer, path, x_rows)
         if shape[-1] != fields["cols"]:
             raise self.fail(node, f"its input has {shape[-1]} features, the layer expects {fields['cols']}")
-        op = {"op": "linear", "name": path, "in": src, **fields, "activation": "relu" if relu else None}
+        op = {"op": "linear", "name": path, "in": src, **fields, "activation": activation}
+        return op, shape[:-1] + (fields["rows"],)
+
+    def lower_linear(self, node: fx.Node, layer: Any, relu: bool, path: Optional[str] = None) -> _Tensor:
+        src = self.tensor(node, node.args[0])
+        op, _ = self.linear_op(node, src, layer, node.target if path is None else path, "relu" if relu else None)
         return self.emit(op, node)
 
     def lower_conv(self, node: fx.Node, layer: nn.Module, relu: bool) -> _Tensor:
@@ -474,6 +517,214 @@ class _Lowering:
             raise self.fail(node, f"size({dim!r}) is out of range")
         return full[dim]
 
+    # --- attention and sequence ops ----------------------------------------------------------
+
+    def lower_mha(self, node: fx.Node, m: nn.MultiheadAttention, path: str, query: int, key: int, value: int,
+                  key_padding_mask=None, attn_mask=None, is_causal: bool = False) -> int:
+        """nn.MultiheadAttention (batch_first) as q/k/v linears, one attention op and out_proj."""
+        if not m.batch_first:
+            raise self.fail(node, "MultiheadAttention(batch_first=False): the executor needs the batch first "
+                                  "(build it with batch_first=True)")
+        if m.bias_k is not None or m.add_zero_attn:
+            raise self.fail(node, "MultiheadAttention with add_bias_kv or add_zero_attn")
+        if key_padding_mask is not None or attn_mask is not None:
+            raise self.fail(node, "attention masks (attn_mask / key_padding_mask) are not supported; "
+                                  "a causal mask is, through F.scaled_dot_product_attention(is_causal=True)")
+        e = m.embed_dim
+        if m._qkv_same_embed_dim:
+            w = m.in_proj_weight
+            weights = [w[:e], w[e:2 * e], w[2 * e:]]
+        else:
+            weights = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
+        b = m.in_proj_bias
+        biases = [None, None, None] if b is None else [b[:e], b[e:2 * e], b[2 * e:]]
+        projected = []
+        for part, src, w_t, b_t in zip("qkv", (query, key, value), weights, biases):
+            if len(self.shape_of(src)) != 2:
+                raise self.fail(node, f"its {part} input has per-sample shape {self.shape_of(src)}, expected "
+                                      "(sequence, features)")
+            pair = self._param_pairs.setdefault((id(m), part), (w_t, b_t))
+            op, shape = self.linear_op(node, src, pair, f"{path}.in_proj.{part}")
+            projected.append(self.emit_shaped(op, shape, f"{path}.{part}"))
+        q, k, v = projected
+        head_dim = e // m.num_heads
+        att = self.emit_shaped({"op": "attention", "q": q, "k": k, "v": v, "layout": "sequence_first",
+                                "heads": int(m.num_heads), "scale": 1.0 / math.sqrt(head_dim),
+                                "causal": bool(is_causal), "name": f"{path}.attention"},
+                               self.shape_of(q)[:1] + self.shape_of(v)[1:], f"{path}.attention")
+        op, shape = self.linear_op(node, att, m.out_proj, f"{path}.out_proj")
+        return self.emit_shaped(op, shape, f"{path}.out_proj")
+
+    def lower_encoder_layer(self, node: fx.Node, layer: nn.TransformerEncoderLayer, path: str, src: int) -> int:
+        """nn.TransformerEncoderLayer (batch_first, no masks): attention and feed-forward blocks with
+        their residual adds and layer norms, post- or pre-norm."""
+        act = layer.activation
+        kind = _ACTIVATION_FUNCTIONS.get(act) or _ACTIVATION_MODULES.get(type(act))
+        if kind is None or (isinstance(act, nn.GELU) and act.approximate != "none"):
+            raise self.fail(node, f"encoder layer activation {act!r}")
+
+        def norm(x: int, ln: nn.LayerNorm, name: str) -> int:
+            self.arrays[f"{name}.gamma"] = ln.weight.detach().float().cpu().numpy().copy()
+            self.arrays[f"{name}.beta"] = (np.zeros(ln.normalized_shape, np.float32) if ln.bias is None
+                                           else ln.bias.detach().float().cpu().numpy().copy())
+            return self.emit_shaped({"op": "layernorm", "in": x, "weight": name, "eps": float(ln.eps), "name": name},
+                                    self.shape_of(x), name)
+
+        def add(a: int, b: int, name: str) -> int:
+            return self.emit_shaped({"op": "add", "a": a, "b": b, "activation": None, "name": name},
+                                    self.shape_of(a), name)
+
+        def attention_block(x: int) -> int:
+            return self.lower_mha(node, layer.self_attn, f"{path}.self_attn", x, x, x)
+
+        def feed_forward(x: int) -> int:
+            op, shape = self.linear_op(node, x, layer.linear1, f"{path}.linear1", kind)
+            hidden = self.emit_shaped(op, shape, f"{path}.linear1")
+            op, shape = self.linear_op(node, hidden, layer.linear2, f"{path}.linear2")
+            return self.emit_shaped(op, shape, f"{path}.linear2")
+
+        x = src
+        if layer.norm_first:
+            x = add(x, attention_block(norm(x, layer.norm1, f"{path}.norm1")), f"{path}.add1")
+            x = add(x, feed_forward(norm(x, layer.norm2, f"{path}.norm2")), f"{path}.add2")
+        else:
+            x = norm(add(x, attention_block(x), f"{path}.add1"), layer.norm1, f"{path}.norm1")
+            x = norm(add(x, feed_forward(x), f"{path}.add2"), layer.norm2, f"{path}.norm2")
+        return x
+
+    def lower_attention_module(self, node: fx.Node, m: nn.Module) -> Any:
+        path = node.target
+        args = [self.arg(node, i, "") for i in range(len(node.args))]
+        kwargs = {k: self.env[v] if isinstance(v, fx.Node) else v for k, v in node.kwargs.items()}
+        if isinstance(m, nn.MultiheadAttention):
+            names = ["query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+                     "average_attn_weights", "is_causal"]
+            bound = dict(zip(names, args), **kwargs)
+            q, k, v = (self.tensor(node, bound.get(n), n) for n in ("query", "key", "value"))
+            out = self.lower_mha(node, m, path, q, k, v, bound.get("key_padding_mask"), bound.get("attn_mask"),
+                                 bool(bound.get("is_causal", False)))
+            return (_Tensor(out), _NotComputed("the attention weights (need_weights=True)"))
+        names = ["src", "mask" if isinstance(m, nn.TransformerEncoder) else "src_mask", "src_key_padding_mask",
+                 "is_causal"]
+        bound = dict(zip(names, args), **kwargs)
+        if any(bound.get(n) is not None for n in names[1:3]) or bound.get("is_causal"):
+            raise self.fail(node, "encoder masks (mask / src_key_padding_mask / is_causal) are not supported")
+        x = self.tensor(node, bound.get("src"), "src")
+        if isinstance(m, nn.TransformerEncoderLayer):
+            layers, final_norm = [("", m)], None
+        else:
+            layers, final_norm = [(f".layers.{i}", layer) for i, layer in enumerate(m.layers)], m.norm
+        for suffix, layer in layers:
+            if not (type(layer) is nn.TransformerEncoderLayer and layer.self_attn.batch_first):
+                raise self.fail(node, "encoder layers must be batch_first nn.TransformerEncoderLayer")
+            x = self.lower_encoder_layer(node, layer, path + suffix, x)
+        if final_norm is not None:
+            if type(final_norm) is not nn.LayerNorm:
+                raise self.fail(node, f"encoder norm {type(final_norm).__name__}")
+            name = f"{path}.norm"
+            self.arrays[f"{name}.gamma"] = final_norm.weight.detach().float().cpu().numpy().copy()
+            self.arrays[f"{name}.beta"] = final_norm.bias.detach().float().cpu().numpy().copy()
+            x = self.emit_shaped({"op": "layernorm", "in": x, "weight": name, "eps": float(final_norm.eps),
+                                  "name": name}, self.shape_of(x), name)
+        return self.reshape(node, x)
+
+    def embedding(self, node: fx.Node, ids_value: Any, table: torch.Tensor, name: str, max_norm=None) -> _Tensor:
+        ids = self.tensor(node, ids_value, "input", allow_ids=True)
+        if ids not in self.id_buffers:
+            raise self.fail(node, "the embedding's ids must be an integer input of the model")
+        if max_norm is not None:
+            raise self.fail(node, "Embedding(max_norm=...) rewrites its weights during forward")
+        self.arrays[f"{name}.table"] = np.ascontiguousarray(table.detach().to(torch.float32).cpu().numpy())
+        self.layers.append({"name": name, "op": "embedding", "kernel": "lookup", "sparsity": 0.0,
+                            "reason": "table rows copied"})
+        return self.emit({"op": "embedding", "in": ids, "weight": name, "name": name}, node)
+
+    def permute(self, node: fx.Node, src_value: Any, dims: Sequence[int]) -> _Tensor:
+        """transpose/permute over per-sample dims (the batch stays first): a copy."""
+        src = self.tensor(node, src_value)
+        ndim = len(self.shape_of(src)) + 1
+        if not all(isinstance(d, int) for d in dims) or sorted(d % ndim for d in dims) != list(range(ndim)):
+            raise self.fail(node, f"permutation {list(dims)!r}")
+        dims = [d % ndim for d in dims]
+        if dims[0] != 0:
+            raise self.fail(node, "it moves the batch dimension (the executor keeps the batch first)")
+        perm = [d - 1 for d in dims[1:]]
+        if perm == sorted(perm):
+            return _Tensor(src)
+        out = self.emit({"op": "permute", "in": src, "perm": perm, "name": node.name}, node)
+        n = len(perm)
+        if n >= 2 and perm == list(range(n - 2)) + [n - 1, n - 2]:
+            self.transposed[out.buffer] = src
+        return out
+
+    def transpose(self, node: fx.Node, src_value: Any, d0: int, d1: int) -> _Tensor:
+        ndim = len(self.shape_of(self.tensor(node, src_value))) + 1
+        dims = list(range(ndim))
+        dims[d0 % ndim], dims[d1 % ndim] = dims[d1 % ndim], dims[d0 % ndim]
+        return self.permute(node, src_value, dims)
+
+    def matmul(self, node: fx.Node, a_value: Any, b_value: Any) -> _Tensor:
+        a = self.tensor(node, a_value, "first operand")
+        b = self.tensor(node, b_value, "second operand")
+        sa, sb = self.shape_of(a), self.shape_of(b)
+        if len(sa) < 2 or len(sa) != len(sb) or sa[:-2] != sb[:-2]:
+            raise self.fail(node, f"matmul of per-sample shapes {sa} and {sb}: both operands need the same "
+                                  "rank >= 2 (with the batch, >= 3) and the same leading dimensions (no broadcasting)")
+        transpose_b = b in self.transposed  # read the source of a transpose directly (its copy becomes dead)
+        op = {"op": "matmul", "a": a, "b": self.transposed.get(b, b), "transpose_b": transpose_b, "scale": 1.0,
+              "name": node.name}
+        return self.emit(op, node)
+
+    def sdpa(self, node: fx.Node, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+             enable_gqa=False) -> _Tensor:
+        if attn_mask is not None:
+            raise self.fail(node, "attn_mask is not supported (is_causal=True is)")
+        if dropout_p != 0.0:
+            raise self.fail(node, f"dropout_p={dropout_p!r} (the executable is for inference: pass 0.0 in eval)")
+        if enable_gqa:
+            raise self.fail(node, "enable_gqa=True")
+        bq, bk, bv = (self.tensor(node, t, n) for t, n in ((q, "query"), (k, "key"), (v, "value")))
+        sq, sk, sv = self.shape_of(bq), self.shape_of(bk), self.shape_of(bv)
+        if len(sq) < 2 or not (len(sq) == len(sk) == len(sv)) or not (sq[:-2] == sk[:-2] == sv[:-2]):
+            raise self.fail(node, f"query/key/value per-sample shapes {sq}, {sk}, {sv} (no broadcasting)")
+        scale = 1.0 / math.sqrt(sq[-1]) if scale is None else float(scale)
+        return self.emit({"op": "attention", "q": bq, "k": bk, "v": bv, "layout": "heads_first", "heads": 1,
+                          "scale": scale, "causal": bool(is_causal), "name": node.name}, node)
+
+    def cat(self, node: fx.Node, tensors: Sequence[Any], dim: int = 0) -> _Tensor:
+        if not isinstance(tensors, (list, tuple)) or not tensors:
+            raise self.fail(node, "cat of a non-list")
+        ids = [self.tensor(node, t, "operand") for t in tensors]
+        ndim = len(self.shape_of(ids[0])) + 1
+        if not isinstance(dim, int) or dim % ndim == 0:
+            raise self.fail(node, f"cat along dim {dim!r} (the batch dimension)")
+        if len(ids) == 1:
+            return _Tensor(ids[0])
+        return self.emit({"op": "cat", "inputs": ids, "axis": dim % ndim - 1, "name": node.name}, node)
+
+    def scalar_arith(self, node: fx.Node, kind: str, a: Any, b: Any) -> _Tensor:
+        """x + c, c + x, x - c, c - x, x * c, c * x, x / c for a Python number c: one affine op."""
+        a_num, b_num = isinstance(a, (int, float)) and not isinstance(a, bool), isinstance(b, (int, float)) and not isinstance(b, bool)
+        if a_num == b_num:
+            raise self.fail(node, "only tensor-with-number arithmetic is supported here")
+        x, c = (b, float(a)) if a_num else (a, float(b))
+        src = self.tensor(node, x)
+        if kind == "add":
+            scale, shift = 1.0, c
+        elif kind == "mul":
+            scale, shift = c, 0.0
+        elif kind == "sub":
+            scale, shift = (-1.0, c) if a_num else (1.0, -c)
+        elif kind == "div" and not a_num:
+            if c == 0.0:
+                raise self.fail(node, "division by zero")
+            scale, shift = 1.0 / c, 0.0
+        else:
+            raise self.fail(node, "number / tensor")
+        if not (math.isfinite(scale) and math.isfinite(shift)):
+            raise self.fail(node, f"the constant {c!r} is not finite")
+        return self.emit({"op": "affine", "in": src, "scale": scale, "shift": shift, "name": node.name}, node)
+
     # --- the walk ------------------------------------------------------------------------------
 
     def lower(self) -> None:
@@ -495,8 +746,12 @@ class _Lowering:
 
     def lower_node(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
-            buffer = self.new_buffer(self.sample_shape(node), node.name)
+            buffer = self.new_buffer(self.sample_shape(node, allow_ids=True), node.name)
             self.inputs.append(buffer)
+            is_ids = node.meta["tensor_meta"].dtype != torch.float32
+            self.input_dtypes.append("int64" if is_ids else "float32")
+            if is_ids:
+                self.id_buffers.add(buffer)
             return _Tensor(buffer)
         if node.op == "get_attr":
             value = self.gm
@@ -515,6 +770,8 @@ class _Lowering:
 
     def lower_module(self, node: fx.Node, m: nn.Module) -> Any:
         t = type(m)
+        if t in _ATTENTION_LEAVES:
+            return self.lower_attention_module(node, m)
         x = node.args[0] if node.args else None
         if len(node.args) != 1 or node.kwargs:
             raise self.fail(node, "called with more than one argument")
@@ -543,6 +800,8 @@ class _Lowering:
             return self.layernorm(node, x, m.normalized_shape, m.weight, m.bias, m.eps)
         if t is nn.Softmax:
             return self.softmax(node, x, m.dim)
+        if t is nn.Embedding:
+            return self.embedding(node, x, m.weight, node.target, m.max_norm)
         if isinstance(m, nn.BatchNorm2d):
             raise self.fail(node, "a BatchNorm2d that does not directly follow a Conv2d cannot be folded")
         raise self.fail(node, f"the executor has no op for {t.__name__}")
@@ -550,10 +809,32 @@ class _Lowering:
     def lower_function(self, node: fx.Node) -> Any:
         fn = node.target
         a = lambda i, name, default=None: self.arg(node, i, name, default)  # noqa: E731
+        if fn in _ADD + _MUL + _SUB + _DIV and len(node.args) == 2 and not node.kwargs and any(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in node.args):
+            kind = "add" if fn in _ADD else "mul" if fn in _MUL else "sub" if fn in _SUB else "div"
+            return self.scalar_arith(node, kind, a(0, "input"), a(1, "other"))
         if fn in _ADD:
             return self.binary(node, "add")
         if fn in _MUL:
             return self.binary(node, "mul")
+        if fn in (torch.matmul, operator.matmul, torch.bmm):
+            return self.matmul(node, a(0, "input"), a(1, "other"))
+        if fn is F.scaled_dot_product_attention:
+            names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+            defaults = [None, None, None, None, 0.0, False, None, False]
+            return self.sdpa(node, *[a(i, n, d) for i, (n, d) in enumerate(zip(names, defaults))])
+        if fn in (torch.transpose, torch.swapaxes):
+            return self.transpose(node, a(0, "input"), a(1, "dim0"), a(2, "dim1"))
+        if fn is torch.permute:
+            return self.permute(node, a(0, "input"), a(1, "dims"))
+        if fn in (torch.cat, torch.concat, torch.concatenate):
+            return self.cat(node, a(0, "tensors"), a(1, "dim", 0))
+        if fn is F.embedding:
+            weight = a(1, "weight")
+            if not isinstance(weight, _Param):
+                raise self.fail(node, "F.embedding needs a weight that is a parameter of the model")
+            weight_node = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+            return self.embedding(node, a(0, "input"), weight.tensor, weight_node.target, a(3, "max_norm"))
         if fn in _ACTIVATION_FUNCTIONS:
             kind = _ACTIVATION_FUNCTIONS[fn]
             if fn is F.gelu and a(1, "approximate", "none") != "none":
@@ -622,11 +903,52 @@ class _Lowering:
             return self.activation(node, _ACTIVATION_METHODS[name], a(0, "self"))
         if name == "softmax":
             return self.softmax(node, a(0, "self"), a(1, "dim"), a(2, "dtype"))
+        if name in ("add", "mul", "sub", "div") and len(node.args) == 2 and not node.kwargs and isinstance(
+                node.args[1], (int, float)) and not isinstance(node.args[1], bool):
+            return self.scalar_arith(node, name, a(0, "self"), node.args[1])
         if name in ("add", "mul"):
             return self.binary(node, name)
+        if name in ("matmul", "bmm"):
+            return self.matmul(node, a(0, "self"), a(1, "other"))
+        if name in ("transpose", "swapaxes"):
+            return self.transpose(node, a(0, "self"), a(1, "dim0"), a(2, "dim1"))
+        if name == "permute":
+            dims = [self.arg(node, i, "") for i in range(1, len(node.args))]
+            if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+                dims = list(dims[0])
+            return self.permute(node, a(0, "self"), dims)
         if name == "mean":
             return self.mean(node, a(0, "self"), a(1, "dim"), a(2, "keepdim", False), a(3, "dtype"))
         raise self.fail(node, "the executor has no op for it")
+
+
+def _sparse_arrays(name: str, indptr, indices, values, bias) -> Dict[str, np.ndarray]:
+    arrays = {f"{name}.indptr": np.ascontiguousarray(indptr, dtype=np.int64),
+              f"{name}.indices": _small_indices(indices),
+              f"{name}.values": np.ascontiguousarray(values, dtype=np.float32)}
+    if bias is not None:
+        arrays[f"{name}.bias"] = np.ascontiguousarray(bias, dtype=np.float32)
+    return arrays
+
+
+def _linear_format_arrays(name: str, weight: np.ndarray, bias, fmt: str, block) -> Dict[str, np.ndarray]:
+    """The spec arrays of a linear weight stored as `fmt` (dense, csr or bsr)."""
+    if fmt == "dense":
+        arrays = {f"{name}.weight": np.ascontiguousarray(weight, dtype=np.float32)}
+        if bias is not None:
+            arrays[f"{name}.bias"] = np.ascontiguousarray(bias, dtype=np.float32)
+        return arrays
+    packed = formats.csr_arrays(weight) if fmt == "csr" else formats.bsr_arrays(weight, *block)
+    return _sparse_arrays(name, *packed, bias)
+
+
+def _one_linear_plan(arrays: Dict[str, np.ndarray], name: str, fmt: str, block, rows: int, cols: int, has_bias: bool):
+    """A native plan of this one linear layer, for timing a format exactly as the executor runs it."""
+    spec = {"format": SPEC_FORMAT, "version": SPEC_VERSION, "buffers": [{"shape": [cols]}, {"shape": [rows]}],
+            "inputs": [0], "outputs": [1],
+            "ops": [{"op": "linear", "in": 0, "out": 1, "weight": name, "format": fmt, "block": list(block),
+                     "rows": rows, "cols": cols}]}
+    return _C.Plan(json.dumps(spec), arrays)
 
 
 def _small_indices(indices: np.ndarray) -> np.ndarray:
@@ -646,16 +968,16 @@ def _fuse_activations(
     aliased = {b["alias_of"] for b in buffers if b["alias_of"] is not None}
     readers: Dict[int, int] = {}
     for op in ops:
-        for key in ("in", "a", "b"):
-            if key in op:
-                readers[op[key]] = readers.get(op[key], 0) + 1
+        for b in _reads(op):
+            readers[b] = readers.get(b, 0) + 1
     producer = {op["out"]: op for op in ops}
     kept = []
     for op in ops:
         if op["op"] == "activation":
             src = op["in"]
             prod = producer.get(src)
-            if (prod is not None and prod["op"] in ("linear", "conv2d", "add", "mul") and prod.get("activation") is None
+            if (prod is not None and prod["op"] in ("linear", "conv2d", "add", "mul", "affine")
+                    and prod.get("activation") is None
                     and readers.get(src) == 1 and src not in aliased and src not in outputs
                     and buffers[src]["alias_of"] is None):
                 prod["activation"] = op["kind"]
@@ -666,12 +988,39 @@ def _fuse_activations(
     return kept
 
 
+_READ_KEYS = ("in", "a", "b", "q", "k", "v")
+
+
+def _reads(op: Dict[str, Any]) -> List[int]:
+    """The buffers an op reads."""
+    return [op[k] for k in _READ_KEYS if k in op] + list(op.get("inputs", ()))
+
+
+def _drop_dead_ops(buffers, ops, outputs) -> List[Dict[str, Any]]:
+    """Remove ops whose result nothing reads (e.g. a transpose copy a matmul now reads through
+    transpose_b), repeatedly."""
+    def root(b: int) -> int:
+        while buffers[b]["alias_of"] is not None:
+            b = buffers[b]["alias_of"]
+        return b
+
+    while True:
+        live = {root(b) for b in outputs}
+        for op in ops:
+            live.update(root(b) for b in _reads(op))
+        kept = [op for op in ops if root(op["out"]) in live]
+        if len(kept) == len(ops):
+            return ops
+        ops = kept
+
+
 def _compact(buffers, ops, inputs, outputs):
     """Drop buffers nothing refers to and renumber the rest (order kept: aliases stay after
     their targets)."""
     used = set(inputs) | set(outputs)
     for op in ops:
-        used.update(op[k] for k in ("in", "a", "b", "out") if k in op)
+        used.update(_reads(op))
+        used.add(op["out"])
     for i in range(len(buffers) - 1, -1, -1):  # the buffers an alias views must exist too
         if i in used and buffers[i]["alias_of"] is not None:
             used.add(buffers[i]["alias_of"])
@@ -683,9 +1032,11 @@ def _compact(buffers, ops, inputs, outputs):
             b["alias_of"] = new_id[b["alias_of"]]
         new_buffers.append(b)
     for op in ops:
-        for k in ("in", "a", "b", "out"):
+        for k in _READ_KEYS + ("out",):
             if k in op:
                 op[k] = new_id[op[k]]
+        if "inputs" in op:
+            op["inputs"] = [new_id[b] for b in op["inputs"]]
     return new_buffers, ops, [new_id[b] for b in inputs], [new_id[b] for b in outputs]
 
 
@@ -717,8 +1068,9 @@ def _as_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
     for k, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"example_inputs[{k}] must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            raise TypeError(f"example_inputs[{k}] must be a float32 CPU tensor, got {x.dtype} on {x.device}")
+        if x.dtype not in (torch.float32, torch.int64, torch.int32) or x.device.type != "cpu":
+            raise TypeError(f"example_inputs[{k}] must be a float32 (or integer token id) CPU tensor, got "
+                            f"{x.dtype} on {x.device}")
         if x.dim() < 2 or x.shape[0] < 1:
             raise ValueError(f"example_inputs[{k}] must have a batch dimension of at least 1 plus one more "
                              f"dimension, got shape {tuple(x.shape)}")
@@ -817,7 +1169,8 @@ def compile(
     if not lowering.ops:
         raise UnsupportedOperation(
             f"{type(model).__name__} computes nothing the executor runs (no ops). {_CONVERT_HINT}")
-    ops = _fuse_activations(lowering.buffers, lowering.ops, lowering.outputs)
+    ops = _drop_dead_ops(lowering.buffers, lowering.ops, lowering.outputs)
+    ops = _fuse_activations(lowering.buffers, ops, lowering.outputs)
     buffers, ops, ins, outs = _compact(lowering.buffers, ops, lowering.inputs, lowering.outputs)
     for op in ops:
         if op.get("activation", "x") is None:
@@ -829,6 +1182,7 @@ def compile(
         "inputs": ins,
         "outputs": outs,
         "ops": ops,
+        **({"input_dtypes": lowering.input_dtypes} if "int64" in lowering.input_dtypes else {}),
         "metadata": {
             "producer": f"sparseprune {getattr(sys.modules.get('sparseprune'), '__version__', 'unknown')}",
             "model": type(model).__name__,

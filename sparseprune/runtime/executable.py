@@ -22,6 +22,9 @@ from sparseprune.config import resolve_threads
 from sparseprune.runtime.spec import SPEC_FORMAT, SpecError, validate
 
 SPEC_KEY = "sparseprune_spec"  # safetensors metadata key holding the JSON spec
+# "int64" inputs (token ids) must lie in [0, MAX_INT_INPUT): float32, which carries them to the
+# native plan, holds every integer below 2**24 exactly.
+MAX_INT_INPUT = 1 << 24
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -39,8 +42,9 @@ class Executable:
 
     Build one with sparseprune.compile(model, example_inputs), Executable.from_spec(spec, arrays)
     or sparseprune.runtime.load(path). One Executable may be shared by many threads: each call
-    gets its own scratch buffers. Inputs are float32 numpy arrays [batch, *input_shapes[k]], any
-    batch size (including 0 and 1).
+    gets its own scratch buffers. Inputs are numpy arrays [batch, *input_shapes[k]], any batch
+    size (including 0 and 1): float32, or for an input the spec marks "int64" (input_dtypes; token
+    ids) an array of any integer dtype with values in [0, 2**24).
     """
 
     def __init__(self, *args, **kwargs):
@@ -74,21 +78,27 @@ class Executable:
     # --- running -------------------------------------------------------------------------------
 
     def run(self, *inputs: np.ndarray, n_threads: Optional[int] = None):
-        """The outputs for `inputs` (float32 numpy arrays, one per model input): one array when
-        the model has one output, else a tuple. n_threads overrides the executable's setting."""
+        """The outputs for `inputs` (numpy arrays, one per model input: float32, or integer ids for
+        an "int64" input): one array when the model has one output, else a tuple. n_threads
+        overrides the executable's setting."""
         layout = self._layout
         if len(inputs) != len(layout.input_shapes):
             want = ", ".join(f"{n} {_batch_shape(s)}" for n, s in zip(layout.input_names, layout.input_shapes))
             raise ValueError(f"expected {len(layout.input_shapes)} input(s) [{want}], got {len(inputs)}")
         arrays = []
         batch = None
-        for name, shape, x in zip(layout.input_names, layout.input_shapes, inputs):
+        for name, shape, dtype, x in zip(layout.input_names, layout.input_shapes, layout.input_dtypes, inputs):
+            ids = dtype == "int64"
+            kind = "an integer (token id)" if ids else "a float32"
             if not isinstance(x, np.ndarray):
                 hint = " (call .numpy() on a torch tensor)" if hasattr(x, "numpy") else ""
                 raise TypeError(
-                    f"{name} must be a float32 numpy array of shape {_batch_shape(shape)}, got {type(x).__name__}{hint}"
+                    f"{name} must be {kind} numpy array of shape {_batch_shape(shape)}, got {type(x).__name__}{hint}"
                 )
-            if x.dtype != np.float32:
+            if ids and not np.issubdtype(x.dtype, np.integer):
+                raise TypeError(f"{name} must hold integer token ids (input dtype int64), got {x.dtype} "
+                                f"(expected shape {_batch_shape(shape)})")
+            if not ids and x.dtype != np.float32:
                 raise TypeError(f"{name} must be float32, got {x.dtype} (expected shape {_batch_shape(shape)})")
             if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
                 raise ValueError(f"{name} must have shape {_batch_shape(shape)}, got {tuple(x.shape)}")
@@ -96,6 +106,13 @@ class Executable:
                 raise ValueError(
                     f"{name} has batch size {x.shape[0]}, but input 0 has {batch}: all inputs share the batch")
             batch = x.shape[0]
+            if ids:
+                if x.size:
+                    lo, hi = int(x.min()), int(x.max())
+                    if lo < 0 or hi >= MAX_INT_INPUT:
+                        raise ValueError(f"{name} holds the id {lo if lo < 0 else hi}, out of range "
+                                         f"[0, {MAX_INT_INPUT}) for an int64 input")
+                x = x.astype(np.float32)  # exact below 2**24
             arrays.append(np.ascontiguousarray(x))
         threads = _check_threads(n_threads) or self._n_threads
         outs = self._plan.run(arrays, resolve_threads(threads))
@@ -123,6 +140,11 @@ class Executable:
     @property
     def output_shapes(self) -> Tuple[Tuple[int, ...], ...]:
         return self._layout.output_shapes
+
+    @property
+    def input_dtypes(self) -> Tuple[str, ...]:
+        """Per input, "float32" or "int64" (integer token ids, see run())."""
+        return self._layout.input_dtypes
 
     @property
     def spec(self) -> Dict[str, Any]:
@@ -153,31 +175,43 @@ class Executable:
 
     @property
     def dense_nbytes(self) -> int:
-        """Bytes the same weights take as dense float32 tensors (weights, biases, norm params)."""
-        total = 0
+        """Bytes the same weights take as dense float32 tensors (weights, biases, norm params,
+        embedding tables). Arrays several ops share are counted once, as in nbytes."""
+        dense: Dict[str, int] = {}  # array name -> its bytes as a dense float32 tensor
         for op in self._layout.spec["ops"]:
             w = op.get("weight")
+            if w is None:
+                continue
             if op["op"] == "linear":
-                total += op["rows"] * op["cols"] * 4
+                main = f"{w}.weight" if op["format"] == "dense" else f"{w}.values"
+                dense[main] = op["rows"] * op["cols"] * 4
             elif op["op"] == "conv2d":
                 kh, kw = op["kernel"]
-                total += op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw * 4
+                dense[f"{w}.values"] = op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw * 4
+            elif op["op"] == "embedding":
+                dense[f"{w}.table"] = self._arrays[f"{w}.table"].size * 4
             for part in ("bias", "gamma", "beta"):
                 a = self._arrays.get(f"{w}.{part}")
-                total += 0 if a is None else a.nbytes
-        return total
+                if a is not None:
+                    dense[f"{w}.{part}"] = a.nbytes
+        return int(sum(dense.values()))
 
     def layer_table(self) -> List[Dict[str, Any]]:
-        """One row per weighted op: name, op, format, stored nonzeros and sparsity."""
+        """One row per weighted op (linear, conv2d, embedding): name, op, format, stored nonzeros
+        and sparsity. Dense linear weights and embedding tables have format "dense"."""
         rows = []
         for i, op in enumerate(self._layout.spec["ops"]):
-            if op["op"] not in ("linear", "conv2d"):
+            if op["op"] not in ("linear", "conv2d", "embedding"):
                 continue
             w = op["weight"]
             if op["op"] == "linear":
                 total = op["rows"] * op["cols"]
-                fmt = "csr" if op["format"] == "csr" else "bsr{}x{}".format(*op["block"])
-                nnz = int(np.count_nonzero(self._arrays[f"{w}.values"]))
+                fmt = {"csr": "csr", "dense": "dense"}.get(op["format"]) or "bsr{}x{}".format(*op["block"])
+                stored = self._arrays[f"{w}.weight" if op["format"] == "dense" else f"{w}.values"]
+                nnz = int(np.count_nonzero(stored))
+            elif op["op"] == "embedding":
+                table = self._arrays[f"{w}.table"]
+                total, fmt, nnz = table.size, "dense", int(np.count_nonzero(table))
             else:
                 kh, kw = op["kernel"]
                 total = op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw

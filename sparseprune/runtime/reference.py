@@ -38,8 +38,10 @@ def activate(x: np.ndarray, kind) -> np.ndarray:
 
 
 def dense_linear_weight(op: Mapping, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The dense [rows, cols] matrix a linear op's csr/bsr arrays hold."""
+    """The dense [rows, cols] matrix a linear op's arrays hold (csr, bsr or dense format)."""
     w, (r, c), rows, cols = op["weight"], op["block"], op["rows"], op["cols"]
+    if op["format"] == "dense":
+        return np.asarray(arrays[f"{w}.weight"], dtype=np.float32).reshape(rows, cols)
     indptr, indices, values = arrays[f"{w}.indptr"], arrays[f"{w}.indices"], arrays[f"{w}.values"]
     nbr, nbc = -(-rows // r), -(-cols // c)
     blocks = np.zeros((nbr, nbc, c, r), dtype=np.float32)  # column-major inside a block
@@ -89,12 +91,43 @@ def _pool(x: np.ndarray, op: Mapping, is_max: bool) -> np.ndarray:
     return stacked.max(axis=0) if is_max else stacked.sum(axis=0) / (kh * kw)  # count_include_pad
 
 
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, op: Mapping) -> np.ndarray:
+    """q [..., L, D], k [..., S, D], v [..., S, Dv] (leading dims equal) -> [..., L, Dv], in float64."""
+    scores = op["scale"] * (q @ np.swapaxes(k, -1, -2))
+    if op["causal"]:
+        n_q, n_k = scores.shape[-2:]
+        scores = np.where(np.arange(n_k)[None, :] > np.arange(n_q)[:, None], -np.inf, scores)
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))  # key 0 is never masked: max is finite
+    return (p / p.sum(axis=-1, keepdims=True)) @ v
+
+
+def _heads(x: np.ndarray, heads: int) -> np.ndarray:
+    """(batch, rows, heads * d) -> (batch, heads, rows, d)."""
+    n, rows, e = x.shape
+    return x.reshape(n, rows, heads, e // heads).transpose(0, 2, 1, 3)
+
+
+def _embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    ids = ids.astype(np.float64)
+    ok = np.isfinite(ids) & (ids >= 0) & (ids < table.shape[0])
+    ok &= np.floor(np.where(ok, ids, 0)) == ids
+    if not ok.all():
+        bad = np.flatnonzero(~ok.ravel())[0]
+        raise ValueError(f"embedding: input value {ids.ravel()[bad]!r} at flat position {bad} is not a row index "
+                         f"in [0, {table.shape[0]})")
+    return table.astype(np.float64)[ids.astype(np.int64)]
+
+
 def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
-    """Run `spec` on `inputs` (each [batch, *per-sample shape]) with plain numpy."""
+    """Run `spec` on `inputs` (each [batch, *per-sample shape]) with plain numpy.
+
+    Every buffer holds float32 between ops, as in the native plan; each op computes in float64.
+    Inputs are converted to float32 (for "int64" inputs: integer token ids). An embedding id that
+    is not an integer in [0, rows) raises ValueError."""
     layout: PlanLayout = validate(spec, arrays)
     if len(inputs) != len(layout.input_shapes):
         raise ValueError(f"expected {len(layout.input_shapes)} inputs, got {len(inputs)}")
-    batch = inputs[0].shape[0]
+    batch = np.shape(inputs[0])[0]
     storage: Dict[int, np.ndarray] = {}
 
     def read(b: int) -> np.ndarray:
@@ -122,6 +155,26 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
             write(op["out"], activate(y, op["activation"]))
         elif kind == "activation":
             write(op["out"], activate(read(op["in"]), op["kind"]))
+        elif kind == "affine":
+            y = read(op["in"]).astype(np.float64) * op["scale"] + op["shift"]
+            write(op["out"], activate(y, op["activation"]))
+        elif kind == "matmul":
+            a, b = read(op["a"]).astype(np.float64), read(op["b"]).astype(np.float64)
+            write(op["out"], op["scale"] * (a @ (np.swapaxes(b, -1, -2) if op["transpose_b"] else b)))
+        elif kind == "attention":
+            q, k, v = (read(op[key]).astype(np.float64) for key in ("q", "k", "v"))
+            if op["layout"] == "sequence_first":  # (batch, rows, heads * dim), head h at columns h * dim
+                y = _attention(_heads(q, op["heads"]), _heads(k, op["heads"]), _heads(v, op["heads"]), op)
+                y = y.transpose(0, 2, 1, 3).reshape(batch, q.shape[1], -1)
+            else:
+                y = _attention(q, k, v, op)
+            write(op["out"], y)
+        elif kind == "permute":
+            write(op["out"], np.transpose(read(op["in"]), (0,) + tuple(p + 1 for p in op["perm"])))
+        elif kind == "cat":
+            write(op["out"], np.concatenate([read(b) for b in op["inputs"]], axis=op["axis"] + 1))
+        elif kind == "embedding":
+            write(op["out"], _embedding(read(op["in"]), arrays[f"{op['weight']}.table"]))
         elif kind in ("add", "mul"):
             a, b = read(op["a"]).astype(np.float64), read(op["b"]).astype(np.float64)
             write(op["out"], activate(a + b if kind == "add" else a * b, op["activation"]))

@@ -1,15 +1,20 @@
 """The executable spec (version 1): checked in Python, field by field, before the native plan sees it.
 
-A spec is a JSON object describing buffers (per-sample shapes; the batch dimension is implicit and
-given by the inputs at run time), which buffers are inputs and outputs, and a list of ops over
-them. Weights live in a flat dict of numpy arrays named `<weight>.<part>`.
+A spec is a JSON object describing buffers (per-sample float32 shapes; the batch dimension is
+implicit and given by the inputs at run time), which buffers are inputs and outputs, and a list
+of ops over them. Weights live in a flat dict of numpy arrays named `<weight>.<part>`. An optional
+top-level "input_dtypes" marks inputs as "float32" (the default) or "int64" (token ids, converted
+to float32 by Executable.run before the native plan sees them).
 
 validate() accepts a spec only when every field is known and well typed, every buffer id is in
-range, every op's shapes agree, every array an op names exists with the right dtype, rank and
-length, index arrays are monotone and in range, and every array is used by some op. Errors are
-`SpecError` (a ValueError) naming the field, or TypeError for an array of the wrong dtype/type.
-The native plan repeats the checks that guard memory (indices, lengths, shapes), so this layer
-is for clear messages and for the rules that need the whole graph (read before write).
+range, every op's shapes agree, every buffer an op reads was written before (by an input or an
+earlier op), an op's output shares storage with what it reads only for elementwise ops, scalars
+are finite numbers, every array an op names exists with the right dtype, rank and shape, index
+arrays are monotone and in range, and every array is used by some op. Errors are `SpecError` (a
+ValueError) naming the field, or TypeError for an array of the wrong dtype/type. The native plan
+repeats the checks that guard memory (indices, lengths, shapes), so this layer is for clear
+messages and for the rules that need the whole graph (read before write). Embedding ids are data:
+they are checked at run time (by the native plan and by Executable.run for "int64" inputs).
 
 numpy only: this module must not import torch.
 """
@@ -36,6 +41,9 @@ MAX_RANK = 8
 MAX_DIM = 1 << 31
 MAX_PAIR = 1 << 20  # kernel/stride/padding/dilation entries
 INT32_MAX = (1 << 31) - 1  # linear cols and conv taps per filter are stored as 32-bit offsets
+MAX_LIST = 64  # entries of a cat's "inputs" (and of a permute's "perm"; ranks stop at MAX_RANK anyway)
+MAX_HEADS = 1 << 20  # attention heads
+MAX_SCALAR = 3.0e38  # |scale|, |shift|: finite and representable as float32 (the native bound)
 # Per-sample float32 elements over all buffers that own storage (the plan keeps every buffer for
 # the whole run). 2**28 floats = 1 GiB per sample: a ResNet-50 at 224x224 needs ~2.5e7 and a
 # BERT-base encoder at sequence 512 ~1e8, so real models fit; a hostile file asking for more is
@@ -61,10 +69,29 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
     "global_avgpool": (frozenset({"in", "out"}), frozenset()),
     "softmax": (frozenset({"in", "out"}), frozenset()),
     "layernorm": (frozenset({"in", "out", "weight", "eps"}), frozenset()),
+    "affine": (frozenset({"in", "out", "scale", "shift"}), frozenset({"activation"})),
+    "matmul": (frozenset({"a", "b", "out", "transpose_b", "scale"}), frozenset()),
+    "attention": (frozenset({"q", "k", "v", "out", "layout", "heads", "scale", "causal"}), frozenset()),
+    "permute": (frozenset({"in", "out", "perm"}), frozenset()),
+    "cat": (frozenset({"inputs", "out", "axis"}), frozenset()),
+    "embedding": (frozenset({"in", "out", "weight"}), frozenset()),
 }
-_ELEMENTWISE = {"activation", "add", "mul"}
+# Ops that may write over what they read (out sharing storage with an operand).
+_ELEMENTWISE = {"activation", "add", "mul", "affine"}
+# The buffer fields each op reads, in order ("cat" reads the list in its "inputs" field).
+_READS: Dict[str, Tuple[str, ...]] = {
+    "add": ("a", "b"),
+    "mul": ("a", "b"),
+    "matmul": ("a", "b"),
+    "attention": ("q", "k", "v"),
+}
+_ACTIVATED = {"linear", "conv2d", "add", "mul", "affine"}  # ops with an optional "activation"
+LINEAR_FORMATS = ("csr", "bsr", "dense")
+ATTENTION_LAYOUTS = ("sequence_first", "heads_first")
+INPUT_DTYPES = ("float32", "int64")
 _TOP_FIELDS = {"format", "version", "buffers", "inputs", "outputs", "ops"}
-_TOP_OPTIONAL = {"metadata"}  # free-form producer information (a JSON object); not executed
+# metadata: free-form producer information (a JSON object), not executed; input_dtypes: see above.
+_TOP_OPTIONAL = {"metadata", "input_dtypes"}
 _BUFFER_FIELDS = {"shape"}
 _BUFFER_OPTIONAL = {"alias_of", "name"}
 
@@ -96,6 +123,7 @@ class PlanLayout:
     input_names: Tuple[str, ...]
     output_names: Tuple[str, ...]
     used_arrays: frozenset
+    input_dtypes: Tuple[str, ...] = ()  # per input, "float32" or "int64" (validate() fills it in)
 
 
 def _is_int(v: Any) -> bool:
@@ -157,7 +185,7 @@ class _Arrays:
         self.arrays = arrays
         self.used: set = set()
 
-    def get(self, name: str, dtypes, what: str, required: bool = True) -> Optional[np.ndarray]:
+    def get(self, name: str, dtypes, what: str, required: bool = True, ndim: int = 1) -> Optional[np.ndarray]:
         if name not in self.arrays:
             if required:
                 raise SpecError(f"array {_short(name)} ({what}) is missing")
@@ -166,8 +194,8 @@ class _Arrays:
         a = self.arrays[name]
         if not isinstance(a, np.ndarray):
             raise TypeError(f"array {_short(name)} must be a numpy array, got {type(a).__name__}")
-        if a.ndim != 1:
-            raise SpecError(f"array {_short(name)} must be 1-D, got shape {a.shape}")
+        if a.ndim != ndim:
+            raise SpecError(f"array {_short(name)} must be {ndim}-D, got shape {a.shape}")
         if a.dtype not in dtypes:
             names = " or ".join(str(d) for d in dtypes)
             raise TypeError(f"array {_short(name)} must be {names}, got {a.dtype}")
@@ -218,6 +246,27 @@ def _eps(v: Any, where: str) -> float:
     if not ok:
         raise SpecError(f"{where} must be a finite number > 0 (as float32), got {_short(v)}")
     return x
+
+
+def _number(v: Any, where: str) -> float:
+    """A finite number (int or float, not bool) that float32 represents: |v| <= MAX_SCALAR."""
+    ok = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, (bool, np.bool_))
+    if ok:
+        try:
+            x = float(v)
+        except OverflowError:  # an int too large for a float
+            ok = False
+        else:
+            ok = math.isfinite(x) and abs(x) <= MAX_SCALAR
+    if not ok:
+        raise SpecError(f"{where} must be a finite number (int or float, |x| <= {MAX_SCALAR:g}), got {_short(v)}")
+    return x
+
+
+def _bool(v: Any, where: str) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise SpecError(f"{where} must be true or false, got {_short(v)}")
+    return bool(v)
 
 
 MAX_METADATA_DEPTH = 16
@@ -335,6 +384,17 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
     input_roots = [roots[b] for b in inputs]
     if len(set(input_roots)) != len(input_roots):
         raise SpecError("spec.inputs must name distinct buffers (no two share storage)")
+    if "input_dtypes" in spec:
+        raw_dtypes = spec["input_dtypes"]
+        if not isinstance(raw_dtypes, list) or len(raw_dtypes) != len(inputs):
+            raise SpecError(
+                f"spec.input_dtypes must be a list with one entry per input ({len(inputs)}), got {_short(raw_dtypes)}")
+        for k, d in enumerate(raw_dtypes):
+            if not isinstance(d, str) or d not in INPUT_DTYPES:
+                raise SpecError(f"spec.input_dtypes[{k}] must be one of {INPUT_DTYPES}, got {_short(d)}")
+        input_dtypes = tuple(raw_dtypes)
+    else:
+        input_dtypes = ("float32",) * len(inputs)
 
     # Ops.
     raw_ops = spec["ops"]
@@ -357,24 +417,36 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
         op: Dict[str, Any] = {"op": kind}
         if "name" in o:
             op["name"] = o["name"]
-        reads = ["a", "b"] if kind in ("add", "mul") else ["in"]
-        for key in reads + ["out"]:
-            op[key] = buffer_id(o[key], f"{where}.{key}")
-        for key in reads:
-            if roots[op[key]] not in written:
-                raise SpecError(f"{where}.{key} = {op[key]} reads a buffer that no input or earlier op writes")
-        out = op["out"]
-        si = shapes[op[reads[0]]]
+        # (field, buffer id) of every buffer the op reads, in order.
+        reads: List[Tuple[str, int]] = []
+        if kind == "cat":
+            raw_ids = o["inputs"]
+            if not isinstance(raw_ids, list) or not 1 <= len(raw_ids) <= MAX_LIST:
+                raise SpecError(f"{where}.inputs must be a list of 1 to {MAX_LIST} buffer ids, got {_short(raw_ids)}")
+            op["inputs"] = [buffer_id(x, f"{where}.inputs[{k}]") for k, x in enumerate(raw_ids)]
+            reads = [(f"inputs[{k}]", b) for k, b in enumerate(op["inputs"])]
+        else:
+            for key in _READS.get(kind, ("in",)):
+                op[key] = buffer_id(o[key], f"{where}.{key}")
+                reads.append((key, op[key]))
+        out = op["out"] = buffer_id(o["out"], f"{where}.out")
+        for key, b in reads:
+            if roots[b] not in written:
+                raise SpecError(f"{where}.{key} = {b} reads a buffer that no input or earlier op writes")
+        if kind not in _ELEMENTWISE:
+            for key, b in reads:
+                if roots[b] == roots[out]:
+                    raise SpecError(
+                        f"{where}: out must not share storage with {key} (only elementwise ops run in place)")
+        si = shapes[reads[0][1]]
         so = shapes[out]
-        if kind not in _ELEMENTWISE and roots[op["in"]] == roots[out]:
-            raise SpecError(f"{where}: out must not share storage with in (only elementwise ops run in place)")
 
         def want_out(want: Sequence[int]) -> None:
             if tuple(want) != so:
                 raise SpecError(
                     f"{where}: output buffer {out} must have shape {_shape_str(want)}, got {_shape_str(so)}")
 
-        if kind in ("linear", "conv2d", "add", "mul"):
+        if kind in _ACTIVATED:
             op["activation"] = _activation(o.get("activation"), f"{where}.activation")
         if kind == "linear":
             op["weight"] = w = _str(o["weight"], f"{where}.weight")
@@ -388,21 +460,34 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
             elif fmt == "bsr":
                 if (r, c) not in BLOCK_SHAPES:
                     raise SpecError(f"{where}.block {[r, c]} is not one of {[list(b) for b in BLOCK_SHAPES]}")
+            elif fmt == "dense":
+                if (r, c) != (1, 1):
+                    raise SpecError(f"{where}.block must be [1, 1] for format 'dense', got {[r, c]}")
             else:
-                raise SpecError(f"{where}.format must be 'csr' or 'bsr', got {_short(fmt)}")
+                raise SpecError(f"{where}.format must be 'csr' or 'bsr' (sparse) or 'dense', got {_short(fmt)}")
             if si[-1] != cols:
                 raise SpecError(f"{where}: input buffer {op['in']} {_shape_str(si)} must end in cols = {cols}")
             want_out(si[:-1] + (rows,))
-            n_row_groups, n_col_groups = -(-rows // r), -(-cols // c)
-            ptr = store.get(f"{w}.indptr", (np.dtype(np.int64),), "int64 row pointers")
-            idx = store.get(f"{w}.indices", _INDEX_DTYPES, "column indices")
-            val = store.get(f"{w}.values", (np.dtype(np.float32),), "float32 values")
+            if fmt == "dense":
+                for part in ("indptr", "indices", "values"):
+                    if f"{w}.{part}" in store.arrays:
+                        raise SpecError(f"array {_short(f'{w}.{part}')} is not used: format 'dense' reads "
+                                        f"{_short(w + '.weight')} (rows, cols) only")
+                dense = store.get(f"{w}.weight", (np.dtype(np.float32),), "float32 dense weight", ndim=2)
+                if dense.shape != (rows, cols):
+                    raise SpecError(f"array {_short(w + '.weight')} must have shape (rows, cols) = "
+                                    f"{_shape_str((rows, cols))}, got {_shape_str(dense.shape)}")
+            else:
+                n_row_groups, n_col_groups = -(-rows // r), -(-cols // c)
+                ptr = store.get(f"{w}.indptr", (np.dtype(np.int64),), "int64 row pointers")
+                idx = store.get(f"{w}.indices", _INDEX_DTYPES, "column indices")
+                val = store.get(f"{w}.values", (np.dtype(np.float32),), "float32 values")
+                _check_row_pointers(ptr, idx, n_row_groups, n_col_groups, f"{w}.indptr", f"{w}.indices",
+                                    f"{n_col_groups} {'columns' if c == 1 else 'column blocks'}")
+                if val.shape[0] != idx.shape[0] * r * c:
+                    raise SpecError(
+                        f"array {_short(w + '.values')} must have {idx.shape[0] * r * c} entries, got {val.shape[0]}")
             bias = store.get(f"{w}.bias", (np.dtype(np.float32),), "float32 bias", required=False)
-            _check_row_pointers(ptr, idx, n_row_groups, n_col_groups, f"{w}.indptr", f"{w}.indices",
-                                f"{n_col_groups} {'columns' if c == 1 else 'column blocks'}")
-            if val.shape[0] != idx.shape[0] * r * c:
-                raise SpecError(
-                    f"array {_short(w + '.values')} must have {idx.shape[0] * r * c} entries, got {val.shape[0]}")
             if bias is not None and bias.shape[0] != rows:
                 raise SpecError(f"array {_short(w + '.bias')} must have rows = {rows} entries, got {bias.shape[0]}")
         elif kind == "conv2d":
@@ -474,6 +559,80 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
                 if a.shape[0] != si[-1]:
                     raise SpecError(
                         f"array {_short(f'{w}.{part}')} must have {si[-1]} entries (the last dim), got {a.shape[0]}")
+        elif kind == "affine":
+            op["scale"] = _number(o["scale"], f"{where}.scale")
+            op["shift"] = _number(o["shift"], f"{where}.shift")
+            want_out(si)
+        elif kind == "matmul":
+            tb = op["transpose_b"] = _bool(o["transpose_b"], f"{where}.transpose_b")
+            op["scale"] = _number(o["scale"], f"{where}.scale")
+            sb = shapes[op["b"]]
+            pair = f"a {_shape_str(si)} and b {_shape_str(sb)}"
+            if len(si) < 2 or len(sb) != len(si):
+                raise SpecError(f"{where}: {pair} must have the same rank >= 2")
+            if si[:-2] != sb[:-2]:
+                raise SpecError(f"{where}: {pair} must have the same leading dims (no broadcasting)")
+            k, kb = si[-1], (sb[-1] if tb else sb[-2])
+            if kb != k:
+                side = "last dim (transpose_b)" if tb else "second-to-last dim"
+                raise SpecError(f"{where}: inner dims of {pair} differ: a has K = {k}, b's {side} is {kb}")
+            want_out(si[:-1] + ((sb[-2] if tb else sb[-1]),))
+        elif kind == "attention":
+            layout = o["layout"]
+            if not isinstance(layout, str) or layout not in ATTENTION_LAYOUTS:
+                raise SpecError(f"{where}.layout must be one of {ATTENTION_LAYOUTS}, got {_short(layout)}")
+            op["layout"] = layout
+            heads = op["heads"] = _int(o["heads"], f"{where}.heads", 1, MAX_HEADS)
+            op["scale"] = _number(o["scale"], f"{where}.scale")
+            op["causal"] = _bool(o["causal"], f"{where}.causal")
+            sq, sk, sv = si, shapes[op["k"]], shapes[op["v"]]
+            qkv = f"q {_shape_str(sq)}, k {_shape_str(sk)}, v {_shape_str(sv)}"
+            if layout == "sequence_first":
+                if not len(sq) == len(sk) == len(sv) == 2:
+                    raise SpecError(f"{where}: layout 'sequence_first' needs q, k, v of rank 2 (rows, heads * dim), "
+                                    f"got {qkv}")
+                if sq[1] % heads or sv[1] % heads:
+                    raise SpecError(f"{where}.heads = {heads} must divide the last dims of q ({sq[1]}) and v ({sv[1]})")
+            else:
+                if len(sq) < 2 or not len(sq) == len(sk) == len(sv):
+                    raise SpecError(f"{where}: layout 'heads_first' needs q, k, v of the same rank >= 2, got {qkv}")
+                if not sq[:-2] == sk[:-2] == sv[:-2]:
+                    raise SpecError(f"{where}: q, k, v must have the same leading dims (no broadcasting), got {qkv}")
+            if sq[-1] != sk[-1]:
+                raise SpecError(f"{where}: q and k must have the same last dim, got {qkv}")
+            if sk[-2] != sv[-2]:
+                raise SpecError(f"{where}: k and v must have the same number of rows (keys), got {qkv}")
+            want_out(sq[:-1] + (sv[-1],))
+        elif kind == "permute":
+            perm, rank = o["perm"], len(si)
+            if not isinstance(perm, list) or len(perm) != rank or not all(_is_int(p) for p in perm):
+                raise SpecError(f"{where}.perm must be a list of {rank} ints (the rank of input buffer {op['in']} "
+                                f"{_shape_str(si)}), got {_short(perm)}")
+            perm = [int(p) for p in perm]
+            if sorted(perm) != list(range(rank)):
+                raise SpecError(f"{where}.perm = {_short(perm)} is not a permutation of range({rank})")
+            op["perm"] = perm
+            want_out(tuple(si[p] for p in perm))
+        elif kind == "cat":
+            rank = len(si)
+            axis = op["axis"] = _int(o["axis"], f"{where}.axis", 0, MAX_RANK)
+            if axis >= rank:
+                raise SpecError(f"{where}.axis = {axis} is out of range for inputs of rank {rank} (0..{rank - 1})")
+            total = 0
+            for key, b in reads:
+                sb = shapes[b]
+                if len(sb) != rank or sb[:axis] != si[:axis] or sb[axis + 1:] != si[axis + 1:]:
+                    raise SpecError(f"{where}.{key}: buffer {b} {_shape_str(sb)} must have the shape of inputs[0] "
+                                    f"{_shape_str(si)} except along axis {axis}")
+                total += sb[axis]
+            want_out(si[:axis] + (total,) + si[axis + 1:])
+        elif kind == "embedding":
+            op["weight"] = w = _str(o["weight"], f"{where}.weight")
+            table = store.get(f"{w}.table", (np.dtype(np.float32),), "float32 embedding table", ndim=2)
+            if table.shape[0] < 1 or table.shape[1] < 1:
+                raise SpecError(f"array {_short(w + '.table')} must have at least one row and one column, "
+                                f"got shape {_shape_str(table.shape)}")
+            want_out(si + (table.shape[1],))
         written.add(roots[out])
         ops_out.append(op)
 
@@ -492,6 +651,8 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
         "outputs": outputs,
         "ops": ops_out,
     }
+    if "input_dtypes" in spec:
+        canonical["input_dtypes"] = list(input_dtypes)
     if "metadata" in spec:
         canonical["metadata"] = copy.deepcopy(dict(spec["metadata"]))
 
@@ -507,4 +668,5 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
         input_names=tuple(io_name(b, "input", k) for k, b in enumerate(inputs)),
         output_names=tuple(io_name(b, "output", k) for k, b in enumerate(outputs)),
         used_arrays=frozenset(store.used),
+        input_dtypes=input_dtypes,
     )

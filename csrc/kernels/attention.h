@@ -1,0 +1,27 @@
+// Scaled dot-product attention over activations: out = softmax(scale * Q K^T [+ causal mask]) V,
+// per (sample, head) group, on the dense GEMM kernel.
+#pragma once
+
+#include <cstdint>
+
+namespace sparseprune {
+
+struct AttentionArgs {
+  // Group g (of batch * heads) reads q[q_offset(g) + l * q_ld + d] for l < L, d < D; k likewise
+  // with S rows and D columns, v with S rows and Dv columns; writes out (L rows, Dv columns).
+  // Layouts: heads_first (per sample [heads, rows, cols], ld = cols) or sequence_first (per
+  // sample [rows, heads * cols], ld = heads * cols, head h at column h * cols).
+  const float* q = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  float* out = nullptr;
+  int64_t batch = 0, heads = 1, L = 0, S = 0, D = 0, Dv = 0;
+  bool sequence_first = false;
+  float scale = 1.0f;
+  bool causal = false;  // query l sees keys s <= l (torch's is_causal: top-left aligned)
+  int n_threads = 0;
+};
+
+void attention(const AttentionArgs& args);
+
+}  // namespace sparseprune

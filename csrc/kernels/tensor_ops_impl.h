@@ -1,0 +1,115 @@
+// Vectorised elementwise and row kernels (activations, softmax, layer norm), compiled once per
+// SIMD path (include with SP_ISA_NS defined). Every element, including a row's tail, goes through
+// the same vector code, so results do not depend on where a thread's range starts.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/simd.h"
+#include "kernels/tensor_ops.h"
+
+namespace sparseprune {
+namespace SP_ISA_NS {
+
+template <Activation A>
+inline vf8 activate8(vf8 x) {
+  const vf8 one = splat8(1.0f);
+  if constexpr (A == Activation::relu) return relu8(x);
+  if constexpr (A == Activation::relu6) return min8(relu8(x), splat8(6.0f));
+  if constexpr (A == Activation::gelu) return splat8(0.5f) * x * (one + erf8(x * splat8(0.70710678118654752f)));
+  if constexpr (A == Activation::silu) return x / (one + exp8(-x));
+  if constexpr (A == Activation::sigmoid) return one / (one + exp8(-x));
+  if constexpr (A == Activation::tanh) {
+    // tanh(x) = sign(x) (1 - e^(-2|x|)) / (1 + e^(-2|x|)): no cancellation for large |x|.
+    const vf8 ax = x < splat8(0.0f) ? -x : x;
+    const vf8 e = exp8(splat8(-2.0f) * ax);
+    const vf8 y = (one - e) / (one + e);
+    return x < splat8(0.0f) ? -y : (x != x ? x : y);
+  }
+  if constexpr (A == Activation::hardswish) return x * min8(max8(x + splat8(3.0f), splat8(0.0f)), splat8(6.0f)) / splat8(6.0f);
+  return x;
+}
+
+template <Activation A>
+inline void map_range(const float* src, float* dst, int64_t n, float scale, float shift) {
+  const vf8 vs = splat8(scale), vh = splat8(shift);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    *reinterpret_cast<vf8_unaligned*>(dst + i) = activate8<A>(load8(src + i) * vs + vh);
+  if (i < n) {
+    float tmp[8] = {0};
+    std::copy(src + i, src + n, tmp);
+    const vf8 r = activate8<A>(load8(tmp) * vs + vh);
+    for (int64_t j = 0; j < n - i; ++j) dst[i + j] = r[j];
+  }
+}
+
+inline void activation_map_body(const float* src, float* dst, int64_t n, float scale, float shift, Activation a) {
+  switch (a) {
+    case Activation::none: map_range<Activation::none>(src, dst, n, scale, shift); break;
+    case Activation::relu: map_range<Activation::relu>(src, dst, n, scale, shift); break;
+    case Activation::relu6: map_range<Activation::relu6>(src, dst, n, scale, shift); break;
+    case Activation::gelu: map_range<Activation::gelu>(src, dst, n, scale, shift); break;
+    case Activation::silu: map_range<Activation::silu>(src, dst, n, scale, shift); break;
+    case Activation::sigmoid: map_range<Activation::sigmoid>(src, dst, n, scale, shift); break;
+    case Activation::tanh: map_range<Activation::tanh>(src, dst, n, scale, shift); break;
+    case Activation::hardswish: map_range<Activation::hardswish>(src, dst, n, scale, shift); break;
+  }
+}
+
+// dst[0, len) = softmax of src[0, n_valid), zeros after (n_valid >= 1). src may equal dst.
+inline void softmax_row_body(const float* src, float* dst, int64_t n_valid, int64_t len) {
+  vf8 vmax = splat8(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n_valid; i += 8) vmax = max8(vmax, load8(src + i));
+  float mx = hmax8(vmax);
+  for (int64_t j = i; j < n_valid; ++j) mx = src[j] > mx ? src[j] : mx;
+  const vf8 vm = splat8(mx);
+  vf8 vsum = splat8(0.0f);
+  float tail[8] = {0};
+  for (i = 0; i + 8 <= n_valid; i += 8) {
+    const vf8 e = exp8(load8(src + i) - vm);
+    *reinterpret_cast<vf8_unaligned*>(dst + i) = e;
+    vsum += e;
+  }
+  float sum = hsum8(vsum);
+  if (i < n_valid) {
+    for (int64_t j = 0; j < 8; ++j) tail[j] = i + j < n_valid ? src[i + j] : mx;
+    const vf8 e = exp8(load8(tail) - vm);
+    for (int64_t j = 0; j < n_valid - i; ++j) sum += (dst[i + j] = e[j]);
+  }
+  const vf8 inv = splat8(1.0f / sum);
+  for (i = 0; i + 8 <= n_valid; i += 8)
+    *reinterpret_cast<vf8_unaligned*>(dst + i) = load8(dst + i) * inv;
+  for (; i < n_valid; ++i) dst[i] *= inv[0];
+  for (i = n_valid; i < len; ++i) dst[i] = 0.0f;
+}
+
+// dst = (src - mean) / sqrt(var + eps) * gamma + beta over one row of len >= 1.
+inline void layernorm_row_body(const float* src, float* dst, int64_t len, const float* gamma, const float* beta,
+                               float eps) {
+  vf8 vs = splat8(0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) vs += load8(src + i);
+  double sum = hsum8(vs);
+  for (; i < len; ++i) sum += src[i];
+  const float mean = static_cast<float>(sum / static_cast<double>(len));
+  const vf8 vm = splat8(mean);
+  vf8 vq = splat8(0.0f);
+  for (i = 0; i + 8 <= len; i += 8) {
+    const vf8 d = load8(src + i) - vm;
+    vq += d * d;
+  }
+  double sq = hsum8(vq);
+  for (; i < len; ++i) sq += (src[i] - mean) * (src[i] - mean);
+  const float inv = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(len) + eps));
+  const vf8 vi = splat8(inv);
+  for (i = 0; i + 8 <= len; i += 8)
+    *reinterpret_cast<vf8_unaligned*>(dst + i) = (load8(src + i) - vm) * vi * load8(gamma + i) + load8(beta + i);
+  for (; i < len; ++i) dst[i] = (src[i] - mean) * inv * gamma[i] + beta[i];
+}
+
+}  // namespace SP_ISA_NS
+}  // namespace sparseprune

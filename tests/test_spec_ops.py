@@ -1,0 +1,707 @@
+"""The spec's tensor ops (dense linear, affine, matmul, attention, permute, cat, embedding) and
+int64 inputs: the native plan against the numpy reference (and the reference against torch), edge
+sizes around the GEMM's 6x16 tiles, run-time id checks, and validation errors naming the field,
+in Python and in the native plan itself."""
+import copy
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparseprune import _native
+from sparseprune.runtime import Executable, SpecError, load, run_reference, validate
+
+_C = _native._C
+
+F32 = np.float32
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def make_spec(buffers, inputs, outputs, ops, **top):
+    """A spec dict; a buffer is a shape list or a full buffer object."""
+    spec = {"format": "sparseprune.executable", "version": 1,
+            "buffers": [b if isinstance(b, dict) else {"shape": list(b)} for b in buffers],
+            "inputs": inputs, "outputs": outputs, "ops": ops}
+    spec.update(top)
+    return spec
+
+
+def randn(rng, *shape):
+    return rng.standard_normal(shape).astype(F32)
+
+
+def assert_close(got, ref, rtol=1e-5):
+    """Elementwise within rtol of the reference, with atol relative to its largest magnitude."""
+    got, ref = np.asarray(got), np.asarray(ref)
+    assert got.dtype == F32
+    assert got.shape == ref.shape
+    scale = max(float(np.abs(ref).max()) if ref.size else 0.0, 1.0)
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * scale)
+
+
+def check(spec, arrays, inputs, n_threads=None):
+    """Native run == numpy reference for every output; returns the native outputs."""
+    exe = Executable.from_spec(spec, arrays, n_threads=n_threads)
+    got = exe.run(*inputs)
+    got = list(got) if isinstance(got, tuple) else [got]
+    ref = run_reference(spec, arrays, inputs)
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert_close(g, r)
+    return got
+
+
+def torch64(x):
+    return torch.from_numpy(np.asarray(x, dtype=np.float64))
+
+
+BATCHES = (0, 1, 3)
+SIZES = (1, 5, 6, 7, 13, 16, 17, 33)  # below, at and above the 6-row and 16-column GEMM tiles
+
+
+@pytest.fixture
+def generic_isa():
+    """Forces the portable SIMD path for one test and restores automatic choice afterwards."""
+    _native.set_isa("baseline")
+    yield
+    _native.set_isa("auto")
+
+
+# --- dense linear ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (5, 7), (6, 16), (7, 17), (16, 6), (13, 33), (33, 13), (17, 1)])
+@pytest.mark.parametrize("bias, act", [(True, None), (False, "relu"), (True, "gelu")])
+def test_dense_linear(rng, rows, cols, bias, act):
+    arrays = {"fc.weight": randn(rng, rows, cols)}
+    if bias:
+        arrays["fc.bias"] = randn(rng, rows)
+    op = {"op": "linear", "in": 0, "out": 1, "weight": "fc", "format": "dense", "block": [1, 1], "rows": rows,
+          "cols": cols}
+    if act:
+        op["activation"] = act
+    spec = make_spec([[3, cols], [3, rows]], [0], [1], [op])
+    for batch in (0, 1, 2, 7):  # 0, 3, 6 and 21 rows for the GEMM
+        x = randn(rng, batch, 3, cols)
+        (got,) = check(spec, arrays, [x])
+        # the reference itself, against an independent formula
+        want = x.astype(np.float64) @ arrays["fc.weight"].T.astype(np.float64) + arrays.get("fc.bias", 0.0)
+        want = {None: lambda t: t, "relu": lambda t: np.maximum(t, 0),
+                "gelu": lambda t: F.gelu(torch64(t)).numpy()}[act](want)
+        assert_close(got, want)
+
+
+def test_dense_linear_both_simd_paths_and_threads(rng, generic_isa):
+    arrays = {"fc.weight": randn(rng, 37, 29), "fc.bias": randn(rng, 37)}
+    spec = make_spec([[29], [37]], [0], [1], [
+        {"op": "linear", "in": 0, "out": 1, "weight": "fc", "format": "dense", "block": [1, 1], "rows": 37,
+         "cols": 29}])
+    x = randn(rng, 45, 29)
+    baseline = check(spec, arrays, [x], n_threads=2)[0]
+    _native.set_isa("auto")
+    assert_close(check(spec, arrays, [x], n_threads=1)[0], baseline.astype(np.float64))
+
+
+# --- affine ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale, shift, act", [(2, -1, None), (0.5, 0.25, "relu"), (-1.5, 3.0, "tanh"),
+                                               (1.0, 0.0, None), (0, 7, "sigmoid")])
+def test_affine(rng, scale, shift, act):
+    op = {"op": "affine", "in": 0, "out": 1, "scale": scale, "shift": shift}
+    if act:
+        op["activation"] = act
+    spec = make_spec([[4, 5], [4, 5]], [0], [1], [op])
+    for batch in BATCHES:
+        x = randn(rng, batch, 4, 5)
+        (got,) = check(spec, arrays={}, inputs=[x])
+        want = x.astype(np.float64) * scale + shift
+        want = {None: want, "relu": np.maximum(want, 0), "tanh": np.tanh(want),
+                "sigmoid": 1 / (1 + np.exp(-want))}[act]
+        assert_close(got, want)
+
+
+def test_affine_in_place_and_on_an_alias(rng):
+    # op 0 writes buffer 1; op 1 runs in place on it; op 2 writes through an alias of the same storage.
+    spec = make_spec([[6], [6], {"shape": [2, 3], "alias_of": 1}], [0], [2], [
+        {"op": "activation", "kind": "relu", "in": 0, "out": 1},
+        {"op": "affine", "in": 1, "out": 1, "scale": 3.0, "shift": 1.0},
+        {"op": "affine", "in": 2, "out": 2, "scale": -2.0, "shift": 0.5, "activation": "relu6"},
+    ])
+    x = randn(rng, 4, 6)
+    (got,) = check(spec, {}, [x])
+    want = np.clip(-2.0 * (3.0 * np.maximum(x, 0) + 1.0) + 0.5, 0, 6).reshape(4, 2, 3)
+    assert_close(got, want)
+    assert np.count_nonzero(got) < got.size  # relu6 clipped some values: the test can tell
+
+
+# --- matmul ------------------------------------------------------------------------------------------
+
+
+MATMUL_CASES = [  # (group dims, M, K, N)
+    ((), 1, 1, 1), ((), 6, 16, 7), ((), 7, 17, 16), ((), 13, 5, 33), ((2,), 5, 7, 6), ((3,), 17, 6, 13),
+    ((2, 3), 6, 33, 17), ((1, 2), 1, 13, 5),
+]
+
+
+@pytest.mark.parametrize("groups, m, k, n", MATMUL_CASES)
+@pytest.mark.parametrize("transpose_b, scale", [(False, 1.0), (True, 0.125), (False, -3), (True, 1)])
+def test_matmul(rng, groups, m, k, n, transpose_b, scale):
+    b_shape = groups + ((n, k) if transpose_b else (k, n))
+    spec = make_spec([groups + (m, k), b_shape, groups + (m, n)], [0, 1], [2], [
+        {"op": "matmul", "a": 0, "b": 1, "out": 2, "transpose_b": transpose_b, "scale": scale}])
+    for batch in BATCHES:
+        a, b = randn(rng, batch, *groups, m, k), randn(rng, batch, *b_shape)
+        (got,) = check(spec, {}, [a, b])
+        bt = torch64(b).transpose(-1, -2) if transpose_b else torch64(b)
+        assert_close(got, (scale * (torch64(a) @ bt)).numpy())
+
+
+def test_matmul_of_a_buffer_with_itself_and_both_simd_paths(rng, generic_isa):
+    # x @ x^T reads one buffer twice; many groups take the parallel path.
+    spec = make_spec([[3, 7, 9], [3, 7, 7]], [0], [1], [
+        {"op": "matmul", "a": 0, "b": 0, "out": 1, "transpose_b": True, "scale": 0.5}])
+    x = randn(rng, 40, 3, 7, 9)
+    want = 0.5 * np.einsum("bgmk,bgnk->bgmn", x.astype(np.float64), x.astype(np.float64))
+    assert_close(check(spec, {}, [x], n_threads=2)[0], want)
+    _native.set_isa("auto")
+    assert_close(check(spec, {}, [x], n_threads=2)[0], want)
+
+
+# --- attention ---------------------------------------------------------------------------------------
+
+
+def torch_attention(q, k, v, scale, causal):
+    return F.scaled_dot_product_attention(torch64(q), torch64(k), torch64(v), is_causal=causal, scale=scale).numpy()
+
+
+@pytest.mark.parametrize("heads, L, S, D, Dv", [(1, 1, 1, 1, 1), (1, 5, 7, 6, 3), (3, 7, 5, 4, 6),
+                                                 (2, 17, 17, 16, 8), (4, 6, 33, 5, 7), (2, 70, 13, 3, 17)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_sequence_first(rng, heads, L, S, D, Dv, causal):
+    scale = 1.0 / np.sqrt(D)
+    spec = make_spec([[L, heads * D], [S, heads * D], [S, heads * Dv], [L, heads * Dv]], [0, 1, 2], [3], [
+        {"op": "attention", "q": 0, "k": 1, "v": 2, "out": 3, "layout": "sequence_first", "heads": heads,
+         "scale": scale, "causal": causal}])
+    for batch in BATCHES:
+        q, k, v = randn(rng, batch, L, heads * D), randn(rng, batch, S, heads * D), randn(rng, batch, S, heads * Dv)
+        (got,) = check(spec, {}, [q, k, v])
+
+        def split(t, d):  # (batch, rows, heads * d) -> (batch, heads, rows, d): head h at columns h*d..
+            return t.reshape(batch, t.shape[1], heads, d).transpose(0, 2, 1, 3)
+
+        want = torch_attention(split(q, D), split(k, D), split(v, Dv), scale, causal)
+        assert_close(got, want.transpose(0, 2, 1, 3).reshape(batch, L, heads * Dv))
+
+
+@pytest.mark.parametrize("groups, L, S, D, Dv", [((), 1, 1, 1, 1), ((), 7, 5, 6, 16), ((3,), 5, 17, 7, 6),
+                                                  ((2,), 13, 13, 16, 1), ((2, 3), 6, 7, 33, 5), ((2,), 70, 70, 4, 4)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_heads_first(rng, groups, L, S, D, Dv, causal):
+    scale = 0.3
+    spec = make_spec([groups + (L, D), groups + (S, D), groups + (S, Dv), groups + (L, Dv)], [0, 1, 2], [3], [
+        {"op": "attention", "q": 0, "k": 1, "v": 2, "out": 3, "layout": "heads_first", "heads": 1,
+         "scale": scale, "causal": causal}])
+    for batch in BATCHES:
+        q, k, v = randn(rng, batch, *groups, L, D), randn(rng, batch, *groups, S, D), randn(rng, batch, *groups, S, Dv)
+        (got,) = check(spec, {}, [q, k, v])
+        assert_close(got, torch_attention(q, k, v, scale, causal))
+
+
+def test_causal_attention_masks_later_keys(rng):
+    # With causal, query 0 sees key 0 only: its output is exactly v[0], whatever q and k.
+    spec = make_spec([[4, 3], [6, 3], [6, 2], [4, 2]], [0, 1, 2], [3], [
+        {"op": "attention", "q": 0, "k": 1, "v": 2, "out": 3, "layout": "heads_first", "heads": 1, "scale": 1,
+         "causal": True}])
+    q, k, v = randn(rng, 2, 4, 3), randn(rng, 2, 6, 3), randn(rng, 2, 6, 2)
+    (got,) = check(spec, {}, [q, k, v])
+    np.testing.assert_allclose(got[:, 0], v[:, 0], rtol=1e-6)
+    assert not np.allclose(got[:, 1], v[:, 1])
+
+
+def test_attention_threads_and_both_simd_paths(rng, generic_isa):
+    spec = make_spec([[70, 12], [40, 12], [40, 9], [70, 9]], [0, 1, 2], [3], [
+        {"op": "attention", "q": 0, "k": 1, "v": 2, "out": 3, "layout": "sequence_first", "heads": 3,
+         "scale": 0.5, "causal": True}])
+    xs = [randn(rng, 6, 70, 12), randn(rng, 6, 40, 12), randn(rng, 6, 40, 9)]
+    first = check(spec, {}, xs, n_threads=2)[0]
+    _native.set_isa("auto")
+    assert_close(check(spec, {}, xs, n_threads=2)[0], first.astype(np.float64))
+
+
+# --- permute -----------------------------------------------------------------------------------------
+
+
+PERMUTE_CASES = ([((5, 7), p) for p in itertools.permutations(range(2))]
+                 + [((3, 1, 6), p) for p in itertools.permutations(range(3))]
+                 + [((2, 3, 4, 5), p) for p in [(0, 1, 2, 3), (3, 2, 1, 0), (0, 2, 1, 3), (1, 3, 0, 2), (2, 0, 3, 1)]]
+                 + [((17,), (0,))])
+
+
+@pytest.mark.parametrize("shape, perm", PERMUTE_CASES)
+def test_permute(rng, shape, perm):
+    out_shape = [shape[p] for p in perm]
+    spec = make_spec([shape, out_shape], [0], [1], [{"op": "permute", "in": 0, "out": 1, "perm": list(perm)}])
+    for batch in BATCHES:
+        x = randn(rng, batch, *shape)
+        (got,) = check(spec, {}, [x])
+        np.testing.assert_array_equal(got, torch.from_numpy(x).permute(0, *[p + 1 for p in perm]).numpy())
+
+
+# --- cat ---------------------------------------------------------------------------------------------
+
+
+def _cat_cases():
+    cases = []
+    for base in [(5,), (3, 7), (2, 4, 6)]:
+        for axis in range(len(base)):
+            for n in (1, 2, 3):
+                shapes = [tuple(d + (i if a == axis else 0) for a, d in enumerate(base)) for i in range(n)]
+                cases.append((shapes, axis))
+    return cases
+
+
+@pytest.mark.parametrize("shapes, axis", _cat_cases())
+def test_cat(rng, shapes, axis):
+    out = list(shapes[0])
+    out[axis] = sum(s[axis] for s in shapes)
+    n = len(shapes)
+    spec = make_spec(list(shapes) + [out], list(range(n)), [n], [
+        {"op": "cat", "inputs": list(range(n)), "out": n, "axis": axis}])
+    for batch in BATCHES:
+        xs = [randn(rng, batch, *s) for s in shapes]
+        (got,) = check(spec, {}, xs)
+        np.testing.assert_array_equal(got, torch.cat([torch.from_numpy(x) for x in xs], dim=axis + 1).numpy())
+
+
+def test_cat_reads_one_buffer_twice(rng):
+    spec = make_spec([[2, 3], [2, 6]], [0], [1], [{"op": "cat", "inputs": [0, 0], "out": 1, "axis": 1}])
+    x = randn(rng, 4, 2, 3)
+    (got,) = check(spec, {}, [x])
+    np.testing.assert_array_equal(got, np.concatenate([x, x], axis=2))
+
+
+# --- embedding and int64 inputs ----------------------------------------------------------------------
+
+
+def embedding_spec(n_rows, dim, in_shape=(5,), int_input=True):
+    top = {"input_dtypes": ["int64"]} if int_input else {}
+    return make_spec([list(in_shape), list(in_shape) + [dim]], [0], [1],
+                     [{"op": "embedding", "in": 0, "out": 1, "weight": "emb"}], **top)
+
+
+@pytest.mark.parametrize("n_rows, dim", [(1, 1), (13, 7), (6, 17), (40, 16)])
+@pytest.mark.parametrize("in_shape", [(5,), (2, 3)])
+@pytest.mark.parametrize("id_dtype", [np.int64, np.int32, np.uint8])
+def test_embedding_with_int_inputs(rng, n_rows, dim, in_shape, id_dtype):
+    arrays = {"emb.table": randn(rng, n_rows, dim)}
+    spec = embedding_spec(n_rows, dim, in_shape)
+    for batch in BATCHES:
+        ids = rng.integers(0, n_rows, size=(batch, *in_shape)).astype(id_dtype)
+        (got,) = check(spec, arrays, [ids])
+        np.testing.assert_array_equal(got, arrays["emb.table"][ids.astype(np.int64)])
+
+
+def test_embedding_of_float_ids_computed_in_the_graph(rng):
+    # ids reach the embedding as floats from an op: 2 * x + 1 of float32 inputs.
+    arrays = {"emb.table": randn(rng, 9, 4)}
+    spec = make_spec([[3], [3], [3, 4]], [0], [2], [
+        {"op": "affine", "in": 0, "out": 1, "scale": 2, "shift": 1},
+        {"op": "embedding", "in": 1, "out": 2, "weight": "emb"}])
+    x = np.array([[0, 1, 2], [3, 3, 0]], F32)
+    (got,) = check(spec, arrays, [x])
+    np.testing.assert_array_equal(got, arrays["emb.table"][(2 * x + 1).astype(int)])
+
+
+@pytest.mark.parametrize("bad", [13.0, 100.0, -1.0, 2.5, 0.5, np.nan, np.inf])
+def test_embedding_refuses_bad_ids_natively_and_in_the_reference(rng, bad):
+    arrays = {"emb.table": randn(rng, 13, 4)}
+    spec = embedding_spec(13, 4, int_input=False)  # float32 input: the ids reach the plan unchecked
+    x = np.array([[0, 12, 3, 4, 5], [1, 2, 3, 4, 5]], F32)
+    exe = Executable.from_spec(spec, arrays)
+    np.testing.assert_array_equal(exe.run(x), arrays["emb.table"][x.astype(int)])
+    x[1, 3] = bad
+    with pytest.raises(ValueError, match=r"embedding: input value .* is not a row index in \[0, 13\)"):
+        exe.run(x)
+    with pytest.raises(ValueError, match=r"embedding: input value .* is not a row index in \[0, 13\)"):
+        run_reference(spec, arrays, [x])
+    # the plan is still usable afterwards
+    x[1, 3] = 4
+    np.testing.assert_array_equal(exe.run(x), arrays["emb.table"][x.astype(int)])
+
+
+def test_int64_ids_at_or_past_the_table_are_refused_by_the_plan(rng):
+    arrays = {"emb.table": randn(rng, 13, 4)}
+    exe = Executable.from_spec(embedding_spec(13, 4), arrays)
+    for bad in (13, 2**24 - 1):  # valid int64 inputs, but not rows of the table
+        ids = np.zeros((2, 5), np.int64)
+        ids[0, 2] = bad
+        with pytest.raises(ValueError, match=r"not a row index in \[0, 13\)"):
+            exe.run(ids)
+        with pytest.raises(ValueError, match=r"not a row index in \[0, 13\)"):
+            run_reference(embedding_spec(13, 4), arrays, [ids])
+
+
+def test_int64_input_checks_name_the_input(rng):
+    arrays = {"emb.table": randn(rng, 13, 4)}
+    spec = embedding_spec(13, 4)
+    spec["buffers"][0]["name"] = "tokens"
+    exe = Executable.from_spec(spec, arrays)
+    assert exe.input_dtypes == ("int64",)
+    name = r"input 0 \('tokens'\)"
+    good = np.arange(10, dtype=np.int64).reshape(2, 5)
+    np.testing.assert_array_equal(exe.run(good), arrays["emb.table"][good])
+    for wrong in (good.astype(F32), good.astype(np.float64), good.astype(bool)):
+        with pytest.raises(TypeError, match=rf"{name} must hold integer token ids .*got {wrong.dtype}"):
+            exe.run(wrong)
+    with pytest.raises(TypeError, match=rf"{name} must be an integer \(token id\) numpy array"):
+        exe.run(good.tolist())
+    for bad in (-1, 2**24, 2**40):
+        ids = good.copy()
+        ids[1, 1] = bad
+        with pytest.raises(ValueError, match=rf"{name} holds the id {bad}, out of range \[0, 16777216\)"):
+            exe.run(ids)
+    with pytest.raises(ValueError, match=rf"{name} must have shape \(batch, 5\)"):
+        exe.run(np.zeros((2, 4), np.int64))
+    assert exe.run(np.zeros((0, 5), np.int64)).shape == (0, 5, 4)
+    assert exe.run(np.zeros((0, 5), np.uint64)).shape == (0, 5, 4)
+    # float inputs keep their float32 rule
+    spec2 = make_spec([[3], [3]], [0], [1], [{"op": "affine", "in": 0, "out": 1, "scale": 1, "shift": 0}],
+                      input_dtypes=["float32"])
+    with pytest.raises(TypeError, match=r"input 0 must be float32, got int64"):
+        Executable.from_spec(spec2, {}).run(np.zeros((1, 3), np.int64))
+
+
+# --- a small transformer block using every new op, end to end ---------------------------------------
+
+
+def block_spec(rng):
+    """ids (5,) -> embedding (5, 8) -> dense q/k and csr-free v projections -> sequence_first
+    attention (2 heads, D 4, Dv 3) -> affine in place -> permute (6, 5) -> alias (2, 3, 5) ->
+    matmul with itself (transpose_b) and heads_first causal attention -> cat along the last axis."""
+    arrays = {"emb.table": randn(rng, 11, 8), "wq.weight": randn(rng, 8, 8), "wq.bias": randn(rng, 8),
+              "wk.weight": randn(rng, 8, 8), "wv.weight": randn(rng, 6, 8), "wv.bias": randn(rng, 6)}
+
+    def dense(name, out, rows):
+        return {"op": "linear", "in": 1, "out": out, "weight": name, "format": "dense", "block": [1, 1],
+                "rows": rows, "cols": 8}
+
+    buffers = [[5], [5, 8], [5, 8], [5, 8], [5, 6], [5, 6], [6, 5], {"shape": [2, 3, 5], "alias_of": 6},
+               [2, 3, 3], [2, 3, 5], [2, 3, 8]]
+    ops = [
+        {"op": "embedding", "in": 0, "out": 1, "weight": "emb", "name": "embed"},
+        dense("wq", 2, 8), dense("wk", 3, 8), dense("wv", 4, 6),
+        {"op": "attention", "q": 2, "k": 3, "v": 4, "out": 5, "layout": "sequence_first", "heads": 2,
+         "scale": 0.5, "causal": False},
+        {"op": "affine", "in": 5, "out": 5, "scale": 2.0, "shift": -0.5, "activation": "gelu"},
+        {"op": "permute", "in": 5, "out": 6, "perm": [1, 0]},
+        {"op": "matmul", "a": 7, "b": 7, "out": 8, "transpose_b": True, "scale": 0.25},
+        {"op": "attention", "q": 7, "k": 7, "v": 7, "out": 9, "layout": "heads_first", "heads": 1, "scale": 1.0,
+         "causal": True},
+        {"op": "cat", "inputs": [8, 9], "out": 10, "axis": 2},
+    ]
+    return make_spec(buffers, [0], [10, 5], ops, input_dtypes=["int64"]), arrays
+
+
+def test_block_of_every_new_op_matches_the_reference_and_torch(rng):
+    spec, arrays = block_spec(rng)
+    for batch in (0, 1, 4):
+        ids = rng.integers(0, 11, size=(batch, 5))
+        cat, attn = check(spec, arrays, [ids], n_threads=2)
+        assert cat.shape == (batch, 2, 3, 8) and attn.shape == (batch, 5, 6)
+        # the same block in torch
+        x = torch64(arrays["emb.table"])[torch.from_numpy(ids)]
+        q = x @ torch64(arrays["wq.weight"]).T + torch64(arrays["wq.bias"])
+        k = x @ torch64(arrays["wk.weight"]).T
+        v = x @ torch64(arrays["wv.weight"]).T + torch64(arrays["wv.bias"])
+        split = lambda t: t.reshape(batch, 5, 2, -1).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=0.5).transpose(1, 2).reshape(batch, 5, 6)
+        a = F.gelu(2.0 * a - 0.5)
+        p = a.transpose(1, 2).reshape(batch, 2, 3, 5)
+        mm = 0.25 * p @ p.transpose(-1, -2)
+        hf = F.scaled_dot_product_attention(p, p, p, is_causal=True, scale=1.0)
+        assert_close(attn, a.numpy())
+        assert_close(cat, torch.cat([mm, hf], dim=-1).numpy())
+
+
+def test_block_round_trips_through_a_file(rng, tmp_path):
+    spec, arrays = block_spec(rng)
+    exe = Executable.from_spec(spec, arrays)
+    exe.save(tmp_path / "block.safetensors")
+    loaded = load(tmp_path / "block.safetensors")
+    assert loaded.input_dtypes == ("int64",) and loaded.spec["input_dtypes"] == ["int64"]
+    ids = rng.integers(0, 11, size=(3, 5)).astype(np.int32)
+    for g, w in zip(loaded.run(ids), exe.run(ids)):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_sizes_and_layer_table_count_dense_weights_and_tables(rng):
+    spec, arrays = block_spec(rng)
+    exe = Executable.from_spec(spec, arrays)
+    # all arrays are dense float32: stored bytes == dense bytes
+    want = 4 * (11 * 8 + 8 * 8 + 8 + 8 * 8 + 6 * 8 + 6)
+    assert exe.nbytes == want
+    assert exe.dense_nbytes == want
+    table = {row["name"]: row for row in exe.layer_table()}
+    assert set(table) == {"embed", "wq", "wk", "wv"}
+    assert table["embed"]["op"] == "embedding" and table["embed"]["format"] == "dense"
+    assert table["wq"]["format"] == "dense" and table["wq"]["op"] == "linear"
+    assert table["embed"]["sparsity"] == 0.0
+    # zeros in a dense weight show as sparsity, in the dense byte count not at all
+    arrays["wk.weight"][:, :6] = 0
+    exe = Executable.from_spec(spec, arrays)
+    row = {r["name"]: r for r in exe.layer_table()}["wk"]
+    assert row["nnz"] == 16 and row["sparsity"] == pytest.approx(0.75)
+    assert exe.dense_nbytes == want
+
+
+def test_dense_nbytes_counts_shared_and_sparse_weights_once(rng):
+    from sparseprune import formats
+
+    w = randn(rng, 6, 8)
+    w[w < 0.5] = 0
+    csr = formats.csr_arrays(w)
+    arrays = {"fc.indptr": csr.indptr, "fc.indices": csr.indices, "fc.values": csr.values, "fc.bias": randn(rng, 6),
+              "emb.table": randn(rng, 4, 8)}
+    lin = {"op": "linear", "weight": "fc", "format": "csr", "block": [1, 1], "rows": 6, "cols": 8}
+    spec = make_spec([[2], [2, 8], [2, 6], [2, 6]], [0], [2, 3], [
+        {"op": "embedding", "in": 0, "out": 1, "weight": "emb"},
+        {**lin, "in": 1, "out": 2}, {**lin, "in": 1, "out": 3, "activation": "relu"}])
+    exe = Executable.from_spec(spec, arrays)
+    assert exe.dense_nbytes == 4 * (6 * 8 + 6 + 4 * 8)
+    assert exe.nbytes == sum(a.nbytes for a in arrays.values())
+    assert [r["format"] for r in exe.layer_table()] == ["dense", "csr", "csr"]
+    ids = np.array([[0, 3]], F32)
+    got = exe.run(ids)
+    assert_close(got[1], run_reference(spec, arrays, [ids])[1])
+
+
+def test_validate_reports_input_dtypes(rng):
+    spec, arrays = block_spec(rng)
+    layout = validate(spec, arrays)
+    assert layout.input_dtypes == ("int64",) and layout.spec["input_dtypes"] == ["int64"]
+    del spec["input_dtypes"]
+    layout = validate(spec, arrays)
+    assert layout.input_dtypes == ("float32",) and "input_dtypes" not in layout.spec
+    # canonical numbers: scale as float, flags as bool
+    ops = layout.spec["ops"]
+    assert ops[7]["scale"] == 0.25 and ops[7]["transpose_b"] is True and ops[4]["causal"] is False
+
+
+# --- validation: each malformed field is refused, naming it -------------------------------------------
+
+
+def _set(path, value):
+    def edit(spec, arrays):
+        obj = spec
+        for key in path[:-1]:
+            obj = obj[key]
+        obj[path[-1]] = value
+    return edit
+
+
+def _drop(path):
+    def edit(spec, arrays):
+        obj = spec
+        for key in path[:-1]:
+            obj = obj[key]
+        del obj[path[-1]]
+    return edit
+
+
+def _array(name, value):
+    def edit(spec, arrays):
+        if value is None:
+            del arrays[name]
+        else:
+            arrays[name] = value(arrays.get(name)) if callable(value) else value
+    return edit
+
+
+# (edit, Python exception, Python message, native message or None when only Python checks it)
+BAD = [
+    # permute
+    (_set(["ops", 6, "perm"], [0]), SpecError, r"spec\.ops\[6\]\.perm must be a list of 2 ints", r"perm must list"),
+    (_set(["ops", 6, "perm"], [1, 1]), SpecError, r"spec\.ops\[6\]\.perm = \[1, 1\] is not a permutation of range\(2\)",
+     r"perm is not a permutation"),
+    (_set(["ops", 6, "perm"], [0, 2]), SpecError, r"spec\.ops\[6\]\.perm = \[0, 2\] is not a permutation",
+     r"perm is not a permutation"),
+    (_set(["ops", 6, "perm"], [True, 0]), SpecError, r"spec\.ops\[6\]\.perm must be a list of 2 ints", r"perm"),
+    (_set(["ops", 6, "perm"], [0, 1]), SpecError, r"spec\.ops\[6\]: output buffer 6 must have shape \(5, 6\)",
+     r"output must have shape"),
+    (_set(["ops", 6, "out"], 5), SpecError, r"spec\.ops\[6\]: out must not share storage with in",
+     r"must not share storage"),
+    # cat
+    (_set(["ops", 9, "inputs"], [8, 4]), SpecError,
+     r"spec\.ops\[9\]\.inputs\[1\]: buffer 4 \(5, 6\) must have the shape of inputs\[0\] \(2, 3, 3\) except along axis 2",
+     r"cat operands need the same rank"),
+    (_set(["buffers", 8, "shape"], [2, 4, 3]), SpecError, r"spec\.ops\[7\]: output buffer 8", None),
+    (_set(["ops", 9, "axis"], 3), SpecError, r"spec\.ops\[9\]\.axis = 3 is out of range for inputs of rank 3",
+     r"axis out of range"),
+    (_set(["ops", 9, "axis"], 1), SpecError, r"spec\.ops\[9\]\.inputs\[1\]: buffer 9", r"differ outside the axis"),
+    (_set(["ops", 9, "inputs"], []), SpecError, r"spec\.ops\[9\]\.inputs must be a list of 1 to 64 buffer ids",
+     r"cat needs at least one input"),
+    (_set(["ops", 9, "inputs"], [8, 99]), SpecError, r"spec\.ops\[9\]\.inputs\[1\] = 99 is not a buffer id",
+     r"not a buffer id"),
+    (_set(["ops", 9, "inputs"], [8, 10]), SpecError, r"spec\.ops\[9\]\.inputs\[1\] = 10 reads a buffer that no input",
+     None),
+    (_set(["ops", 9, "out"], 9), SpecError, r"spec\.ops\[9\]: out must not share storage with inputs\[1\]",
+     r"must not share storage"),
+    # attention
+    (_set(["ops", 4, "heads"], 3), SpecError, r"spec\.ops\[4\]\.heads = 3 must divide the last dims of q \(8\) and v \(6\)",
+     r"do not fit 3 heads"),
+    (_set(["ops", 4, "heads"], 4), SpecError, r"spec\.ops\[4\]\.heads = 4 must divide", r"do not fit 4 heads"),
+    (_set(["ops", 4, "heads"], 0), SpecError, r"spec\.ops\[4\]\.heads = 0 is out of range", r"heads is out of range"),
+    (_set(["ops", 4, "heads"], 2.0), SpecError, r"spec\.ops\[4\]\.heads must be an int", r"heads must be an int"),
+    (_set(["ops", 4, "layout"], "batch_first"), SpecError, r"spec\.ops\[4\]\.layout must be one of",
+     r"layout must be"),
+    (_set(["ops", 4, "causal"], 1), SpecError, r"spec\.ops\[4\]\.causal must be true or false",
+     r"causal must be true or false"),
+    (_set(["ops", 4, "scale"], True), SpecError, r"spec\.ops\[4\]\.scale must be a finite number",
+     r"scale must be a number"),
+    (_set(["ops", 4, "v"], 2), SpecError, r"spec\.ops\[4\]: output buffer 5 must have shape \(5, 8\)",
+     r"output must be"),
+    (_set(["ops", 4, "k"], 4), SpecError, r"spec\.ops\[4\]: q and k must have the same last dim", r"do not fit"),
+    (_set(["ops", 4, "out"], 4), SpecError, r"spec\.ops\[4\]: out must not share storage with v",
+     r"must not share storage"),
+    (_set(["ops", 8, "v"], 8), SpecError, r"spec\.ops\[8\]\.v = 8 reads a buffer that no input or earlier op writes",
+     r"reads buffer 8 before any op writes it"),
+    (_set(["ops", 8, "layout"], "sequence_first"), SpecError, r"layout 'sequence_first' needs q, k, v of rank 2",
+     r"sequence_first q, k, v must be"),
+    (_set(["ops", 8, "k"], 6), SpecError, r"spec\.ops\[8\]: layout 'heads_first' needs q, k, v of the same rank",
+     r"same rank"),
+    # matmul
+    (_set(["ops", 7, "transpose_b"], False), SpecError,
+     r"spec\.ops\[7\]: inner dims of a \(2, 3, 5\) and b \(2, 3, 5\) differ: a has K = 5, b's second-to-last dim is 3",
+     r"matmul inner dimensions differ"),
+    (_set(["ops", 7, "b"], 5), SpecError, r"spec\.ops\[7\]: a \(2, 3, 5\) and b \(5, 6\) must have the same rank",
+     r"same rank"),
+    (_set(["ops", 7, "transpose_b"], "yes"), SpecError, r"spec\.ops\[7\]\.transpose_b must be true or false",
+     r"transpose_b must be true or false"),
+    (_set(["ops", 7, "scale"], True), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
+     r"scale must be a number"),
+    (_set(["ops", 7, "scale"], float("nan")), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
+     r"scale must be a finite float32"),
+    (_set(["ops", 7, "scale"], float("-inf")), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
+     r"scale must be a finite float32"),
+    (_set(["ops", 7, "scale"], 1e39), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
+     r"scale must be a finite float32"),
+    (_set(["ops", 7, "scale"], 10**400), SpecError, r"spec\.ops\[7\]\.scale must be a finite number", None),
+    (_set(["ops", 7, "scale"], "0.5"), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
+     r"scale must be a number"),
+    (_set(["ops", 7, "out"], 6), SpecError, r"spec\.ops\[7\]: out must not share storage with a",
+     r"must not share storage"),
+    (_set(["ops", 7, "out"], 7), SpecError, r"spec\.ops\[7\]: out must not share storage with a",
+     r"must not share storage"),
+    (_drop(["ops", 7, "scale"]), SpecError, r"spec\.ops\[7\] has no field 'scale'", r"has no field 'scale'"),
+    (_set(["ops", 7, "in"], 7), SpecError, r"spec\.ops\[7\] has unknown field 'in'", None),
+    # affine
+    (_set(["ops", 5, "shift"], float("nan")), SpecError, r"spec\.ops\[5\]\.shift must be a finite number",
+     r"shift must be a finite float32"),
+    (_set(["ops", 5, "scale"], None), SpecError, r"spec\.ops\[5\]\.scale must be a finite number",
+     r"scale must be a number"),
+    (_set(["ops", 5, "out"], 4), SpecError, r"spec\.ops\[5\]: output buffer 4 must have shape \(5, 6\)", None),
+    (_set(["ops", 5, "activation"], "swish"), SpecError, r"spec\.ops\[5\]\.activation", r"activation"),
+    # embedding
+    (_array("emb.table", None), SpecError, r"array 'emb\.table' \(float32 embedding table\) is missing",
+     r"emb\.table"),
+    (_array("emb.table", lambda t: t.astype(np.float64)), TypeError, r"array 'emb\.table' must be float32",
+     r"emb\.table"),
+    (_array("emb.table", lambda t: t.ravel().copy()), SpecError, r"array 'emb\.table' must be 2-D", r"emb\.table"),
+    (_array("emb.table", np.zeros((0, 8), F32)), SpecError, r"array 'emb\.table' must have at least one row",
+     r"emb\.table"),
+    (_array("emb.table", lambda t: t[:, :7].copy()), SpecError,
+     r"spec\.ops\[0\] \(embed\): output buffer 1 must have shape \(5, 7\)", r"output must have shape"),
+    (_set(["ops", 0, "weight"], "emb2"), SpecError, r"array 'emb2\.table' \(float32 embedding table\) is missing",
+     r"emb2\.table"),
+    # dense linear
+    (_array("wq.weight", None), SpecError, r"array 'wq\.weight' \(float32 dense weight\) is missing", r"wq\.weight"),
+    (_array("wq.weight", lambda w: w.T.copy()[:, :7]), SpecError,
+     r"array 'wq\.weight' must have shape \(rows, cols\) = \(8, 8\), got \(8, 7\)", r"wq\.weight"),
+    (_array("wv.weight", lambda w: w.ravel().copy()), SpecError, r"array 'wv\.weight' must be 2-D", r"wv\.weight"),
+    (_array("wv.weight", lambda w: w.astype(np.float16)), TypeError, r"array 'wv\.weight' must be float32",
+     r"wv\.weight"),
+    (_array("wv.bias", lambda b: b[:5].copy()), SpecError, r"array 'wv\.bias' must have rows = 6 entries",
+     r"wv\.bias"),
+    (_array("wv.indptr", np.zeros(7, np.int64)), SpecError,
+     r"array 'wv\.indptr' is not used: format 'dense' reads 'wv\.weight'", None),
+    (_set(["ops", 3, "block"], [4, 1]), SpecError, r"spec\.ops\[3\]\.block must be \[1, 1\] for format 'dense'", None),
+    (_set(["ops", 3, "format"], "Dense"), SpecError, r"spec\.ops\[3\]\.format must be 'csr' or 'bsr' \(sparse\) or 'dense'",
+     None),
+    (_set(["ops", 3, "rows"], 7), SpecError, r"spec\.ops\[3\]: output buffer 4 must have shape \(5, 7\)",
+     r"wv\.weight' must have shape \(7, 8\)"),
+    # input_dtypes
+    (_set(["input_dtypes"], ["int32"]), SpecError, r"spec\.input_dtypes\[0\] must be one of \('float32', 'int64'\)",
+     None),
+    (_set(["input_dtypes"], ["int64", "int64"]), SpecError, r"spec\.input_dtypes must be a list with one entry per input",
+     None),
+    (_set(["input_dtypes"], "int64"), SpecError, r"spec\.input_dtypes must be a list", None),
+]
+
+
+@pytest.mark.parametrize("edit, exc, match, native", BAD)
+def test_malformed_fields_are_refused_naming_the_field(rng, edit, exc, match, native):
+    spec, arrays = block_spec(rng)
+    Executable.from_spec(spec, arrays)  # the unedited spec is valid
+    edit(spec, arrays)
+    with pytest.raises(exc, match=match):
+        validate(spec, arrays)
+    with pytest.raises(exc, match=match):
+        Executable.from_spec(copy.deepcopy(spec), arrays)
+    with pytest.raises(exc, match=match):
+        run_reference(spec, arrays, [np.zeros((1, 5), np.int64)])
+    if native is not None:  # the native plan, given the spec directly, refuses it too
+        with pytest.raises((ValueError, TypeError), match=native):
+            _C.Plan(json.dumps(spec), arrays)
+
+
+def test_the_native_plan_accepts_the_valid_block(rng):
+    spec, arrays = block_spec(rng)
+    plan = _C.Plan(json.dumps(spec), arrays)
+    ids = rng.integers(0, 11, size=(2, 5))
+    got = plan.run([ids.astype(F32)])
+    want = run_reference(spec, arrays, [ids])
+    for g, w in zip(got, want):
+        assert_close(g, w)
+
+
+def test_read_before_write_and_in_place_rules(rng):
+    # matmul reading a buffer nothing wrote
+    spec = make_spec([[2, 3], [3, 2], [2, 2]], [0], [2], [
+        {"op": "matmul", "a": 0, "b": 1, "out": 2, "transpose_b": False, "scale": 1}])
+    with pytest.raises(SpecError, match=r"spec\.ops\[0\]\.b = 1 reads a buffer that no input or earlier op writes"):
+        validate(spec, {})
+    with pytest.raises(ValueError, match=r"reads buffer 1 before any op writes it"):
+        _C.Plan(json.dumps(spec), {})
+    # out aliasing an input of matmul through an alias buffer
+    spec = make_spec([[2, 2], [2, 2], {"shape": [4], "alias_of": 1}, {"shape": [2, 2], "alias_of": 0}], [0, 1], [3], [
+        {"op": "matmul", "a": 0, "b": 1, "out": 3, "transpose_b": False, "scale": 1}])
+    with pytest.raises(SpecError, match=r"spec\.ops\[0\]: out must not share storage with a"):
+        validate(spec, {})
+    with pytest.raises(ValueError, match=r"must not share storage"):
+        _C.Plan(json.dumps(spec), {})
+    # elementwise ops may: affine over its input's alias
+    spec = make_spec([[4], {"shape": [2, 2], "alias_of": 0}], [0], [1], [
+        {"op": "affine", "in": 0, "out": 1, "scale": -1, "shift": 0}])
+    x = randn(rng, 3, 4)
+    (got,) = check(spec, {}, [x])
+    np.testing.assert_array_equal(got, -x.reshape(3, 2, 2))
+
+
+def test_heads_first_ignores_heads_and_number_types(rng):
+    # heads is ignored for heads_first ("write 1"), scale may be an int or a numpy float
+    spec = make_spec([[3, 4], [3, 4], [3, 4], [3, 4]], [0, 1, 2], [3], [
+        {"op": "attention", "q": 0, "k": 1, "v": 2, "out": 3, "layout": "heads_first", "heads": 1, "scale": 2,
+         "causal": False}])
+    xs = [randn(rng, 2, 3, 4) for _ in range(3)]
+    (base,) = check(spec, {}, xs)
+    spec["ops"][0]["scale"] = np.float64(2.0)
+    assert validate(spec, {}).spec["ops"][0]["scale"] == 2.0
+    spec["ops"][0]["scale"] = np.float32(2.0)  # not JSON-serialisable as such: canonicalised to float
+    np.testing.assert_array_equal(Executable.from_spec(spec, {}).run(*xs), base)
+    assert_close(base, torch_attention(*xs, 2.0, False))

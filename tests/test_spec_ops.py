@@ -193,7 +193,7 @@ def test_attention_sequence_first(rng, heads, L, S, D, Dv, causal):
         (got,) = check(spec, {}, [q, k, v])
 
         def split(t, d):  # (batch, rows, heads * d) -> (batch, heads, rows, d): head h at columns h*d..
-            return t.reshape(batch, t.shape[1], heads, d).transpose(0, 2, 1, 3)
+            return t.reshape(t.shape[0], t.shape[1], heads, d).transpose(0, 2, 1, 3)
 
         want = torch_attention(split(q, D), split(k, D), split(v, Dv), scale, causal)
         assert_close(got, want.transpose(0, 2, 1, 3).reshape(batch, L, heads * Dv))
@@ -419,7 +419,9 @@ def test_block_of_every_new_op_matches_the_reference_and_torch(rng):
         q = x @ torch64(arrays["wq.weight"]).T + torch64(arrays["wq.bias"])
         k = x @ torch64(arrays["wk.weight"]).T
         v = x @ torch64(arrays["wv.weight"]).T + torch64(arrays["wv.bias"])
-        split = lambda t: t.reshape(batch, 5, 2, -1).transpose(1, 2)  # noqa: E731
+        def split(t):  # (batch, 5, 2 * d) -> (batch, 2 heads, 5, d)
+            return t.reshape(t.shape[0], 5, 2, t.shape[-1] // 2).transpose(1, 2)
+
         a = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=0.5).transpose(1, 2).reshape(batch, 5, 6)
         a = F.gelu(2.0 * a - 0.5)
         p = a.transpose(1, 2).reshape(batch, 2, 3, 5)
@@ -538,7 +540,8 @@ BAD = [
      r"must not share storage"),
     # cat
     (_set(["ops", 9, "inputs"], [8, 4]), SpecError,
-     r"spec\.ops\[9\]\.inputs\[1\]: buffer 4 \(5, 6\) must have the shape of inputs\[0\] \(2, 3, 3\) except along axis 2",
+     r"spec\.ops\[9\]\.inputs\[1\]: buffer 4 \(5, 6\) must have the shape of inputs\[0\] \(2, 3, 3\) "
+     r"except along axis 2",
      r"cat operands need the same rank"),
     (_set(["buffers", 8, "shape"], [2, 4, 3]), SpecError, r"spec\.ops\[7\]: output buffer 8", None),
     (_set(["ops", 9, "axis"], 3), SpecError, r"spec\.ops\[9\]\.axis = 3 is out of range for inputs of rank 3",
@@ -553,7 +556,8 @@ BAD = [
     (_set(["ops", 9, "out"], 9), SpecError, r"spec\.ops\[9\]: out must not share storage with inputs\[1\]",
      r"must not share storage"),
     # attention
-    (_set(["ops", 4, "heads"], 3), SpecError, r"spec\.ops\[4\]\.heads = 3 must divide the last dims of q \(8\) and v \(6\)",
+    (_set(["ops", 4, "heads"], 3), SpecError,
+     r"spec\.ops\[4\]\.heads = 3 must divide the last dims of q \(8\) and v \(6\)",
      r"do not fit 3 heads"),
     (_set(["ops", 4, "heads"], 4), SpecError, r"spec\.ops\[4\]\.heads = 4 must divide", r"do not fit 4 heads"),
     (_set(["ops", 4, "heads"], 0), SpecError, r"spec\.ops\[4\]\.heads = 0 is out of range", r"heads is out of range"),
@@ -569,8 +573,8 @@ BAD = [
     (_set(["ops", 4, "k"], 4), SpecError, r"spec\.ops\[4\]: q and k must have the same last dim", r"do not fit"),
     (_set(["ops", 4, "out"], 4), SpecError, r"spec\.ops\[4\]: out must not share storage with v",
      r"must not share storage"),
-    (_set(["ops", 8, "v"], 8), SpecError, r"spec\.ops\[8\]\.v = 8 reads a buffer that no input or earlier op writes",
-     r"reads buffer 8 before any op writes it"),
+    (_set(["ops", 8, "v"], 10), SpecError, r"spec\.ops\[8\]\.v = 10 reads a buffer that no input or earlier op writes",
+     r"output must have shape"),
     (_set(["ops", 8, "layout"], "sequence_first"), SpecError, r"layout 'sequence_first' needs q, k, v of rank 2",
      r"sequence_first q, k, v must be"),
     (_set(["ops", 8, "k"], 6), SpecError, r"spec\.ops\[8\]: layout 'heads_first' needs q, k, v of the same rank",
@@ -605,7 +609,8 @@ BAD = [
      r"shift must be a finite float32"),
     (_set(["ops", 5, "scale"], None), SpecError, r"spec\.ops\[5\]\.scale must be a finite number",
      r"scale must be a number"),
-    (_set(["ops", 5, "out"], 4), SpecError, r"spec\.ops\[5\]: output buffer 4 must have shape \(5, 6\)", None),
+    (_set(["ops", 5, "out"], 3), SpecError, r"spec\.ops\[5\]: output buffer 3 must have shape \(5, 6\)",
+     r"input and output sizes differ"),
     (_set(["ops", 5, "activation"], "swish"), SpecError, r"spec\.ops\[5\]\.activation", r"activation"),
     # embedding
     (_array("emb.table", None), SpecError, r"array 'emb\.table' \(float32 embedding table\) is missing",
@@ -631,14 +636,16 @@ BAD = [
     (_array("wv.indptr", np.zeros(7, np.int64)), SpecError,
      r"array 'wv\.indptr' is not used: format 'dense' reads 'wv\.weight'", None),
     (_set(["ops", 3, "block"], [4, 1]), SpecError, r"spec\.ops\[3\]\.block must be \[1, 1\] for format 'dense'", None),
-    (_set(["ops", 3, "format"], "Dense"), SpecError, r"spec\.ops\[3\]\.format must be 'csr' or 'bsr' \(sparse\) or 'dense'",
+    (_set(["ops", 3, "format"], "Dense"), SpecError,
+     r"spec\.ops\[3\]\.format must be 'csr' or 'bsr' \(sparse\) or 'dense'",
      None),
     (_set(["ops", 3, "rows"], 7), SpecError, r"spec\.ops\[3\]: output buffer 4 must have shape \(5, 7\)",
      r"wv\.weight' must have shape \(7, 8\)"),
     # input_dtypes
     (_set(["input_dtypes"], ["int32"]), SpecError, r"spec\.input_dtypes\[0\] must be one of \('float32', 'int64'\)",
      None),
-    (_set(["input_dtypes"], ["int64", "int64"]), SpecError, r"spec\.input_dtypes must be a list with one entry per input",
+    (_set(["input_dtypes"], ["int64", "int64"]), SpecError,
+     r"spec\.input_dtypes must be a list with one entry per input",
      None),
     (_set(["input_dtypes"], "int64"), SpecError, r"spec\.input_dtypes must be a list", None),
 ]
@@ -685,16 +692,19 @@ def test_read_before_write_and_in_place_rules(rng):
         validate(spec, {})
     with pytest.raises(ValueError, match=r"must not share storage"):
         _C.Plan(json.dumps(spec), {})
-    # elementwise ops may: affine over its input's alias
-    spec = make_spec([[4], {"shape": [2, 2], "alias_of": 0}], [0], [1], [
+    # elementwise ops may: affine into an alias of its input (same shape, as affine requires)
+    spec = make_spec([[2, 2], {"shape": [2, 2], "alias_of": 0}], [0], [1], [
         {"op": "affine", "in": 0, "out": 1, "scale": -1, "shift": 0}])
-    x = randn(rng, 3, 4)
+    x = randn(rng, 3, 2, 2)
     (got,) = check(spec, {}, [x])
-    np.testing.assert_array_equal(got, -x.reshape(3, 2, 2))
+    np.testing.assert_array_equal(got, -x)
+    spec["buffers"][1]["shape"] = [4]
+    with pytest.raises(SpecError, match=r"spec\.ops\[0\]: output buffer 1 must have shape \(2, 2\), got \(4,\)"):
+        validate(spec, {})
 
 
 def test_heads_first_ignores_heads_and_number_types(rng):
-    # heads is ignored for heads_first ("write 1"), scale may be an int or a numpy float
+    # heads is ignored for heads_first (producers write 1); scale may be an int or a numpy float
     spec = make_spec([[3, 4], [3, 4], [3, 4], [3, 4]], [0, 1, 2], [3], [
         {"op": "attention", "q": 0, "k": 1, "v": 2, "out": 3, "layout": "heads_first", "heads": 1, "scale": 2,
          "causal": False}])
@@ -705,3 +715,6 @@ def test_heads_first_ignores_heads_and_number_types(rng):
     spec["ops"][0]["scale"] = np.float32(2.0)  # not JSON-serialisable as such: canonicalised to float
     np.testing.assert_array_equal(Executable.from_spec(spec, {}).run(*xs), base)
     assert_close(base, torch_attention(*xs, 2.0, False))
+    spec["ops"][0]["heads"] = 3  # ignored for heads_first, even though 3 does not divide D = 4
+    spec["ops"][0]["scale"] = 2
+    np.testing.assert_array_equal(Executable.from_spec(spec, {}).run(*xs), base)

@@ -22,6 +22,17 @@ class SpecError : public std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
+// A JSON int as int64; ints beyond int64 (Python has no bound) are a SpecError, not a cast error.
+int64_t as_int64(py::handle v, const std::string& where) {
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (overflow != 0 || (x == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    throw SpecError(where + " is out of range");
+  }
+  return static_cast<int64_t>(x);
+}
+
 py::object field(const py::dict& d, const char* key, const std::string& where) {
   if (!d.contains(key)) throw SpecError(where + " has no field '" + key + "'");
   return d[key];
@@ -31,7 +42,7 @@ int64_t int_field(const py::dict& d, const char* key, const std::string& where) 
   py::object v = field(d, key, where);
   if (!py::isinstance<py::int_>(v) || py::isinstance<py::bool_>(v))
     throw SpecError(where + "." + key + " must be an int");
-  return v.cast<int64_t>();
+  return as_int64(v, where + "." + key);
 }
 
 std::array<int, 2> pair_field(const py::dict& d, const char* key, const std::string& where) {
@@ -41,7 +52,7 @@ std::array<int, 2> pair_field(const py::dict& d, const char* key, const std::str
   for (int i = 0; i < 2; ++i) {
     py::object e = v.cast<py::list>()[i];
     if (!py::isinstance<py::int_>(e) || py::isinstance<py::bool_>(e)) throw SpecError(where + "." + key + " must hold ints");
-    const int64_t x = e.cast<int64_t>();
+    const int64_t x = as_int64(e, where + "." + key);
     if (x < 0 || x > (1 << 20)) throw SpecError(where + "." + key + " is out of range");
     out[i] = static_cast<int>(x);
   }
@@ -58,7 +69,11 @@ float number_field(const py::dict& d, const char* key, const std::string& where)
   py::object v = field(d, key, where);
   if (py::isinstance<py::bool_>(v) || !(py::isinstance<py::float_>(v) || py::isinstance<py::int_>(v)))
     throw SpecError(where + "." + key + " must be a number");
-  const double x = v.cast<double>();
+  const double x = PyFloat_AsDouble(v.ptr());  // a huge int sets OverflowError
+  if (x == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw SpecError(where + "." + key + " is out of range");
+  }
   if (!std::isfinite(x) || std::abs(x) > 3.0e38) throw SpecError(where + "." + key + " must be a finite float32");
   return static_cast<float>(x);
 }
@@ -75,7 +90,7 @@ std::vector<int> int_list_field(const py::dict& d, const char* key, const std::s
   std::vector<int> out;
   for (py::handle e : v) {
     if (!py::isinstance<py::int_>(e) || py::isinstance<py::bool_>(e)) throw SpecError(where + "." + key + " must hold ints");
-    const int64_t x = e.cast<int64_t>();
+    const int64_t x = as_int64(e, where + "." + key);
     if (x < 0 || x > hi) throw SpecError(where + "." + key + " holds an out-of-range value");
     out.push_back(static_cast<int>(x));
   }
@@ -231,7 +246,7 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
     std::vector<int64_t> dims;
     for (py::handle d : shape) {
       if (!py::isinstance<py::int_>(d) || py::isinstance<py::bool_>(d)) throw SpecError(where + ".shape must hold ints");
-      dims.push_back(d.cast<int64_t>());
+      dims.push_back(as_int64(d, where + ".shape"));
     }
     int alias = -1;
     if (b.contains("alias_of") && !b["alias_of"].is_none()) alias = static_cast<int>(int_field(b, "alias_of", where));
@@ -244,7 +259,7 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
     std::vector<int> ids;
     for (py::handle h : v) {
       if (!py::isinstance<py::int_>(h) || py::isinstance<py::bool_>(h)) throw SpecError(std::string("spec.") + key + " must hold ints");
-      const int64_t x = h.cast<int64_t>();
+      const int64_t x = as_int64(h, std::string("spec.") + key);
       if (x < 0 || x > (1 << 30)) throw SpecError(std::string("spec.") + key + " holds an out-of-range id");
       ids.push_back(static_cast<int>(x));
     }

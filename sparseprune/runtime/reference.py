@@ -134,7 +134,8 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
         return storage[layout.roots[b]].reshape((batch,) + layout.shapes[b])
 
     def write(b: int, value: np.ndarray) -> None:
-        storage[layout.roots[b]] = np.asarray(value, dtype=np.float32).reshape(batch, -1).copy()
+        numel = math.prod(layout.shapes[b])  # not -1: that cannot reshape a batch of 0
+        storage[layout.roots[b]] = np.asarray(value, dtype=np.float32).reshape(batch, numel).copy()
 
     for b, x in zip(layout.spec["inputs"], inputs):
         write(b, x)
@@ -165,7 +166,7 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
             q, k, v = (read(op[key]).astype(np.float64) for key in ("q", "k", "v"))
             if op["layout"] == "sequence_first":  # (batch, rows, heads * dim), head h at columns h * dim
                 y = _attention(_heads(q, op["heads"]), _heads(k, op["heads"]), _heads(v, op["heads"]), op)
-                y = y.transpose(0, 2, 1, 3).reshape(batch, q.shape[1], -1)
+                y = y.transpose(0, 2, 1, 3).reshape(batch, q.shape[1], v.shape[2])
             else:
                 y = _attention(q, k, v, op)
             write(op["out"], y)

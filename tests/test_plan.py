@@ -156,3 +156,14 @@ def test_layers_without_bias(gen):
     with torch.no_grad():
         ref = lin(conv(x).flatten(1)).numpy()
     np.testing.assert_allclose(plan.run([x.numpy()])[0], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("in", 2**70), ("out", -(2**70)), ("scale", 10**400), ("shift", -(10**400)),
+])
+def test_ints_beyond_int64_are_spec_errors_not_cast_errors(field, value):
+    op = {"op": "affine", "in": 0, "out": 1, "scale": 1.0, "shift": 0.0}
+    op[field] = value
+    text = spec([[2], [2]], [0], [1], [op])
+    with pytest.raises(ValueError, match=rf"ops\[0\]\.{field} is out of range"):
+        _native._C.Plan(text, {})

@@ -150,7 +150,8 @@ def _fn_name(target) -> str:
     if module in ("_operator", "operator"):
         return f"operator.{name}"
     if module.startswith("torch") or module == "":
-        prefix = "torch.nn.functional" if module == "torch.nn.functional" else "torch"
+        # F.linear, F.gelu, F.scaled_dot_product_attention... are builtins of torch._C._nn
+        prefix = "torch.nn.functional" if module in ("torch.nn.functional", "torch._C._nn") else "torch"
         return f"{prefix}.{name}"
     return f"{module}.{name}"
 
@@ -564,11 +565,7 @@ class _Lowering:
             raise self.fail(node, f"encoder layer activation {act!r}")
 
         def norm(x: int, ln: nn.LayerNorm, name: str) -> int:
-            self.arrays[f"{name}.gamma"] = ln.weight.detach().float().cpu().numpy().copy()
-            self.arrays[f"{name}.beta"] = (np.zeros(ln.normalized_shape, np.float32) if ln.bias is None
-                                           else ln.bias.detach().float().cpu().numpy().copy())
-            return self.emit_shaped({"op": "layernorm", "in": x, "weight": name, "eps": float(ln.eps), "name": name},
-                                    self.shape_of(x), name)
+            return self.norm_module(node, x, ln, name)
 
         def add(a: int, b: int, name: str) -> int:
             return self.emit_shaped({"op": "add", "a": a, "b": b, "activation": None, "name": name},
@@ -591,6 +588,23 @@ class _Lowering:
             x = norm(add(x, attention_block(x), f"{path}.add1"), layer.norm1, f"{path}.norm1")
             x = norm(add(x, feed_forward(x), f"{path}.add2"), layer.norm2, f"{path}.norm2")
         return x
+
+    def norm_module(self, node: fx.Node, x: int, ln: nn.Module, name: str) -> int:
+        """A LayerNorm inside a lowered encoder (its layers' norm1/norm2, the encoder's final norm)
+        over the last dimension; no weight (elementwise_affine=False) or no bias (bias=False) are
+        the identity scale / zero shift."""
+        n = self.shape_of(x)[-1]
+        if type(ln) is not nn.LayerNorm:
+            raise self.fail(node, f"encoder norm '{name}' is a {type(ln).__name__} (only nn.LayerNorm is supported)")
+        if tuple(ln.normalized_shape) != (n,):
+            raise self.fail(node, f"encoder norm '{name}' over {tuple(ln.normalized_shape)}: only the last "
+                                  f"dimension ({n},) is supported")
+        self.arrays[f"{name}.gamma"] = (np.ones(n, np.float32) if ln.weight is None
+                                        else ln.weight.detach().float().cpu().numpy().reshape(-1).copy())
+        self.arrays[f"{name}.beta"] = (np.zeros(n, np.float32) if ln.bias is None
+                                       else ln.bias.detach().float().cpu().numpy().reshape(-1).copy())
+        return self.emit_shaped({"op": "layernorm", "in": x, "weight": name, "eps": float(ln.eps), "name": name},
+                                self.shape_of(x), name)
 
     def lower_attention_module(self, node: fx.Node, m: nn.Module) -> Any:
         path = node.target
@@ -619,13 +633,7 @@ class _Lowering:
                 raise self.fail(node, "encoder layers must be batch_first nn.TransformerEncoderLayer")
             x = self.lower_encoder_layer(node, layer, path + suffix, x)
         if final_norm is not None:
-            if type(final_norm) is not nn.LayerNorm:
-                raise self.fail(node, f"encoder norm {type(final_norm).__name__}")
-            name = f"{path}.norm"
-            self.arrays[f"{name}.gamma"] = final_norm.weight.detach().float().cpu().numpy().copy()
-            self.arrays[f"{name}.beta"] = final_norm.bias.detach().float().cpu().numpy().copy()
-            x = self.emit_shaped({"op": "layernorm", "in": x, "weight": name, "eps": float(final_norm.eps),
-                                  "name": name}, self.shape_of(x), name)
+            x = self.norm_module(node, x, final_norm, f"{path}.norm")
         return self.reshape(node, x)
 
     def embedding(self, node: fx.Node, ids_value: Any, table: torch.Tensor, name: str, max_norm=None) -> _Tensor:

@@ -1,0 +1,653 @@
+"""compile() of attention and sequence models: TransformerEncoderLayer / TransformerEncoder /
+MultiheadAttention lowered from their parameters, scaled_dot_product_attention, matmul between
+activations (with the transpose read through transpose_b), permute / transpose, cat, embeddings
+fed by integer ids, tensor-with-number arithmetic, and the errors for what the executor refuses.
+Every executable is compared to the torch model (eval, no_grad) within fp32 rounding."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparseprune
+from sparseprune.compile import UnsupportedOperation, compile
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _assert_close(got, ref, tol=1e-5):
+    """|got - ref| <= tol * max(1, max|ref|): fp32 rounding, far below any real error."""
+    ref = ref.detach().numpy() if isinstance(ref, torch.Tensor) else np.asarray(ref)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    scale = max(1.0, float(np.abs(ref).max())) if ref.size else 1.0
+    diff = float(np.abs(got.astype(np.float64) - ref.astype(np.float64)).max()) if ref.size else 0.0
+    assert diff <= tol * scale, f"max |diff| {diff:.3g} > {tol * scale:.3g}"
+
+
+def _torch(model, *inputs):
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def _check(exe, model, *inputs):
+    """The executable reproduces the model on `inputs` (tensors)."""
+    _assert_close(exe.run(*[x.numpy() for x in inputs]), _torch(model, *inputs))
+
+
+def _ops(exe, kind=None):
+    ops = exe.spec["ops"]
+    return [o["op"] for o in ops] if kind is None else [o for o in ops if o["op"] == kind]
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(11)
+
+
+def _randn(gen, *shape):
+    return torch.randn(*shape, generator=gen)
+
+
+def _magnitude_prune(module, name, amount):
+    torch.nn.utils.prune.l1_unstructured(module, name, amount=amount)
+
+
+def _encoder_layer(d=16, heads=4, ff=24, norm_first=False, activation="relu", pruned=False):
+    layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, activation=activation, batch_first=True,
+                                       norm_first=norm_first)
+    with torch.no_grad():  # layer norms that are not the identity
+        for ln in (layer.norm1, layer.norm2):
+            ln.weight.uniform_(0.5, 1.5)
+            ln.bias.uniform_(-0.5, 0.5)
+    if pruned:  # torch's own magnitude pruning (compile reads the masked weights)
+        _magnitude_prune(layer.self_attn, "in_proj_weight", 0.9)
+        for lin in (layer.self_attn.out_proj, layer.linear1, layer.linear2):
+            _magnitude_prune(lin, "weight", 0.9)
+    return layer.eval()
+
+
+# --- TransformerEncoderLayer / TransformerEncoder ---------------------------------------------
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned90"])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "norm_first"])
+@pytest.mark.parametrize("batch, seq", [(1, 5), (3, 7)])
+def test_encoder_layer_matches_torch(batch, seq, norm_first, activation, pruned, gen):
+    layer = _encoder_layer(norm_first=norm_first, activation=activation, pruned=pruned)
+    x = _randn(gen, batch, seq, 16)
+    exe = compile(layer, (x,), policy="threshold", num_threads=1)
+    _check(exe, layer, x)
+    _check(exe, layer, _randn(gen, 4 - batch, seq, 16))  # another batch size (3 or 1)
+
+    assert len(_ops(exe, "attention")) == 1
+    att = _ops(exe, "attention")[0]
+    assert att["heads"] == 4 and att["causal"] is False and att["layout"] == "sequence_first"
+    assert att["scale"] == pytest.approx(1 / math.sqrt(16 / 4))
+    linears = {o["name"]: o for o in _ops(exe, "linear")}
+    assert sorted(linears) == ["0.linear1", "0.linear2", "0.self_attn.in_proj.k", "0.self_attn.in_proj.q",
+                               "0.self_attn.in_proj.v", "0.self_attn.out_proj"]
+    want = "csr" if pruned else "dense"
+    assert {o["format"] for o in linears.values()} == {want}
+    assert linears["0.linear1"].get("activation") == activation  # fused into the first feed-forward linear
+    assert {row["kernel"] for row in exe.metadata["layers"]} == {want}
+    if pruned:
+        assert min(row["sparsity"] for row in exe.metadata["layers"]) >= 0.85
+    assert _ops(exe).count("layernorm") == 2 and _ops(exe).count("add") == 2
+
+
+def test_encoder_layer_with_an_activation_module_and_measure_policy(gen):
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, activation=nn.GELU(), batch_first=True).eval()
+    x = _randn(gen, 2, 5, 8)
+    exe = compile(layer, (x,), policy="measure", num_threads=1)
+    _check(exe, layer, x)
+    assert len(_ops(exe, "attention")) == 1
+    assert all(o["format"] in ("dense", "csr", "bsr") for o in _ops(exe, "linear"))
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "norm_first"])
+def test_encoder_with_two_layers_and_a_final_norm(norm_first, gen):
+    layer = _encoder_layer(d=8, heads=2, ff=16, norm_first=norm_first)
+    encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(8), enable_nested_tensor=False).eval()
+    with torch.no_grad():
+        encoder.layers[1].linear1.weight.mul_(2.0)  # the two (deep-copied) layers differ
+        encoder.norm.weight.uniform_(0.5, 1.5)
+        encoder.norm.bias.uniform_(-0.5, 0.5)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 8)
+            self.encoder = encoder
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.encoder(self.inp(x)))
+
+    model = Model().eval()
+    x = _randn(gen, 2, 5, 6)
+    exe = compile(model, (x,), policy="threshold")
+    _check(exe, model, x)
+    _check(exe, model, _randn(gen, 1, 5, 6))
+    assert len(_ops(exe, "attention")) == 2
+    assert [o["name"] for o in _ops(exe, "layernorm")][-1] == "encoder.norm"
+    assert _ops(exe)[-2:] == ["layernorm", "linear"]
+    names = {o["name"] for o in _ops(exe, "linear")}
+    assert {"encoder.layers.0.linear1", "encoder.layers.1.linear1", "encoder.layers.1.self_attn.out_proj"} <= names
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(8, bias=False), nn.LayerNorm(8, elementwise_affine=False)],
+                         ids=["no_bias", "no_affine"])
+def test_encoder_final_norm_without_bias_or_affine(norm, gen):
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, bias=False)
+    encoder = nn.TransformerEncoder(layer, 2, norm=norm, enable_nested_tensor=False).eval()
+    x = _randn(gen, 2, 5, 8)
+    exe = compile(encoder, (x,), policy="threshold")
+    _check(exe, encoder, x)
+    assert len(_ops(exe, "attention")) == 2
+
+
+# --- MultiheadAttention ------------------------------------------------------------------------
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, d=12, heads=3, bias=True):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, bias=bias, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self, d=12, heads=2, kdim=None, vdim=None):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, kdim=kdim, vdim=vdim, batch_first=True)
+        self.fc = nn.Linear(d, 5)
+
+    def forward(self, x, key, value):
+        out, _weights = self.attn(x, key, value)  # need_weights=True: the unused weights are fine
+        return self.fc(out)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_mha_self_attention(bias, gen):
+    model = _SelfAttention(bias=bias).eval()
+    x = _randn(gen, 3, 7, 12)
+    exe = compile(model, (x,), policy="threshold")
+    _check(exe, model, x)
+    _check(exe, model, _randn(gen, 1, 7, 12))
+    assert _ops(exe) == ["linear", "linear", "linear", "attention", "linear"]
+    assert _ops(exe, "attention")[0]["heads"] == 3
+
+
+def test_mha_cross_attention_with_another_sequence_length(gen):
+    model = _CrossAttention().eval()
+    x, mem = _randn(gen, 2, 5, 12), _randn(gen, 2, 9, 12)
+    exe = compile(model, (x, mem, mem), policy="threshold")
+    _check(exe, model, x, mem, mem)
+    _check(exe, model, _randn(gen, 3, 5, 12), _randn(gen, 3, 9, 12), _randn(gen, 3, 9, 12))
+    assert exe.output_shapes == ((5, 5),)
+    assert len(_ops(exe, "attention")) == 1
+
+
+def test_mha_with_kdim_and_vdim(gen):
+    model = _CrossAttention(d=8, heads=2, kdim=6, vdim=10).eval()
+    assert not model.attn._qkv_same_embed_dim  # separate q/k/v projection weights
+    x, key, value = _randn(gen, 2, 3, 8), _randn(gen, 2, 7, 6), _randn(gen, 2, 7, 10)
+    exe = compile(model, (x, key, value), policy="threshold")
+    _check(exe, model, x, key, value)
+    cols = {o["name"]: o["cols"] for o in _ops(exe, "linear")}
+    assert cols["attn.in_proj.q"] == 8 and cols["attn.in_proj.k"] == 6 and cols["attn.in_proj.v"] == 10
+
+
+def test_mha_pruned_projections_go_csr(gen):
+    model = _SelfAttention(d=16, heads=2).eval()
+    _magnitude_prune(model.attn, "in_proj_weight", 0.9)
+    x = _randn(gen, 2, 5, 16)
+    exe = compile(model, (x,), policy="threshold")
+    _check(exe, model, x)
+    formats = {o["name"]: o["format"] for o in _ops(exe, "linear")}
+    assert formats == {"attn.in_proj.q": "csr", "attn.in_proj.k": "csr", "attn.in_proj.v": "csr",
+                       "attn.out_proj": "dense"}
+
+
+def test_mha_attention_weights_cannot_be_used(gen):
+    class UsesWeights(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            _out, weights = self.attn(x, x, x)
+            return self.fc(weights)
+
+    with pytest.raises(UnsupportedOperation, match=r"module 'fc' \(Linear\).*attention weights"):
+        compile(UsesWeights(), (_randn(gen, 2, 4, 8),), policy="threshold")
+
+
+# --- hand-written attention: matmul, transpose_b, dead transpose -------------------------------
+
+
+class _HandAttention(nn.Module):
+    def __init__(self, d=12, heads=3):
+        super().__init__()
+        self.heads, self.head_dim = heads, d // heads
+        self.q, self.k, self.v, self.out = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        B, L, _ = x.shape
+        H, D = self.heads, self.head_dim
+        q = self.q(x).view(B, L, H, D).transpose(1, 2)
+        k = self.k(x).view(B, L, H, D).transpose(1, 2)
+        v = self.v(x).view(B, L, H, D).transpose(1, 2)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(D)
+        y = torch.softmax(scores, dim=-1) @ v
+        return self.out(y.transpose(1, 2).reshape(B, L, H * D))
+
+
+def test_hand_written_attention_reads_k_through_transpose_b(gen):
+    model = _HandAttention().eval()
+    x = _randn(gen, 2, 5, 12)
+    exe = compile(model, (x,), policy="threshold")
+    _check(exe, model, x)
+    _check(exe, model, _randn(gen, 3, 5, 12))
+    matmuls = _ops(exe, "matmul")
+    assert [m["transpose_b"] for m in matmuls] == [True, False]
+    # The k.transpose(-2, -1) copy is dead and dropped: no permute swaps the last two dims, and
+    # the first matmul reads the (heads-first) k written by a transpose(1, 2) permute.
+    permutes = _ops(exe, "permute")
+    assert [p["perm"] for p in permutes] == [[1, 0, 2]] * 4  # q, k, v to heads-first, and back
+    writer = {o["out"]: o for o in exe.spec["ops"]}
+    k_heads = writer[matmuls[0]["b"]]
+    assert k_heads["op"] == "permute" and k_heads["perm"] == [1, 0, 2]
+    k_view = exe.spec["buffers"][k_heads["in"]]  # the (L, H, D) view of the k projection
+    assert writer[k_view["alias_of"]]["op"] == "linear" and writer[k_view["alias_of"]]["name"] == "k"
+    assert exe.spec["buffers"][matmuls[0]["b"]]["shape"] == [3, 5, 4]  # (H, L, D), read transposed
+    assert _ops(exe).count("affine") == 1 and _ops(exe).count("softmax") == 1
+
+
+def test_matmul_and_bmm_between_activations(gen):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 4), nn.Linear(6, 4)
+
+        def forward(self, x):
+            a, b = self.a(x), self.b(x)  # (B, L, 4)
+            gram = torch.bmm(a, b.transpose(1, 2))  # (B, L, L), b read transposed
+            return torch.matmul(gram, a), a.transpose(1, 2) @ b  # (B, L, 4), (B, 4, 4)
+
+    model = Model().eval()
+    x = _randn(gen, 2, 5, 6)
+    exe = compile(model, (x,), policy="threshold")
+    refs = _torch(model, x)
+    for got, ref in zip(exe.run(x.numpy()), refs):
+        _assert_close(got, ref)
+    assert [m["transpose_b"] for m in _ops(exe, "matmul")] == [True, False, False]
+    assert len(_ops(exe, "permute")) == 1  # a.transpose(1, 2) as the first operand is a copy
+
+
+# --- scaled_dot_product_attention --------------------------------------------------------------
+
+
+class _SDPA(nn.Module):
+    def __init__(self, is_causal=False, scale=None):
+        super().__init__()
+        self.is_causal, self.scale = is_causal, scale
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.is_causal, scale=self.scale)
+
+
+@pytest.mark.parametrize("is_causal, scale, L, S", [
+    (False, None, 5, 5), (True, None, 5, 5), (False, 0.3, 5, 5), (True, 0.7, 7, 7), (False, None, 3, 8),
+    (False, 1.5, 6, 4), (True, None, 5, 7), (True, None, 7, 5),  # causal L != S: torch's top-left aligned mask
+])
+def test_sdpa(is_causal, scale, L, S, gen):
+    model = _SDPA(is_causal, scale)
+    q, k, v = _randn(gen, 2, 2, L, 4), _randn(gen, 2, 2, S, 4), _randn(gen, 2, 2, S, 6)
+    exe = compile(model, (q, k, v), policy="threshold")
+    _check(exe, model, q, k, v)
+    _check(exe, model, _randn(gen, 1, 2, L, 4), _randn(gen, 1, 2, S, 4), _randn(gen, 1, 2, S, 6))
+    (att,) = _ops(exe, "attention")
+    assert att["causal"] is is_causal and att["layout"] == "heads_first"
+    assert att["scale"] == pytest.approx(1 / math.sqrt(4) if scale is None else scale)
+    assert exe.output_shapes == ((2, L, 6),)
+
+
+def test_sdpa_on_projected_heads_positional_arguments(gen):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.out = nn.Linear(8, 8)
+
+        def forward(self, x):
+            B, L = x.size(0), x.size(1)
+            q, k, v = (lin(x).view(B, L, 2, 4).transpose(1, 2) for lin in (self.q, self.k, self.v))
+            y = F.scaled_dot_product_attention(q, k, v, None, 0.0, True)
+            return self.out(y.transpose(1, 2).reshape(B, L, 8))
+
+    model = Model().eval()
+    x = _randn(gen, 3, 7, 8)
+    exe = compile(model, (x,), policy="threshold")
+    _check(exe, model, x)
+    assert _ops(exe, "attention")[0]["causal"] is True
+
+
+# --- cat, permute, transpose -------------------------------------------------------------------
+
+
+def test_cat_along_non_batch_dims(gen):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            a = torch.cat([self.fc1(x), x], dim=1)  # (B, 8, 6)
+            b = torch.cat((a, torch.relu(a), self.fc1(a)), -1)  # (B, 8, 18)
+            c = torch.cat([x, self.fc2(x), x], dim=2)  # (B, 4, 15)
+            d = torch.concat([self.fc2(a), self.fc2(a) * 2], dim=-2)  # (B, 16, 3)
+            return b, c, d
+
+    model = Model().eval()
+    x = _randn(gen, 2, 4, 6)
+    exe = compile(model, (x,), policy="threshold")
+    for batch in (2, 1):
+        xb = _randn(gen, batch, 4, 6)
+        for got, ref in zip(exe.run(xb.numpy()), _torch(model, xb)):
+            _assert_close(got, ref)
+    cats = _ops(exe, "cat")
+    assert [(len(c["inputs"]), c["axis"]) for c in cats] == [(2, 0), (3, 1), (3, 1), (2, 0)]
+
+
+def test_permute_and_transpose(gen):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 5)
+
+        def forward(self, x):  # x: (B, 2, 3, 5)
+            p = self.fc(x).permute(0, 3, 1, 2)  # (B, 5, 2, 3)
+            t = torch.transpose(p, 1, 2)  # (B, 2, 5, 3)
+            s = x.swapaxes(-1, 1)  # (B, 5, 3, 2)
+            q = torch.permute(x, (0, 2, 3, 1))  # (B, 3, 5, 2)
+            return p, t.contiguous(), s, q
+
+    model = Model().eval()
+    x = _randn(gen, 2, 2, 3, 5)
+    exe = compile(model, (x,), policy="threshold")
+    got, refs = exe.run(x.numpy()), _torch(model, x)
+    for k in (0, 1):  # permutes of the linear's output
+        _assert_close(got[k], refs[k])
+    for k in (2, 3):  # permutes of the input: exact copies
+        np.testing.assert_array_equal(got[k], refs[k].numpy())
+    assert [o["perm"] for o in _ops(exe, "permute")] == [[2, 0, 1], [1, 0, 2], [2, 1, 0], [1, 2, 0]]
+
+
+def test_identity_permute_is_no_op(gen):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x.permute(0, 1, 2)).permute(0, -2, -1).transpose(2, 2)
+
+    model = Model().eval()
+    x = _randn(gen, 2, 3, 4)
+    exe = compile(model, (x,), policy="threshold")
+    _check(exe, model, x)
+    assert _ops(exe) == ["linear"]
+
+
+# --- embeddings --------------------------------------------------------------------------------
+
+
+class _EmbeddingHead(nn.Module):
+    def __init__(self, vocab=20, dim=8, out=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.head = nn.Linear(dim, out)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.emb(ids)))
+
+
+def test_embedding_with_integer_ids(gen, tmp_path):
+    model = _EmbeddingHead().eval()
+    ids = torch.randint(0, 20, (2, 6), generator=gen)
+    ids[0, 0], ids[1, -1] = 0, 19  # the padding row and the last row
+    exe = compile(model, (ids,), policy="threshold")
+    assert exe.spec["input_dtypes"] == ["int64"]
+    assert _ops(exe) == ["embedding", "activation", "linear"]
+    assert [(r["name"], r["op"]) for r in exe.metadata["layers"]] == [("emb", "embedding"), ("head", "linear")]
+    ref = _torch(model, ids)
+    _assert_close(exe.run(ids.numpy()), ref)
+    _assert_close(exe.run(ids.numpy().astype(np.int32)), ref)
+    other = torch.randint(0, 20, (3, 6), generator=gen)
+    _assert_close(exe.run(other.numpy()), _torch(model, other))
+
+    with pytest.raises(ValueError, match=r"not a row index in \[0, 20\)"):
+        exe.run(np.full((2, 6), 20, dtype=np.int64))
+    with pytest.raises(ValueError, match="out of range"):
+        exe.run(np.full((2, 6), -1, dtype=np.int64))
+    with pytest.raises(TypeError, match="integer token ids"):
+        exe.run(ids.numpy().astype(np.float32))
+
+    path = tmp_path / "emb.safetensors"
+    exe.save(path)
+    loaded = sparseprune.load(path)
+    assert loaded.spec == exe.spec
+    np.testing.assert_array_equal(loaded.run(ids.numpy()), exe.run(ids.numpy()))
+    np.testing.assert_array_equal(loaded.run(other.numpy().astype(np.int32)), exe.run(other.numpy()))
+
+
+def test_int32_example_ids_functional_embedding_and_a_float_input(gen):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(10, 6, generator=gen))
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, ids, pos):
+            return self.fc(F.embedding(ids, self.table) + pos)
+
+    model = Model().eval()
+    ids, pos = torch.randint(0, 10, (2, 4), generator=gen, dtype=torch.int32), _randn(gen, 2, 4, 6)
+    exe = compile(model, (ids, pos), policy="threshold")
+    assert exe.spec["input_dtypes"] == ["int64", "float32"]
+    _assert_close(exe.run(ids.numpy(), pos.numpy()), _torch(model, ids, pos))
+    _assert_close(exe.run(ids.numpy().astype(np.int64), pos.numpy()), _torch(model, ids, pos))
+    with pytest.raises(TypeError, match="float32"):
+        exe.run(ids.numpy(), pos.numpy().astype(np.float64))
+
+
+# --- tensor-with-number arithmetic -------------------------------------------------------------
+
+
+_SCALAR_FNS = {
+    "x*2": lambda x: x * 2,
+    "2*x": lambda x: 2 * x,
+    "x/4": lambda x: x / 4,
+    "x+1": lambda x: x + 1,
+    "1+x": lambda x: 1 + x,
+    "1-x": lambda x: 1 - x,
+    "x-3": lambda x: x - 3,
+    "x*0.5+1": lambda x: x * 0.5 + 1,
+    "(1-x*0.5)/2-0.25": lambda x: (1 - x * 0.5) / 2 - 0.25,
+    "torch.mul": lambda x: torch.sub(torch.mul(x, -1.5), 2),
+    "methods": lambda x: x.mul(3).add(0.5).sub(1).div(8),
+}
+
+
+class _Scalar(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self.fc(x))
+
+
+@pytest.mark.parametrize("name", sorted(_SCALAR_FNS))
+def test_scalar_arithmetic(name, gen):
+    model = _Scalar(_SCALAR_FNS[name]).eval()
+    x = _randn(gen, 3, 5)
+    exe = compile(model, (x,), policy="threshold")
+    _check(exe, model, x)
+    _check(exe, model, _randn(gen, 2, 5))
+    assert _ops(exe)[0] == "linear" and set(_ops(exe)[1:]) == {"affine"}
+
+
+def test_scalar_affine_with_a_fused_activation(gen):
+    model = _Scalar(lambda x: torch.relu(x * 2 - 1)).eval()
+    x = _randn(gen, 4, 5)
+    exe = compile(model, (x,), policy="threshold")
+    _check(exe, model, x)
+    last = exe.spec["ops"][-1]
+    assert (last["op"], last["activation"], last["scale"], last["shift"]) == ("affine", "relu", 1.0, -1.0)
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class _SequenceFirstMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+class _MHAWithMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.register_buffer("mask", torch.triu(torch.ones(4, 4, dtype=torch.bool), 1))
+
+    def forward(self, x):
+        return self.attn(x, x, x, attn_mask=self.mask, need_weights=False)[0]
+
+
+class _SDPAWithMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(4, 4, dtype=torch.bool).tril())
+
+    def forward(self, q):
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=self.mask)
+
+
+class _SDPADropout(nn.Module):
+    def forward(self, q):
+        return F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+
+
+class _CatBatch(nn.Module):
+    def forward(self, x):
+        return torch.cat([x * 2, x], dim=0)
+
+
+class _EmbeddingOfComputedIds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, x):
+        return self.emb((x * 4).long())
+
+
+class _EmbeddingOfShiftedIds(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+
+    def forward(self, ids):
+        return self.emb(ids + 1)
+
+
+class _NumberOverTensor(nn.Module):
+    def forward(self, x):
+        return 2 / x
+
+
+class _BroadcastMatmul(nn.Module):
+    """(B, 2, L, 4) @ (B, 1, 4, L): torch broadcasts the head dimension."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        B, L = x.size(0), x.size(1)
+        a = x.view(B, L, 2, 4).transpose(1, 2)
+        b = self.fc(x).transpose(1, 2).reshape(B, 1, 4, L)
+        return a @ b
+
+
+class _EncoderWithPaddingMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.register_buffer("padding", torch.tensor([[False] * 4 + [True], [False] * 5]))
+
+    def forward(self, x):
+        return self.encoder(x, src_key_padding_mask=self.padding)
+
+
+def _encoder_with_wide_norm():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 1, norm=nn.LayerNorm((5, 8)), enable_nested_tensor=False)
+
+
+_FLOAT = torch.float32
+
+
+@pytest.mark.parametrize("build, shape, dtype, match", [
+    (_SequenceFirstMHA, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\).*batch_first=False"),
+    (_MHAWithMask, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\).*attention masks"),
+    (_SDPAWithMask, (2, 4, 8), _FLOAT, r"'torch\.nn\.functional\.scaled_dot_product_attention'.*attn_mask"),
+    (_SDPADropout, (2, 4, 8), _FLOAT, r"'torch\.nn\.functional\.scaled_dot_product_attention'.*dropout_p=0\.1"),
+    (_CatBatch, (2, 4, 8), _FLOAT, r"'torch\.cat'.*the batch dimension"),
+    (_EmbeddingOfComputedIds, (2, 4), _FLOAT, r"'Tensor\.long'"),
+    (_EmbeddingOfShiftedIds, (2, 4), torch.int64, r"'operator\.add'.*integer \(token id\) input"),
+    (_NumberOverTensor, (2, 4), _FLOAT, r"'operator\.truediv'.*number / tensor"),
+    (_BroadcastMatmul, (2, 5, 8), _FLOAT, r"'operator\.matmul'.*no broadcasting"),
+    (_EncoderWithPaddingMask, (2, 5, 8), _FLOAT, r"module 'encoder' \(TransformerEncoder\).*src_key_padding_mask"),
+    (_encoder_with_wide_norm, (2, 5, 8), _FLOAT, r"encoder norm '0\.norm' over \(5, 8\)"),
+    (lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=nn.GELU(approximate="tanh"),
+                                        batch_first=True), (2, 5, 8), _FLOAT,
+     r"module '0' \(TransformerEncoderLayer\): encoder layer activation GELU\(approximate='tanh'\)"),
+])
+def test_unsupported_attention_and_sequence_ops(build, shape, dtype, match):
+    model = build().eval()
+    x = torch.randint(0, 9, shape) if dtype is torch.int64 else torch.rand(*shape, dtype=dtype)
+    with pytest.raises(UnsupportedOperation, match=match) as info:
+        compile(model, (x,), policy="threshold")
+    assert "sparseprune.convert(model) still works" in str(info.value)
+    assert UnsupportedOperation is sparseprune.UnsupportedOperation
+
+
+def test_encoder_layer_mask_argument_is_refused(gen):
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.register_buffer("mask", torch.zeros(4, 4))
+
+        def forward(self, x):
+            return self.layer(x, src_mask=self.mask)
+
+    with pytest.raises(UnsupportedOperation, match=r"module 'layer' \(TransformerEncoderLayer\).*encoder masks"):
+        compile(Model().eval(), (_randn(gen, 2, 4, 8),), policy="threshold")

@@ -8,12 +8,10 @@
             bare kernel call (PackedLinear.forward) on the same weights, batch 1, one thread.
   size      the saved file of each model above vs its dense float32 weights.
 
-Timing: blocks, not call-by-call round robin. torch and the extension each bring an OpenMP runtime
-whose idle threads spin for a while after every parallel region; on a 2-core machine, alternating
-single calls makes each side pay for the other's spinning threads (seen here: the executable
-measured up to 2x slower interleaved per call than in blocks). A service runs one of them, so each
-round times a block of calls of one candidate after two warm-up calls, the candidates alternate
-block by block for --rounds rounds, and the median and p90 are over all timed calls.
+Timing: sparseprune.timing.time_interleaved, round robin (each round: one untimed then three timed
+calls per candidate), after warm-up, medians and p90 over all timed calls, at the same thread
+count for torch and the executable. (Timing the two in alternating blocks of calls instead gave
+the same medians within 5% on a quiet machine.)
 
 Run from the repository root: python benchmarks/bench_executable.py [--json F] [--markdown F]
 """
@@ -35,6 +33,7 @@ import sparseprune
 from sparseprune import formats
 from sparseprune.bench import build_model, prune_linear_layers, run_metadata
 from sparseprune.runtime import Executable
+from sparseprune.timing import time_interleaved
 
 SECTIONS = ("bert", "resnet18", "overhead", "size")
 
@@ -43,25 +42,10 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def time_blocks(fns: Dict[str, Callable[[], object]], rounds: int, block_s: float) -> Dict[str, Dict[str, float]]:
-    """Median and p90 (ms) of each callable, timed in alternating blocks (see the module doc)."""
-    samples: Dict[str, List[float]] = {k: [] for k in fns}
-    per_call = {}
-    for k, fn in fns.items():
-        t = time.perf_counter()
-        fn()
-        per_call[k] = max(time.perf_counter() - t, 1e-7)
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            fn()
-            fn()
-            n = max(5, min(2000, int(block_s / per_call[k])))
-            for _ in range(n):
-                t = time.perf_counter()
-                fn()
-                samples[k].append(time.perf_counter() - t)
-    return {k: {"median_ms": float(np.median(v)) * 1e3, "p90_ms": float(np.percentile(v, 90)) * 1e3,
-                "calls": len(v)} for k, v in samples.items()}
+def time_candidates(fns: Dict[str, Callable[[], object]], repeats: int, min_time_s: float) -> Dict[str, Dict[str, float]]:
+    """Median and p90 (ms) of each callable, timed round robin (see the module doc)."""
+    times = time_interleaved(fns, warmup=3, repeats=repeats, min_time_s=min_time_s)
+    return {k: {"median_ms": t.median_ms, "p90_ms": t.p90_ms, "calls": t.runs} for k, t in times.items()}
 
 
 def max_rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
@@ -86,27 +70,29 @@ def resnet(sparsity: float, seed: int) -> nn.Module:
     return model.eval()
 
 
-def compare_model(section: str, model: nn.Module, x: torch.Tensor, args, files: Dict[str, int]) -> List[dict]:
+def compare_model(section: str, model: nn.Module, sample_shape, args, files: Dict[str, int]) -> List[dict]:
     rows = []
-    with torch.no_grad():
-        ref = model(x).numpy()
+    gen = torch.Generator().manual_seed(args.seed)
+    inputs = {b: torch.randn(b, *sample_shape, generator=gen) for b in args.batch_sizes}
     for threads in args.threads:
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        exe = sparseprune.compile(model, (x,), num_threads=threads)
+        exe = sparseprune.compile(model, (inputs[args.batch_sizes[0]],), num_threads=threads)
         compile_s = time.perf_counter() - t0
-        xn = x.numpy()
-        diff = max_rel_diff(exe.run(xn), ref)
-        with torch.no_grad():
-            times = time_blocks({"torch_dense": lambda: model(x), "executable": lambda: exe.run(xn)},
-                                args.rounds, args.block_s)
-        speedup = times["torch_dense"]["median_ms"] / times["executable"]["median_ms"]
         kernels = sorted({row.get("format", row["op"]) for row in exe.layer_table()})
-        rows.append({"section": section, "batch": int(x.shape[0]), "threads": threads, "times": times,
-                     "speedup": speedup, "max_rel_diff": diff, "compile_s": compile_s, "kernels": kernels})
-        log(f"{section} threads={threads}: torch {times['torch_dense']['median_ms']:.2f} ms, executable "
-            f"{times['executable']['median_ms']:.2f} ms, {speedup:.2f}x, max rel diff {diff:.1e}")
+        for batch, x in inputs.items():
+            xn = x.numpy()
+            with torch.no_grad():
+                diff = max_rel_diff(exe.run(xn), model(x).numpy())
+                times = time_candidates({"torch_dense": lambda: model(x), "executable": lambda: exe.run(xn)},
+                                        args.repeats, args.min_time_s)
+            speedup = times["torch_dense"]["median_ms"] / times["executable"]["median_ms"]
+            rows.append({"section": section, "batch": batch, "threads": threads, "times": times,
+                         "speedup": speedup, "max_rel_diff": diff, "compile_s": compile_s, "kernels": kernels})
+            log(f"{section} batch={batch} threads={threads}: torch {times['torch_dense']['median_ms']:.2f} ms, "
+                f"executable {times['executable']['median_ms']:.2f} ms, {speedup:.2f}x, max rel diff {diff:.1e}")
         if section not in files:
+            xn = inputs[args.batch_sizes[0]].numpy()
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "model.safetensors")
                 size = exe.save(path)
@@ -143,8 +129,8 @@ def run_overhead(args) -> List[dict]:
     packed = formats.pack(weight, bias, "csr")
     plan = exe._plan
     assert np.allclose(exe.run(x), packed.forward(x, False, 1), atol=1e-6)
-    times = time_blocks({"kernel": lambda: packed.forward(x, False, 1), "plan_run": lambda: plan.run([x], 1),
-                         "executable_run": lambda: exe.run(x)}, args.rounds, args.block_s / 4)
+    times = time_candidates({"kernel": lambda: packed.forward(x, False, 1), "plan_run": lambda: plan.run([x], 1),
+                         "executable_run": lambda: exe.run(x)}, args.repeats * 10, args.min_time_s / 2)
     k = times["kernel"]["median_ms"]
     row = {"section": "overhead", "times": times,
            "plan_overhead_us": (times["plan_run"]["median_ms"] - k) * 1e3,
@@ -186,24 +172,25 @@ def main(argv=None) -> int:
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--threads", default="1,2")
     p.add_argument("--sparsity", type=float, default=0.9)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--block-s", type=float, default=0.4, help="seconds per timed block")
+    p.add_argument("--batch-sizes", default="1", help="comma list; BERT's batch is of 128-token sequences")
+    p.add_argument("--repeats", type=int, default=30, help="round-robin rounds (at least)")
+    p.add_argument("--min-time-s", type=float, default=2.0, help="keep adding rounds (up to 10x) until this long")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
     p.add_argument("--markdown")
     args = p.parse_args(argv)
     args.sections = args.sections.split(",")
     args.threads = [int(t) for t in args.threads.split(",")]
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     started = time.perf_counter()
     previous = torch.get_num_threads()
     rows: List[dict] = []
     files: Dict[str, int] = {}
     try:
         if "bert" in args.sections:
-            rows += compare_model("bert", bert_layer(args.sparsity, args.seed), torch.randn(1, 128, 768), args, files)
+            rows += compare_model("bert", bert_layer(args.sparsity, args.seed), (128, 768), args, files)
         if "resnet18" in args.sections:
-            rows += compare_model("resnet18", resnet(args.sparsity, args.seed), torch.randn(1, 3, 224, 224), args,
-                                  files)
+            rows += compare_model("resnet18", resnet(args.sparsity, args.seed), (3, 224, 224), args, files)
         if "overhead" in args.sections:
             rows += run_overhead(args)
     finally:
@@ -212,7 +199,7 @@ def main(argv=None) -> int:
         rows = [r for r in rows if r["section"] != "size"]
     meta = run_metadata(args.threads)
     meta.update({"command": "python benchmarks/bench_executable.py " + " ".join(argv if argv else sys.argv[1:]),
-                 "sparsity": args.sparsity, "rounds": args.rounds, "block_s": args.block_s,
+                 "sparsity": args.sparsity, "repeats": args.repeats, "min_time_s": args.min_time_s,
                  "elapsed_s": time.perf_counter() - started})
     result = {"metadata": meta, "rows": rows}
     if args.json:

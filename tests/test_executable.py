@@ -545,6 +545,36 @@ def saved_cnn(tmp_path, gen):
     return exe, path, x.numpy()
 
 
+class _TinyTransformer(nn.Module):
+    """Token ids -> embedding -> encoder layer -> hand-written causal attention -> cat -> head:
+    every op family of the executor besides convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, activation="gelu")
+        self.qkv = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, ids):
+        x = self.encoder(self.emb(ids))
+        b, n, e = x.shape
+        q, k, v = (f(x).view(b, n, 2, 8).transpose(1, 2) for f in self.qkv)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, e)
+        return self.head(torch.cat([x, a * 0.5], dim=-1)).softmax(dim=-1)
+
+
+@pytest.fixture
+def saved_transformer(tmp_path, gen):
+    model = _TinyTransformer().eval()
+    _prune(model, 0.8, gen)  # nn.Linear layers go CSR; the attention in_proj stays dense
+    ids = torch.randint(0, 30, (3, 7), generator=gen)
+    exe = compile(model, (ids,), policy="threshold")
+    path = tmp_path / "transformer.safetensors"
+    exe.save(path)
+    return exe, path, ids.numpy()
+
+
 def test_save_load_round_trip(saved_cnn):
     exe, path, x = saved_cnn
     loaded = load(path, n_threads=1)
@@ -688,12 +718,19 @@ _FUZZ = textwrap.dedent(
         elif kind == 9:
             del arrays[pick(sorted(k for k in arrays if not k.endswith(".bias")))]  # bias is optional
         elif kind == 10:
-            # fields where every one of these values is invalid (not name/activation/eps)
-            key = pick(sorted(k for k in op if k not in ("name", "activation", "eps")))
+            # fields where every one of these values is invalid (not name/activation/eps, nor the
+            # flags and numbers, and cat's operand list, for which some of them are valid)
+            valid_somewhere = ("name", "activation", "eps", "scale", "shift", "causal", "transpose_b", "inputs")
+            key = pick(sorted(k for k in op if k not in valid_somewhere))
             op[key] = pick([None, "x", -1, 2**70, [1, 2, 3], {"a": 1}, 1.5, True])
         elif kind == 11:
-            conv = pick([o for o in ops if o["op"] in ("conv2d", "maxpool2d")])
-            conv[pick(["kernel", "stride", "padding"])] = pick([[-1, 1], [2**30, 1], [100, 100], [0]])
+            shaped = [o for o in ops if o["op"] in ("conv2d", "maxpool2d")]
+            if shaped:
+                pick(shaped)[pick(["kernel", "stride", "padding"])] = pick([[-1, 1], [2**30, 1], [100, 100], [0]])
+            else:  # models without convolutions: break a permutation, an axis or a head count
+                o = pick([o for o in ops if o["op"] in ("permute", "cat", "attention")])
+                key = {"permute": "perm", "cat": "axis", "attention": "layout"}[o["op"]]
+                o[key] = pick({"perm": [[0, 0, 1], [], [3, 1, 2]], "axis": [7, -1], "layout": ["", "heads_last", 3]}[key])
         elif kind == 12:
             spec["version"] = pick([0, 2, "1", None, 1.0])
         elif kind == 13:
@@ -756,8 +793,9 @@ _FUZZ = textwrap.dedent(
 )
 
 
-def test_fuzzed_files_fail_cleanly_and_never_crash(tmp_path, saved_cnn):
-    exe, path, x = saved_cnn
+@pytest.mark.parametrize("saved", ["saved_cnn", "saved_transformer"])
+def test_fuzzed_files_fail_cleanly_and_never_crash(tmp_path, saved, request):
+    exe, path, x = request.getfixturevalue(saved)
     np.save(tmp_path / "x.npy", x[:1])
     work = tmp_path / "fuzz"
     work.mkdir()
@@ -780,9 +818,14 @@ def test_fuzzed_files_fail_cleanly_and_never_crash(tmp_path, saved_cnn):
 # --- threads and inputs ----------------------------------------------------------------------------
 
 
-def test_one_executable_shared_by_threads_matches_serial(saved_cnn, rng):
-    exe = load(saved_cnn[1], n_threads=1)
-    xs = [rng.standard_normal((int(rng.integers(1, 4)), 3, 12, 12)).astype(np.float32) for _ in range(80)]
+@pytest.mark.parametrize("saved", ["saved_cnn", "saved_transformer"])
+def test_one_executable_shared_by_threads_matches_serial(saved, rng, request):
+    _, path, x0 = request.getfixturevalue(saved)
+    exe = load(path, n_threads=1)
+    if x0.dtype == np.float32:
+        xs = [rng.standard_normal((int(rng.integers(1, 4)),) + x0.shape[1:]).astype(np.float32) for _ in range(80)]
+    else:  # token ids
+        xs = [rng.integers(0, 30, (int(rng.integers(1, 4)),) + x0.shape[1:]) for _ in range(80)]
     serial = [exe.run(x) for x in xs]
     results = [None] * len(xs)
     errors = []

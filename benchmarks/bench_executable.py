@@ -42,6 +42,17 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests (Linux /proc/stat 'steal'), in seconds; 0 where
+    unavailable. Recorded per case: a run with steal time shared its cores with a neighbour."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def time_candidates(fns: Dict[str, Callable[[], object]], repeats: int, min_time_s: float) -> Dict[str, Dict[str, float]]:
     """Median and p90 (ms) of each callable, timed round robin (see the module doc)."""
     times = time_interleaved(fns, warmup=3, repeats=repeats, min_time_s=min_time_s)
@@ -84,13 +95,17 @@ def compare_model(section: str, model: nn.Module, sample_shape, args, files: Dic
             xn = x.numpy()
             with torch.no_grad():
                 diff = max_rel_diff(exe.run(xn), model(x).numpy())
+                steal0 = steal_seconds()
                 times = time_candidates({"torch_dense": lambda: model(x), "executable": lambda: exe.run(xn)},
                                         args.repeats, args.min_time_s)
+                steal = steal_seconds() - steal0
             speedup = times["torch_dense"]["median_ms"] / times["executable"]["median_ms"]
             rows.append({"section": section, "batch": batch, "threads": threads, "times": times,
-                         "speedup": speedup, "max_rel_diff": diff, "compile_s": compile_s, "kernels": kernels})
+                         "speedup": speedup, "max_rel_diff": diff, "compile_s": compile_s, "kernels": kernels,
+                         "steal_s": steal})
             log(f"{section} batch={batch} threads={threads}: torch {times['torch_dense']['median_ms']:.2f} ms, "
-                f"executable {times['executable']['median_ms']:.2f} ms, {speedup:.2f}x, max rel diff {diff:.1e}")
+                f"executable {times['executable']['median_ms']:.2f} ms, {speedup:.2f}x, max rel diff {diff:.1e}, "
+                f"steal {steal:.2f} s")
         if section not in files:
             xn = inputs[args.batch_sizes[0]].numpy()
             with tempfile.TemporaryDirectory() as tmp:
@@ -144,14 +159,14 @@ def markdown(result: dict) -> str:
     meta = result["metadata"]
     lines = [f"# Compiled executables vs torch eager dense ({meta.get('cpu', '')})", "",
              f"Command: `{meta['command']}`", "",
-             "| model | batch | threads | torch dense ms | executable ms | speedup | max rel diff | kernels |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | batch | threads | torch dense ms | executable ms | speedup | max rel diff | kernels | steal s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         if r["section"] in ("bert", "resnet18"):
             t = r["times"]
             lines.append(f"| {r['section']} | {r['batch']} | {r['threads']} | {t['torch_dense']['median_ms']:.2f} | "
                          f"{t['executable']['median_ms']:.2f} | {r['speedup']:.2f}x | {r['max_rel_diff']:.1e} | "
-                         f"{', '.join(r['kernels'])} |")
+                         f"{', '.join(r['kernels'])} | {r['steal_s']:.2f} |")
     for r in result["rows"]:
         if r["section"] == "overhead":
             t = r["times"]

@@ -651,3 +651,44 @@ def test_encoder_layer_mask_argument_is_refused(gen):
 
     with pytest.raises(UnsupportedOperation, match=r"module 'layer' \(TransformerEncoderLayer\).*encoder masks"):
         compile(Model().eval(), (_randn(gen, 2, 4, 8),), policy="threshold")
+
+
+# --- convolution kernels: sparse or dense, by sparsity or by measurement -------------------------
+
+
+def _cnn(gen, sparsity_first, sparsity_second):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():
+        for conv, sparsity in ((model[0], sparsity_first), (model[3], sparsity_second)):
+            conv.weight[torch.rand(conv.weight.shape, generator=gen) < sparsity] = 0
+        model[1].running_mean.uniform_(-1, 1, generator=gen)
+        model[1].running_var.uniform_(0.5, 2, generator=gen)
+    return model.eval()
+
+
+def test_threshold_policy_runs_lightly_pruned_convs_dense(gen):
+    model = _cnn(gen, 0.0, 0.9)
+    x = _randn(gen, 2, 3, 13, 11)
+    exe = compile(model, (x,), policy="threshold")
+    _check(exe, model, x)
+    kernels = {row["name"]: row["kernel"] for row in exe.metadata["layers"] if row["op"] == "conv2d"}
+    assert kernels == {"0": "dense-conv", "3": "sparse-conv"}
+    formats = [op.get("format", "sparse") for op in _ops(exe, "conv2d")]
+    assert formats == ["dense", "sparse"]
+    assert [row["format"] for row in exe.layer_table() if row["op"] == "conv2d"] == ["dense-conv", "sparse-conv"]
+
+
+def test_measure_policy_times_both_conv_kernels(gen, tmp_path):
+    model = _cnn(gen, 0.3, 0.95)
+    x = _randn(gen, 1, 3, 16, 16)
+    exe = compile(model, (x,), policy="measure")
+    _check(exe, model, x)
+    for row in exe.metadata["layers"]:
+        if row["op"] == "conv2d":
+            assert row["kernel"] in ("dense-conv", "sparse-conv")
+            assert row["reason"] == "fastest measured of ['dense-conv', 'sparse-conv'] at batch 1"
+    exe.save(tmp_path / "m.safetensors")
+    loaded = sparseprune.load(tmp_path / "m.safetensors")
+    np.testing.assert_array_equal(loaded.run(x.numpy()), exe.run(x.numpy()))

@@ -718,3 +718,73 @@ def test_heads_first_ignores_heads_and_number_types(rng):
     spec["ops"][0]["heads"] = 3  # ignored for heads_first, even though 3 does not divide D = 4
     spec["ops"][0]["scale"] = 2
     np.testing.assert_array_equal(Executable.from_spec(spec, {}).run(*xs), base)
+
+
+# --- dense conv2d (im2col panels + GEMM) ----------------------------------------------------------
+
+
+def dense_conv_spec(cin, cout, k, stride, pad, dil, groups, hw, bias=True, act=None):
+    h, w = hw
+    oh = (h + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
+    op = {"op": "conv2d", "format": "dense", "in": 0, "out": 1, "weight": "c", "in_channels": cin,
+          "out_channels": cout, "kernel": list(k), "stride": list(stride), "padding": list(pad),
+          "dilation": list(dil), "groups": groups}
+    if act:
+        op["activation"] = act
+    return make_spec([(cin, h, w), (cout, oh, ow)], [0], [1], [op])
+
+
+# (in, out, kernel, stride, padding, dilation, groups, input H x W): odd sizes, rows shorter and
+# longer than the 16-pixel panel and than 12 (where panels switch from whole rows to spans),
+# strides, dilation, groups, depthwise, 1x1, a 7x7 stem.
+DENSE_CONV_CASES = [
+    (3, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1, (7, 9)),
+    (4, 6, (3, 3), (2, 2), (1, 1), (1, 1), 2, (11, 10)),
+    (6, 6, (3, 3), (1, 1), (2, 2), (2, 2), 6, (9, 9)),
+    (5, 7, (1, 1), (1, 1), (0, 0), (1, 1), 1, (5, 3)),
+    (3, 8, (7, 7), (2, 2), (3, 3), (1, 1), 1, (33, 33)),
+    (2, 13, (3, 1), (1, 2), (1, 0), (1, 1), 1, (12, 35)),
+    (8, 4, (2, 3), (3, 1), (0, 1), (1, 2), 2, (17, 16)),
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CONV_CASES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_dense_conv(rng, case, batch):
+    cin, cout, k, stride, pad, dil, groups, hw = case
+    spec = dense_conv_spec(cin, cout, k, stride, pad, dil, groups, hw, act="relu" if batch == 1 else None)
+    arrays = {"c.weight": randn(rng, cout, cin // groups, *k), "c.bias": randn(rng, cout)}
+    x = randn(rng, batch, cin, *hw)
+    got = check(spec, arrays, [x])[0]
+    ref = F.conv2d(torch64(x), torch64(arrays["c.weight"]), torch64(arrays["c.bias"]), stride, pad, dil, groups)
+    assert_close(got, (ref.clamp(min=0) if batch == 1 else ref).numpy())
+
+
+def test_dense_conv_without_bias_threads_and_both_simd_paths(rng, generic_isa):
+    spec = dense_conv_spec(16, 24, (3, 3), (1, 1), (1, 1), (1, 1), 1, (20, 19))
+    arrays = {"c.weight": randn(rng, 24, 16, 3, 3)}
+    x = randn(rng, 2, 16, 20, 19)
+    ref = F.conv2d(torch64(x), torch64(arrays["c.weight"]), None, 1, 1).numpy()
+    for threads in (1, 2, 3):
+        assert_close(check(spec, arrays, [x], n_threads=threads)[0], ref)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda s, a: a.update({"c.weight": a["c.weight"][:, :, :2]}), r"c\.weight.*must have shape"),
+    (lambda s, a: a.update({"c.weight": a["c.weight"].astype(np.float64)}), r"c\.weight.*float32"),
+    (lambda s, a: a.update({"c.weight": a["c.weight"].reshape(4, -1)}), r"c\.weight.*4-D"),
+    (lambda s, a: a.pop("c.weight"), r"c\.weight.*missing"),
+    (lambda s, a: a.update({"c.values": np.ones(3, F32)}), r"c\.values.*belongs to a sparse conv2d"),
+    (lambda s, a: s["ops"][0].update({"format": "im2col"}), r"format must be 'sparse' or 'dense'"),
+])
+def test_dense_conv_bad_specs(rng, mutate, match):
+    spec = dense_conv_spec(2, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, (5, 5))
+    arrays = {"c.weight": randn(rng, 4, 2, 3, 3)}
+    Executable.from_spec(spec, arrays)
+    mutate(spec, arrays)
+    with pytest.raises((SpecError, TypeError), match=match):
+        Executable.from_spec(spec, arrays)
+    if "belongs to" not in match:  # the native plan has its own checks (it ignores stray arrays)
+        with pytest.raises((ValueError, TypeError)):
+            _native._C.Plan(json.dumps(spec), arrays)

@@ -173,8 +173,7 @@ std::shared_ptr<const DenseWeights> make_dense(const py::dict& op, const py::dic
   return DenseWeights::make(rows, cols, weight.data(), bias ? bias->data() : nullptr);
 }
 
-std::shared_ptr<const PackedConv> make_conv(const py::dict& op, const py::dict& arrays, const std::string& where) {
-  const std::string w = str_field(op, "weight", where);
+ConvShape conv_shape(const py::dict& op, const std::string& where) {
   ConvShape s;
   s.in_channels = int_field(op, "in_channels", where);
   s.out_channels = int_field(op, "out_channels", where);
@@ -187,6 +186,30 @@ std::shared_ptr<const PackedConv> make_conv(const py::dict& op, const py::dict& 
   const int64_t groups = int_field(op, "groups", where);
   if (groups < 1 || groups > (1 << 20)) throw SpecError(where + ".groups is out of range");
   s.groups = static_cast<int>(groups);
+  return s;
+}
+
+std::shared_ptr<const DenseConv> make_dense_conv(const py::dict& op, const py::dict& arrays, const std::string& where) {
+  const std::string w = str_field(op, "weight", where);
+  const ConvShape s = conv_shape(op, where);
+  if (s.in_channels < 1 || s.out_channels < 1 || s.in_channels % s.groups || s.out_channels % s.groups)
+    throw SpecError(where + ": groups must divide in_channels and out_channels");
+  py::array a = array_named(arrays, w + ".weight");
+  require_ndim(a, (w + ".weight").c_str(), 4);
+  require_dtype<float>(a, (w + ".weight").c_str(), "float32");
+  const std::vector<py::ssize_t> want{static_cast<py::ssize_t>(s.out_channels),
+                                      static_cast<py::ssize_t>(s.in_channels / s.groups), s.kernel_h, s.kernel_w};
+  for (int d = 0; d < 4; ++d)
+    if (a.shape(d) != want[d]) throw SpecError("array '" + w + ".weight' must have shape (out, in / groups, kh, kw)");
+  const auto weight = py::array_t<float, py::array::c_style>(a);
+  const auto bias = optional_float_vector(arrays, w + ".bias");
+  if (bias && bias->shape(0) != s.out_channels) throw SpecError("array '" + w + ".bias' must have out_channels entries");
+  return DenseConv::make(s, weight.data(), bias ? bias->data() : nullptr);
+}
+
+std::shared_ptr<const PackedConv> make_conv(const py::dict& op, const py::dict& arrays, const std::string& where) {
+  const std::string w = str_field(op, "weight", where);
+  const ConvShape s = conv_shape(op, where);
   const auto ptr = index_vector(arrays, w + ".row_ptr");
   const auto taps = index_vector(arrays, w + ".taps");
   const auto val = float_vector(arrays, w + ".values");
@@ -342,7 +365,13 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
         op.table_rows = t.shape(0);
         break;
       }
-      case OpKind::conv2d: op.conv = make_conv(o, arrays, where); break;
+      case OpKind::conv2d: {
+        const std::string format = o.contains("format") ? str_field(o, "format", where) : "sparse";
+        if (format == "sparse") op.conv = make_conv(o, arrays, where);
+        else if (format == "dense") op.dense_conv = make_dense_conv(o, arrays, where);
+        else throw SpecError(where + ".format must be 'sparse' or 'dense'");
+        break;
+      }
       case OpKind::maxpool2d:
       case OpKind::avgpool2d: {
         const auto k = pair_field(o, "kernel", where), st = pair_field(o, "stride", where), pd = pair_field(o, "padding", where);

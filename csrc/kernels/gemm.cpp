@@ -9,11 +9,13 @@ namespace sparseprune {
 
 namespace generic {
 void gemm_panels_entry(const float* a, int64_t lda, const float* packed, int64_t M, int64_t N, int64_t K,
-                       float alpha, const float* bias, float* c, int64_t ldc, int64_t p0, int64_t p1);
+                       float alpha, const float* bias, const float* row_bias, float* c, int64_t ldc, int64_t p0,
+                       int64_t p1);
 }
 namespace avx2 {
 void gemm_panels_entry(const float* a, int64_t lda, const float* packed, int64_t M, int64_t N, int64_t K,
-                       float alpha, const float* bias, float* c, int64_t ldc, int64_t p0, int64_t p1);
+                       float alpha, const float* bias, const float* row_bias, float* c, int64_t ldc, int64_t p0,
+                       int64_t p1);
 }
 
 void gemm_pack_b(const float* b, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n, float* packed) {
@@ -34,10 +36,11 @@ void gemm_pack_b(const float* b, int64_t K, int64_t N, int64_t stride_k, int64_t
 }
 
 void gemm_panels(const float* a, int64_t lda, const float* packed, int64_t M, int64_t N, int64_t K, float alpha,
-                 const float* bias, float* c, int64_t ldc, int64_t panel_begin, int64_t panel_end) {
+                 const float* bias, float* c, int64_t ldc, int64_t panel_begin, int64_t panel_end,
+                 const float* row_bias) {
   if (M <= 0 || N <= 0) return;
   auto body = active_isa() == Isa::avx2 ? &avx2::gemm_panels_entry : &generic::gemm_panels_entry;
-  body(a, lda, packed, M, N, K, alpha, bias, c, ldc, panel_begin, panel_end);
+  body(a, lda, packed, M, N, K, alpha, bias, row_bias, c, ldc, panel_begin, panel_end);
 }
 
 void gemm(const float* a, int64_t lda, const float* packed, int64_t M, int64_t N, int64_t K, float alpha,

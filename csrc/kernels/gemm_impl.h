@@ -15,7 +15,7 @@ constexpr int kGemmRows = 6;  // rows of C per register tile: 6 x 2 accumulators
 // One tile: ROWS rows of C, one 16-column panel, n_valid (<= 16) of its columns stored.
 template <int ROWS>
 inline void gemm_tile(int64_t K, const float* a, int64_t lda, const float* panel, float alpha,
-                      const float* bias, float* c, int64_t ldc, int n_valid) {
+                      const float* bias, const float* row_bias, float* c, int64_t ldc, int n_valid) {
   vf8 acc[ROWS][2];
   for (int i = 0; i < ROWS; ++i) acc[i][0] = acc[i][1] = splat8(0.0f);
   for (int64_t k = 0; k < K; ++k) {
@@ -31,7 +31,8 @@ inline void gemm_tile(int64_t K, const float* a, int64_t lda, const float* panel
   if (bias) std::copy(bias, bias + n_valid, bias16);
   const vf8 va = splat8(alpha), bb0 = load8(bias16), bb1 = load8(bias16 + 8);
   for (int i = 0; i < ROWS; ++i) {
-    const vf8 r0 = acc[i][0] * va + bb0, r1 = acc[i][1] * va + bb1;
+    const vf8 rb = splat8(row_bias ? row_bias[i] : 0.0f);
+    const vf8 r0 = acc[i][0] * va + bb0 + rb, r1 = acc[i][1] * va + bb1 + rb;
     float* row = c + i * ldc;
     if (n_valid == kGemmPanel) {
       *reinterpret_cast<vf8_unaligned*>(row) = r0;
@@ -46,7 +47,8 @@ inline void gemm_tile(int64_t K, const float* a, int64_t lda, const float* panel
 }
 
 inline void gemm_panels_body(const float* a, int64_t lda, const float* packed, int64_t M, int64_t N, int64_t K,
-                             float alpha, const float* bias, float* c, int64_t ldc, int64_t p0, int64_t p1) {
+                             float alpha, const float* bias, const float* row_bias, float* c, int64_t ldc, int64_t p0,
+                             int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
     const float* panel = packed + p * K * kGemmPanel;
     const int64_t n0 = p * kGemmPanel;
@@ -54,13 +56,13 @@ inline void gemm_panels_body(const float* a, int64_t lda, const float* packed, i
     const float* bp = bias ? bias + n0 : nullptr;
     int64_t m = 0;
     for (; m + kGemmRows <= M; m += kGemmRows)
-      gemm_tile<kGemmRows>(K, a + m * lda, lda, panel, alpha, bp, c + m * ldc + n0, ldc, n_valid);
+      gemm_tile<kGemmRows>(K, a + m * lda, lda, panel, alpha, bp, row_bias ? row_bias + m : nullptr, c + m * ldc + n0, ldc, n_valid);
     switch (M - m) {
-      case 5: gemm_tile<5>(K, a + m * lda, lda, panel, alpha, bp, c + m * ldc + n0, ldc, n_valid); break;
-      case 4: gemm_tile<4>(K, a + m * lda, lda, panel, alpha, bp, c + m * ldc + n0, ldc, n_valid); break;
-      case 3: gemm_tile<3>(K, a + m * lda, lda, panel, alpha, bp, c + m * ldc + n0, ldc, n_valid); break;
-      case 2: gemm_tile<2>(K, a + m * lda, lda, panel, alpha, bp, c + m * ldc + n0, ldc, n_valid); break;
-      case 1: gemm_tile<1>(K, a + m * lda, lda, panel, alpha, bp, c + m * ldc + n0, ldc, n_valid); break;
+      case 5: gemm_tile<5>(K, a + m * lda, lda, panel, alpha, bp, row_bias ? row_bias + m : nullptr, c + m * ldc + n0, ldc, n_valid); break;
+      case 4: gemm_tile<4>(K, a + m * lda, lda, panel, alpha, bp, row_bias ? row_bias + m : nullptr, c + m * ldc + n0, ldc, n_valid); break;
+      case 3: gemm_tile<3>(K, a + m * lda, lda, panel, alpha, bp, row_bias ? row_bias + m : nullptr, c + m * ldc + n0, ldc, n_valid); break;
+      case 2: gemm_tile<2>(K, a + m * lda, lda, panel, alpha, bp, row_bias ? row_bias + m : nullptr, c + m * ldc + n0, ldc, n_valid); break;
+      case 1: gemm_tile<1>(K, a + m * lda, lda, panel, alpha, bp, row_bias ? row_bias + m : nullptr, c + m * ldc + n0, ldc, n_valid); break;
       default: break;
     }
   }

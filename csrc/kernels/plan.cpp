@@ -176,11 +176,12 @@ void Plan::add_op(PlanOp op) {
       break;
     }
     case OpKind::conv2d: {
-      if (!op.conv) fail(where + ": conv2d without weights");
-      if (si.size() != 3 || si[0] != op.conv->shape().in_channels)
-        fail(where + ": input must be (" + std::to_string(op.conv->shape().in_channels) + ", H, W), got " + shape_str(si));
-      const ConvGeometry g = op.conv->geometry(si[1], si[2]);
-      const std::vector<int64_t> want{op.conv->shape().out_channels, g.out_h, g.out_w};
+      if (!op.conv == !op.dense_conv) fail(where + ": conv2d needs exactly one of sparse or dense weights");
+      const ConvShape& cs = op.conv ? op.conv->shape() : op.dense_conv->shape();
+      if (si.size() != 3 || si[0] != cs.in_channels)
+        fail(where + ": input must be (" + std::to_string(cs.in_channels) + ", H, W), got " + shape_str(si));
+      const ConvGeometry g = conv_geometry(cs, si[1], si[2]);
+      const std::vector<int64_t> want{cs.out_channels, g.out_h, g.out_w};
       if (so != want) fail(where + ": output must have shape " + shape_str(want) + ", got " + shape_str(so));
       break;
     }
@@ -375,6 +376,11 @@ void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_thre
       break;
     }
     case OpKind::conv2d: {
+      if (op.dense_conv) {
+        op.dense_conv->run(op.dense_conv->geometry(si[1], si[2]), x, batch, y, n_threads);
+        affine_map(y, y, n_out, 1.0f, 0.0f, op.act, n_threads);
+        break;
+      }
       ConvArgs a;
       a.x = x;
       a.batch = batch;

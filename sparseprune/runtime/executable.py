@@ -187,7 +187,8 @@ class Executable:
                 dense[main] = op["rows"] * op["cols"] * 4
             elif op["op"] == "conv2d":
                 kh, kw = op["kernel"]
-                dense[f"{w}.values"] = op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw * 4
+                main = f"{w}.weight" if op.get("format") == "dense" else f"{w}.values"
+                dense[main] = op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw * 4
             elif op["op"] == "embedding":
                 dense[f"{w}.table"] = self._arrays[f"{w}.table"].size * 4
             for part in ("bias", "gamma", "beta"):
@@ -215,8 +216,9 @@ class Executable:
             else:
                 kh, kw = op["kernel"]
                 total = op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw
-                fmt = "sparse-conv"
-                nnz = int(np.count_nonzero(self._arrays[f"{w}.values"]))
+                dense_conv = op.get("format") == "dense"
+                fmt = "dense-conv" if dense_conv else "sparse-conv"
+                nnz = int(np.count_nonzero(self._arrays[f"{w}.weight" if dense_conv else f"{w}.values"]))
             rows.append({"index": i, "name": op.get("name", w), "op": op["op"], "format": fmt, "nnz": nnz,
                          "sparsity": 1.0 - nnz / total if total else 0.0, "activation": op.get("activation")})
         return rows

@@ -53,6 +53,8 @@ def dense_linear_weight(op: Mapping, arrays: Mapping[str, np.ndarray]) -> np.nda
 def dense_conv_weight(op: Mapping, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     """The dense [out, in/groups, kh, kw] filter bank a conv2d op's arrays hold."""
     w, (kh, kw) = op["weight"], op["kernel"]
+    if op.get("format", "sparse") == "dense":
+        return arrays[f"{w}.weight"]
     cout, cin_g = op["out_channels"], op["in_channels"] // op["groups"]
     row_ptr, taps, values = arrays[f"{w}.row_ptr"], arrays[f"{w}.taps"], arrays[f"{w}.values"]
     flat = np.zeros((cout, cin_g * kh * kw), dtype=np.float32)

@@ -59,7 +59,7 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
     "conv2d": (
         frozenset({"in", "out", "weight", "in_channels", "out_channels", "kernel", "stride", "padding",
                    "dilation", "groups"}),
-        frozenset({"activation"}),
+        frozenset({"activation", "format"}),  # format: "sparse" (default) or "dense"
     ),
     "activation": (frozenset({"kind", "in", "out"}), frozenset()),
     "add": (frozenset({"a", "b", "out"}), frozenset({"activation"})),
@@ -509,18 +509,33 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
             if oh < 1 or ow < 1:
                 raise SpecError(f"{where}: input {_shape_str(si)} is smaller than the (dilated) kernel after padding")
             want_out((cout, oh, ow))
-            ptr = store.get(f"{w}.row_ptr", (np.dtype(np.int64),), "int64 row pointers")
-            taps = store.get(f"{w}.taps", _INDEX_DTYPES, "kernel taps")
-            val = store.get(f"{w}.values", (np.dtype(np.float32),), "float32 values")
+            fmt = _str(o.get("format", "sparse"), f"{where}.format")
+            if fmt not in ("sparse", "dense"):
+                raise SpecError(f"{where}.format must be 'sparse' or 'dense', got {_short(fmt)}")
+            if "format" in o:
+                op["format"] = fmt
             bias = store.get(f"{w}.bias", (np.dtype(np.float32),), "float32 bias", required=False)
-            _check_row_pointers(ptr, taps, cout, (cin // g) * kh * kw, f"{w}.row_ptr", f"{w}.taps",
-                                "taps of a filter (in_channels / groups * kh * kw)")
-            if val.shape[0] != taps.shape[0]:
-                raise SpecError(
-                    f"array {_short(w + '.values')} must have len(taps) = {taps.shape[0]} entries, got {val.shape[0]}")
             if bias is not None and bias.shape[0] != cout:
                 raise SpecError(
                     f"array {_short(w + '.bias')} must have out_channels = {cout} entries, got {bias.shape[0]}")
+            if fmt == "dense":
+                weight = store.get(f"{w}.weight", (np.dtype(np.float32),), "float32 dense filters", ndim=4)
+                if weight.shape != (cout, cin // g, kh, kw):
+                    raise SpecError(f"array {_short(w + '.weight')} must have shape {(cout, cin // g, kh, kw)} "
+                                    f"(out, in / groups, kh, kw), got {weight.shape}")
+                for part in ("row_ptr", "taps", "values"):
+                    if f"{w}.{part}" in store.arrays:
+                        raise SpecError(f"array {_short(f'{w}.{part}')} belongs to a sparse conv2d, but {where} "
+                                        "has format 'dense'")
+            else:
+                ptr = store.get(f"{w}.row_ptr", (np.dtype(np.int64),), "int64 row pointers")
+                taps = store.get(f"{w}.taps", _INDEX_DTYPES, "kernel taps")
+                val = store.get(f"{w}.values", (np.dtype(np.float32),), "float32 values")
+                _check_row_pointers(ptr, taps, cout, (cin // g) * kh * kw, f"{w}.row_ptr", f"{w}.taps",
+                                    "taps of a filter (in_channels / groups * kh * kw)")
+                if val.shape[0] != taps.shape[0]:
+                    raise SpecError(
+                        f"array {_short(w + '.values')} must have len(taps) = {taps.shape[0]} entries, got {val.shape[0]}")
         elif kind == "activation":
             if o["kind"] not in ACTIVATIONS:
                 raise SpecError(f"{where}.kind must be one of {ACTIVATIONS}, got {_short(o['kind'])}")

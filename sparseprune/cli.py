@@ -248,6 +248,11 @@ def _add_compile(subparsers, want_help: bool = False) -> None:
     )
     p.add_argument("--batch", type=_bounded_int(1), default=1,
                    help="batch size of the example inputs (default: 1; the executable runs any batch)")
+    p.add_argument(
+        "--input-dtype", choices=("float32", "int64"), action="append", metavar="{float32,int64}",
+        help="dtype of an input, once per --input-shape in the same order (default: float32); int64 inputs are "
+             "token ids for the model's nn.Embedding layers, drawn below the smallest table's size",
+    )
     p.add_argument("--policy", choices=("measure", "threshold"), default="measure",
                    help="measure: time the candidate kernels per layer on this machine; threshold: by sparsity "
                         "alone, faster (default: measure)")
@@ -346,8 +351,15 @@ def _run_compile(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail("compile", str(exc))
 
+    dtypes = args.input_dtype or ["float32"] * len(shapes)
+    if len(dtypes) != len(shapes):
+        args.parser.error(f"--input-dtype was given {len(dtypes)} time(s) for {len(shapes)} input(s)")
+    vocab = min((m.num_embeddings for m in model.modules() if isinstance(m, torch.nn.Embedding)), default=None)
+    if "int64" in dtypes and vocab is None:
+        return _fail("compile", "--input-dtype int64 is for token ids, but the model has no nn.Embedding")
     gen = torch.Generator().manual_seed(args.seed)
-    inputs = tuple(torch.randn(args.batch, *shape, generator=gen) for shape in shapes)
+    inputs = tuple(torch.randint(0, vocab, (args.batch, *shape), generator=gen) if dtype == "int64"
+                   else torch.randn(args.batch, *shape, generator=gen) for shape, dtype in zip(shapes, dtypes))
     shape_text = ", ".join(str(tuple(x.shape)) for x in inputs)
     try:
         with torch.no_grad():

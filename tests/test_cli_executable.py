@@ -42,6 +42,16 @@ MODEL_FILE = textwrap.dedent(
         return nn.Sequential(nn.Linear(6, 4), nn.LeakyReLU())
 
 
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids, scale):
+            return self.head(self.emb(ids)) * scale
+
+
     def broken():
         raise RuntimeError("cannot build this one")
     """
@@ -134,6 +144,31 @@ def test_compile_model_file_uses_the_weights(tmp_path, model_file):
         np.testing.assert_allclose(got, trained(x).numpy(), rtol=1e-4, atol=1e-4)
         fresh = namespace["make"]()(x).numpy()
     assert not np.allclose(got, fresh, atol=1e-2)  # not the factory's own random initialisation
+
+
+def test_compile_token_id_inputs(tmp_path, model_file):
+    out_path = tmp_path / "tagger.spx"
+    status, out, err = _main(["compile", "--model-file", f"{model_file}:Tagger", "--input-shape", "5",
+                              "--input-dtype", "int64", "--input-shape", "5,3", "--input-dtype", "float32",
+                              "--policy", "threshold", "-o", str(out_path)])
+    assert status == 0, err
+    exe = sparseprune.load(out_path)
+    assert exe.input_dtypes == ("int64", "float32")
+    ids = np.array([[0, 10, 3, 3, 7]])
+    np.save(tmp_path / "ids.npy", ids)
+    np.save(tmp_path / "scale.npy", np.full((1, 5, 3), 2.0, np.float32))
+    status, out, err = _main(["run", str(out_path), "--input", str(tmp_path / "ids.npy"),
+                              "--input", str(tmp_path / "scale.npy"), "--output", str(tmp_path / "y.npy")])
+    assert status == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), exe.run(ids, np.full((1, 5, 3), 2.0, np.float32)))
+    # One dtype for two inputs is an argument error; int64 without an embedding a clean failure.
+    with pytest.raises(SystemExit) as exit_info:  # argparse's error(): usage and message on stderr
+        _main(["compile", "--model-file", f"{model_file}:Tagger", "--input-shape", "5",
+               "--input-shape", "5,3", "--input-dtype", "int64", "-o", str(out_path)])
+    assert exit_info.value.code == 2
+    status, _, err = _main(["compile", "--model-file", f"{model_file}:make", "--input-shape", "6",
+                            "--input-dtype", "int64", "-o", str(out_path)])
+    assert status == 2 and "no nn.Embedding" in err
 
 
 def test_compile_model_file_with_two_inputs_and_sparsity(tmp_path, model_file):

@@ -1,4 +1,5 @@
-// The GEMM compute body, compiled once per SIMD path (include with SP_ISA_NS defined).
+// The GEMM compute body, compiled once per SIMD path (include with SP_ISA_NS defined, from exactly one
+// source file per path: it also defines that path's entry points).
 #pragma once
 
 #include <algorithm>
@@ -66,6 +67,13 @@ inline void gemm_panels_body(const float* a, int64_t lda, const float* packed, i
       default: break;
     }
   }
+}
+
+// The entry points the dispatcher (gemm.cpp) calls, one set per SIMD path.
+void gemm_panels_entry(const float* a, int64_t lda, const float* packed, int64_t M, int64_t N, int64_t K,
+                       float alpha, const float* bias, const float* row_bias, float* c, int64_t ldc, int64_t p0,
+                       int64_t p1) {
+  gemm_panels_body(a, lda, packed, M, N, K, alpha, bias, row_bias, c, ldc, p0, p1);
 }
 
 }  // namespace SP_ISA_NS

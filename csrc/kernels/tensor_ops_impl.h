@@ -1,5 +1,6 @@
 // Vectorised elementwise and row kernels (activations, softmax, layer norm), compiled once per
-// SIMD path (include with SP_ISA_NS defined). Every element, including a row's tail, goes through
+// SIMD path (include with SP_ISA_NS defined, from exactly one
+// source file per path: it also defines that path's entry points). Every element, including a row's tail, goes through
 // the same vector code, so results do not depend on where a thread's range starts.
 #pragma once
 
@@ -109,6 +110,17 @@ inline void layernorm_row_body(const float* src, float* dst, int64_t len, const 
   for (i = 0; i + 8 <= len; i += 8)
     *reinterpret_cast<vf8_unaligned*>(dst + i) = (load8(src + i) - vm) * vi * load8(gamma + i) + load8(beta + i);
   for (; i < len; ++i) dst[i] = (src[i] - mean) * inv * gamma[i] + beta[i];
+}
+
+// The entry points the dispatcher (tensor_ops.cpp) calls, one set per SIMD path.
+void activation_map_entry(const float* src, float* dst, int64_t n, float scale, float shift, Activation a) {
+  activation_map_body(src, dst, n, scale, shift, a);
+}
+void softmax_row_entry(const float* src, float* dst, int64_t n_valid, int64_t len) {
+  softmax_row_body(src, dst, n_valid, len);
+}
+void layernorm_row_entry(const float* src, float* dst, int64_t len, const float* gamma, const float* beta, float eps) {
+  layernorm_row_body(src, dst, len, gamma, beta, eps);
 }
 
 }  // namespace SP_ISA_NS

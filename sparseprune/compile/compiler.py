@@ -957,13 +957,19 @@ class _Lowering:
         raise self.fail(node, "the executor has no op for it")
 
 
-def _sparse_arrays(name: str, indptr, indices, values, bias) -> Dict[str, np.ndarray]:
-    arrays = {f"{name}.indptr": np.ascontiguousarray(indptr, dtype=np.int64),
-              f"{name}.indices": _small_indices(indices),
+def _compressed_arrays(name: str, keys: Tuple[str, str], pointers, indices, values, bias) -> Dict[str, np.ndarray]:
+    """Spec arrays of a compressed-row weight: int64 row pointers, int32 indices (when they fit),
+    float32 values and the optional bias, under `name`.<keys[0]> / `name`.<keys[1]> / ..."""
+    arrays = {f"{name}.{keys[0]}": np.ascontiguousarray(pointers, dtype=np.int64),
+              f"{name}.{keys[1]}": _small_indices(indices),
               f"{name}.values": np.ascontiguousarray(values, dtype=np.float32)}
     if bias is not None:
         arrays[f"{name}.bias"] = np.ascontiguousarray(bias, dtype=np.float32)
     return arrays
+
+
+def _sparse_arrays(name: str, indptr, indices, values, bias) -> Dict[str, np.ndarray]:
+    return _compressed_arrays(name, ("indptr", "indices"), indptr, indices, values, bias)
 
 
 def _linear_format_arrays(name: str, weight: np.ndarray, bias, fmt: str, block) -> Dict[str, np.ndarray]:
@@ -978,12 +984,7 @@ def _linear_format_arrays(name: str, weight: np.ndarray, bias, fmt: str, block) 
 
 
 def _conv_sparse_arrays(name: str, row_ptr, taps, values, bias) -> Dict[str, np.ndarray]:
-    arrays = {f"{name}.row_ptr": np.ascontiguousarray(row_ptr, dtype=np.int64),
-              f"{name}.taps": _small_indices(taps),
-              f"{name}.values": np.ascontiguousarray(values, dtype=np.float32)}
-    if bias is not None:
-        arrays[f"{name}.bias"] = np.ascontiguousarray(bias, dtype=np.float32)
-    return arrays
+    return _compressed_arrays(name, ("row_ptr", "taps"), row_ptr, taps, values, bias)
 
 
 def _one_conv_plan(arrays: Dict[str, np.ndarray], name: str, fields: Dict[str, Any], dense: bool,

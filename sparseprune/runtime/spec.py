@@ -232,33 +232,30 @@ def _check_row_pointers(
             raise SpecError(f"array {_short(idx_name)} holds {k % n_cols} twice in row {k // n_cols}")
 
 
+def _finite_float(v: Any) -> Optional[float]:
+    """float(v) for an int or float (not bool) that is finite as a float, else None."""
+    if not isinstance(v, (int, float, np.floating, np.integer)) or isinstance(v, (bool, np.bool_)):
+        return None
+    try:
+        x = float(v)
+    except OverflowError:  # an int too large for a float
+        return None
+    return x if math.isfinite(x) else None
+
+
 def _eps(v: Any, where: str) -> float:
     """A float32-representable epsilon in [float32 tiny, float32 max]."""
-    ok = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, (bool, np.bool_))
-    if ok:
-        try:
-            x = float(v)
-        except OverflowError:  # an int too large for a float
-            ok = False
-        else:
-            f32 = np.finfo(np.float32)
-            ok = math.isfinite(x) and float(f32.tiny) <= x <= float(f32.max)
-    if not ok:
+    x = _finite_float(v)
+    f32 = np.finfo(np.float32)
+    if x is None or not float(f32.tiny) <= x <= float(f32.max):
         raise SpecError(f"{where} must be a finite number > 0 (as float32), got {_short(v)}")
     return x
 
 
 def _number(v: Any, where: str) -> float:
     """A finite number (int or float, not bool) that float32 represents: |v| <= MAX_SCALAR."""
-    ok = isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, (bool, np.bool_))
-    if ok:
-        try:
-            x = float(v)
-        except OverflowError:  # an int too large for a float
-            ok = False
-        else:
-            ok = math.isfinite(x) and abs(x) <= MAX_SCALAR
-    if not ok:
+    x = _finite_float(v)
+    if x is None or abs(x) > MAX_SCALAR:
         raise SpecError(f"{where} must be a finite number (int or float, |x| <= {MAX_SCALAR:g}), got {_short(v)}")
     return x
 

@@ -2,6 +2,7 @@
 import argparse
 import csv
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -231,3 +232,19 @@ def test_run_demo_accepts_user_data():
     assert {(row["method"], row["schedule"]) for row in rows} == {("dense", "-"), *demo.METHODS}
     assert all(row["status"] == "ok" and row["max_abs_diff"] < 1e-4 for row in rows)
     assert rows[0]["acc_dense"] > 0.9  # three well separated blobs
+
+
+def test_demo_compiles_every_deployed_model_to_an_executable(demo_run):
+    _, out = demo_run
+    _, rows = _rows(out)
+    dense = rows[("dense", "-")]["extra"]["executable"]
+    for key, row in rows.items():
+        e = row["extra"]["executable"]
+        assert e["b1_dense_ms"] > 0 and e["b1_exe_ms"] > 0
+        assert e["speedup_b1"] == pytest.approx(e["b1_dense_ms"] / e["b1_exe_ms"], rel=1e-6)
+        assert e["max_abs_diff"] < 1e-3  # checked against the deployed model on the whole test set
+        if key[0] != "dense":  # 90% of the weights gone: the file is a fraction of the dense one
+            assert e["file_bytes"] < 0.3 * dense["file_bytes"], key
+    table = demo.executable_table([SimpleNamespace(**r) for r in rows.values()])
+    assert table.splitlines()[0].startswith("compiled to a native executable")
+    assert len(table.splitlines()) == 2 + len(rows)

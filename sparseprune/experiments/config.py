@@ -47,6 +47,9 @@ class CompareConfig:
     # ~40% -> ~95% of the hidden units, on the CNN (only its last conv is gated) 10% -> 40%
     gate_penalties: Tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
     layers_removed: Tuple[int, ...] = (1,)  # how many layers `layer-removal` takes out (one row each)
+    # Also compile every deployed model to a native executable (sparseprune.compile), check it on
+    # the test set, time it at batch 1 against dense and size its file (the demo's last table).
+    executable: bool = False
     pattern_size: int = 4  # positions kept per 3x3 kernel by pattern pruning
     n_patterns: int = 8
 
@@ -81,6 +84,7 @@ DEMO = CompareConfig(
     rounds=FULL.rounds,
     timing_repeats=10,
     timing_min_time_s=0.2,
+    executable=True,
 )
 
 PRESETS = {"full": FULL, "quick": QUICK, "demo": DEMO}

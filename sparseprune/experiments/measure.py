@@ -146,3 +146,28 @@ def time_against_dense(dense: nn.Module, ours: nn.Module, x: torch.Tensor, *, ba
                 "retimed_after": first,  # the disturbed first timing, when there was one
             }
     return out
+
+
+def measure_executable(dense: nn.Module, deployed: nn.Module, x: torch.Tensor, *, threads: int, warmup: int,
+                       repeats: int, min_time_s: float, rtol: float) -> Dict[str, float]:
+    """Compile `deployed` to a native executable, check it reproduces `deployed` on all of `x`
+    (within rtol of the largest output), time it at batch 1 against `dense` (round-robin, same
+    threads) and size its saved file."""
+    from sparseprune.compile import VerificationError, compile as compile_model
+
+    x1 = timing_input(x, 1)
+    exe = compile_model(deployed, (x1,), num_threads=threads)
+    with torch_threads(threads), torch.no_grad():
+        want = deployed(x).numpy()
+        got = exe.run(x.contiguous().numpy())
+        diff = float(np.abs(got.astype(np.float64) - want).max())
+        if not diff <= rtol * max(1.0, float(np.abs(want).max())):
+            raise VerificationError(f"the compiled executable differs from the deployed model by {diff:.3g}")
+        x1n = x1.numpy()
+        t = time_interleaved({"dense": lambda: dense(x1), "exe": lambda: exe.run(x1n)}, warmup=warmup,
+                             repeats=repeats, min_time_s=min_time_s)
+    with tempfile.TemporaryDirectory() as tmp:
+        file_bytes = exe.save(os.path.join(tmp, "model.safetensors"))
+    return {"b1_dense_ms": t["dense"].median_ms, "b1_exe_ms": t["exe"].median_ms,
+            "speedup_b1": t["dense"].median_s / t["exe"].median_s, "file_bytes": file_bytes,
+            "max_abs_diff": diff, "ops": exe.n_ops}

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from sparseprune.data import DataSplit, load_digits_split
 from sparseprune.experiments.config import CompareConfig
-from sparseprune.experiments.deploy import deploy
-from sparseprune.experiments.measure import footprint, time_against_dense, torch_threads
+from sparseprune.experiments.deploy import OUTPUT_RTOL, deploy
+from sparseprune.experiments.measure import footprint, measure_executable, time_against_dense, torch_threads
 from sparseprune.experiments.models import MODELS, count_weights
 from sparseprune.experiments.registry import Job, Method, MethodUnavailable, Outcome
 from sparseprune.experiments.results import ERROR, UNAVAILABLE, Row
@@ -120,6 +120,10 @@ class ModelRun:
         row.timing = time_against_dense(
             self.dense, dep.model, x_te, batch_sizes=cfg.timing_batch_sizes, threads=self.threads,
             warmup=cfg.timing_warmup, repeats=cfg.timing_repeats, min_time_s=cfg.timing_min_time_s)
+        if cfg.executable:
+            row.extra["executable"] = measure_executable(
+                self.dense, dep.model, x_te, threads=self.threads, warmup=cfg.timing_warmup,
+                repeats=cfg.timing_repeats, min_time_s=cfg.timing_min_time_s, rtol=OUTPUT_RTOL)
 
     def train_dense(self) -> Row:
         seed_everything(row_seed(self.seed, self.name, "dense"))

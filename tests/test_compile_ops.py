@@ -692,3 +692,47 @@ def test_measure_policy_times_both_conv_kernels(gen, tmp_path):
     exe.save(tmp_path / "m.safetensors")
     loaded = sparseprune.load(tmp_path / "m.safetensors")
     np.testing.assert_array_equal(loaded.run(x.numpy()), exe.run(x.numpy()))
+
+
+class _Block(nn.Module):
+    """A ResNet basic block with a strided 1x1 downsample shortcut, written either branch first."""
+
+    def __init__(self, shortcut_first: bool):
+        super().__init__()
+        self.shortcut_first = shortcut_first
+        self.conv1 = nn.Conv2d(4, 8, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.down = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        if self.shortcut_first:
+            s = self.down(x)
+            return torch.relu(s + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        h = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(h + self.down(x))
+
+
+@pytest.mark.parametrize("shortcut_first", [False, True])
+@pytest.mark.parametrize("policy", ["threshold", "measure"])
+def test_residual_add_and_relu_fuse_into_a_convolution(shortcut_first, policy, gen):
+    model = _Block(shortcut_first).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1, generator=gen)
+                m.running_var.uniform_(0.5, 2, generator=gen)
+            if isinstance(m, nn.Conv2d):
+                m.weight[torch.rand(m.weight.shape, generator=gen) < 0.8] = 0
+    x = _randn(gen, 2, 4, 9, 9)
+    exe = compile(model, (x,), policy=policy)
+    _check(exe, model, x)
+    _check(exe, model, _randn(gen, 3, 4, 9, 9))
+    ops = exe.spec["ops"]
+    assert "add" not in _ops(exe)
+    fused = [o for o in ops if "residual" in o]
+    assert len(fused) == 1 and fused[0]["activation"] == "relu"
+    # the fused conv reads a residual some earlier op wrote (whichever branch ran last is fused)
+    writer = {o["out"]: i for i, o in enumerate(ops)}
+    assert writer[fused[0]["residual"]] < ops.index(fused[0])

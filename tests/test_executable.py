@@ -414,8 +414,9 @@ def test_compile_folds_and_fuses(gen):
     assert ops[0]["name"] == "0"
     assert exe.metadata["layers"][0]["name"] == "0"
     res = compile(ResidualBlock(), (torch.randn(2, 4, 6, 6, generator=gen),), policy="threshold")
-    assert [(o["op"], o.get("activation")) for o in res.spec["ops"]] == [
-        ("conv2d", "relu"), ("conv2d", None), ("add", "relu"), ("linear", None)]
+    ops = res.spec["ops"]  # the shortcut add and its ReLU run inside the second convolution
+    assert [(o["op"], o.get("activation")) for o in ops] == [("conv2d", "relu"), ("conv2d", "relu"), ("linear", None)]
+    assert ops[1]["residual"] == res.spec["inputs"][0]
 
 
 def test_compile_leaves_the_model_alone_and_reads_masked_weights(gen):

@@ -788,3 +788,83 @@ def test_dense_conv_bad_specs(rng, mutate, match):
     if "belongs to" not in match:  # the native plan has its own checks (it ignores stray arrays)
         with pytest.raises((ValueError, TypeError)):
             _native._C.Plan(json.dumps(spec), arrays)
+
+
+# --- conv2d with a residual (a ResNet shortcut fused into the convolution) -------------------------
+
+
+def conv_residual_spec(cin, cout, k, stride, pad, hw, fmt, act):
+    spec = dense_conv_spec(cin, cout, k, stride, pad, (1, 1), 1, hw, act=act)
+    out_shape = spec["buffers"][1]["shape"]
+    spec["buffers"].append({"shape": out_shape})
+    spec["buffers"][1], spec["buffers"][2] = spec["buffers"][2], spec["buffers"][1]  # residual is buffer 1
+    spec["inputs"] = [0, 1]
+    spec["outputs"] = [2]
+    op = spec["ops"][0]
+    op.update({"out": 2, "residual": 1})
+    if fmt == "sparse":
+        del op["format"]
+    return spec
+
+
+def conv_arrays(rng, cout, cin, k, fmt, sparsity=0.7):
+    w = randn(rng, cout, cin, *k)
+    w[rng.random(w.shape) < sparsity] = 0.0
+    arrays = {"c.bias": randn(rng, cout)}
+    if fmt == "dense":
+        arrays["c.weight"] = w
+    else:
+        flat = w.reshape(cout, -1)
+        arrays["c.row_ptr"] = np.concatenate([[0], np.cumsum((flat != 0).sum(axis=1))]).astype(np.int64)
+        arrays["c.taps"] = np.nonzero(flat)[1].astype(np.int32)
+        arrays["c.values"] = flat[flat != 0].astype(F32)
+    return w, arrays
+
+
+# 3x3 (grid + crop path), 1x1 stride 1 (the direct path that writes the output in place), strided
+@pytest.mark.parametrize("cin, cout, k, stride, pad, hw", [
+    (3, 5, (3, 3), (1, 1), (1, 1), (7, 9)), (6, 4, (1, 1), (1, 1), (0, 0), (4, 4)), (4, 6, (3, 3), (2, 2), (1, 1), (9, 8))])
+@pytest.mark.parametrize("fmt", ["sparse", "dense"])
+@pytest.mark.parametrize("act", [None, "relu", "gelu"])
+@pytest.mark.parametrize("batch", [0, 1, 3])
+def test_conv_with_residual(rng, cin, cout, k, stride, pad, hw, fmt, act, batch):
+    spec = conv_residual_spec(cin, cout, k, stride, pad, hw, fmt, act)
+    w, arrays = conv_arrays(rng, cout, cin, k, fmt)
+    x = randn(rng, batch, cin, *hw)
+    r = randn(rng, batch, *spec["buffers"][1]["shape"])
+    got = check(spec, arrays, [x, r])[0]
+    y = F.conv2d(torch64(x), torch64(w), torch64(arrays["c.bias"]), stride, pad) + torch64(r)
+    y = {None: y, "relu": y.clamp(min=0), "gelu": F.gelu(y)}[act]
+    assert_close(got, y.numpy())
+
+
+def test_conv_with_residual_and_a_non_finite_input_matches_dense_math(rng):
+    spec = conv_residual_spec(3, 4, (3, 3), (1, 1), (1, 1), (6, 6), "sparse", "relu")
+    w, arrays = conv_arrays(rng, 4, 3, (3, 3), "sparse")
+    x = randn(rng, 2, 3, 6, 6)
+    x[1, 0, 2, 3] = np.inf  # dense math spreads it (0 * inf = NaN) to every output that reads it
+    r = randn(rng, 2, 4, 6, 6)
+    got = Executable.from_spec(spec, arrays).run(x, r)
+    y = (F.conv2d(torch64(x), torch64(w), torch64(arrays["c.bias"]), 1, 1) + torch64(r)).clamp(min=0).numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(y))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(y))
+    assert np.isnan(y).any() or np.isinf(y).any()
+    finite = np.isfinite(y)
+    assert_close(got[finite], y[finite])
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda s: s["buffers"].__setitem__(1, {"shape": [4, 6, 5]}), r"residual.*must have the output's shape"),
+    (lambda s: s["ops"][0].update({"residual": 2}), r"residual.*reads a buffer that no input or earlier op writes|"
+                                                    r"out must not share storage with residual"),
+    (lambda s: s["ops"][0].update({"residual": 9}), r"residual = 9 is not a buffer id"),
+])
+def test_conv_residual_bad_specs(rng, mutate, match):
+    spec = conv_residual_spec(3, 4, (3, 3), (1, 1), (1, 1), (6, 6), "dense", None)
+    _, arrays = conv_arrays(rng, 4, 3, (3, 3), "dense")
+    Executable.from_spec(spec, arrays)
+    mutate(spec)
+    with pytest.raises(SpecError, match=match):
+        Executable.from_spec(spec, arrays)
+    with pytest.raises(ValueError):
+        _native._C.Plan(json.dumps(spec), arrays)

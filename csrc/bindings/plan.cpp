@@ -314,6 +314,7 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       op.ins = int_list_field(o, "inputs", where, 1 << 30);
     } else {
       op.in = id("in");
+      if (op.kind == OpKind::conv2d && o.contains("residual")) op.in2 = id("residual");
     }
     op.out = id("out");
     try {

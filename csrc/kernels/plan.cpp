@@ -183,6 +183,8 @@ void Plan::add_op(PlanOp op) {
       const ConvGeometry g = conv_geometry(cs, si[1], si[2]);
       const std::vector<int64_t> want{cs.out_channels, g.out_h, g.out_w};
       if (so != want) fail(where + ": output must have shape " + shape_str(want) + ", got " + shape_str(so));
+      if (op.in2 >= 0 && shapes_[op.in2] != so)
+        fail(where + ": residual must have the output's shape " + shape_str(so) + ", got " + shape_str(shapes_[op.in2]));
       break;
     }
     case OpKind::activation:
@@ -376,12 +378,15 @@ void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_thre
       break;
     }
     case OpKind::conv2d: {
+      const float* residual = op.in2 >= 0 ? buf[op.in2] : nullptr;
       if (op.dense_conv) {
         op.dense_conv->run(op.dense_conv->geometry(si[1], si[2]), x, batch, y, n_threads);
-        affine_map(y, y, n_out, 1.0f, 0.0f, op.act, n_threads);
+        if (residual) binary_map(y, residual, y, n_out, false, op.act, n_threads);
+        else affine_map(y, y, n_out, 1.0f, 0.0f, op.act, n_threads);
         break;
       }
       ConvArgs a;
+      a.residual = residual;
       a.x = x;
       a.batch = batch;
       a.x_stride[0] = numel_[op.in];

@@ -165,9 +165,11 @@ void dense_recompute_image(const ConvShape& s, const ConvGeometry& g, const Spar
             sum += static_cast<double>(dense[(o * cin_g + i) * taps + t]) * v;
           }
         }
+        const int64_t at = (o * g.out_h + oh) * g.out_w + ow;
         float out = static_cast<float>(sum);
+        if (a.residual) out += a.residual[n * s.out_channels * g.out_h * g.out_w + at];
         if (a.relu && out < 0.0f) out = 0.0f;
-        yn[(o * g.out_h + oh) * g.out_w + ow] = out;
+        yn[at] = out;
       }
     }
   }
@@ -203,6 +205,8 @@ void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWe
     float* yn = a.y + n * s.out_channels * g.out_h * g.out_w;
     const float* src = direct ? a.x + n * a.x_stride[0] : xph;
     float* dst = direct ? yn : yt;
+    const float* res = a.residual ? a.residual + n * s.out_channels * g.out_h * g.out_w : nullptr;
+    const bool tile_relu = a.relu && !res;  // with a residual, the ReLU comes after the add
     float probe = 0.0f;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
@@ -228,19 +232,30 @@ void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWe
         const int64_t o0 = c * chunk, o1 = std::min(s.out_channels, o0 + chunk);
         if (o0 >= o1) continue;
         if (pattern)
-          ptask(*pattern, *pattern_off, taps_per_kernel, src, a.bias, a.relu, dst, g.grid_padded, p0, width, o0, o1);
+          ptask(*pattern, *pattern_off, taps_per_kernel, src, a.bias, tile_relu, dst, g.grid_padded, p0, width, o0, o1);
         else
-          task(w, offsets, src, a.bias, a.relu, dst, g.grid_padded, p0, width, o0, o1);
+          task(w, offsets, src, a.bias, tile_relu, dst, g.grid_padded, p0, width, o0, o1);
       }
-      // Crop the grid (phase_w columns per row) to the output (out_w columns).
-      if (!direct) {
+      // Crop the grid (phase_w columns per row) to the output (out_w columns), adding the
+      // residual and applying the ReLU on the way when there is one; the direct path wrote the
+      // output in place, so it adds the residual there.
+      if (!direct || res) {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
         for (int64_t o = 0; o < s.out_channels; ++o) {
           for (int64_t oh = 0; oh < g.out_h; ++oh) {
-            const float* row = yt + o * g.grid_padded + oh * g.phase_w;
-            std::copy(row, row + g.out_w, yn + (o * g.out_h + oh) * g.out_w);
+            const float* row = direct ? yn + (o * g.out_h + oh) * g.out_w : yt + o * g.grid_padded + oh * g.phase_w;
+            float* out = yn + (o * g.out_h + oh) * g.out_w;
+            if (!res) {
+              std::copy(row, row + g.out_w, out);
+              continue;
+            }
+            const float* r = res + (o * g.out_h + oh) * g.out_w;
+            for (int64_t q = 0; q < g.out_w; ++q) {
+              const float v = row[q] + r[q];
+              out[q] = a.relu && v < 0.0f ? 0.0f : v;  // NaN stays NaN, as in torch.relu
+            }
           }
         }
       }

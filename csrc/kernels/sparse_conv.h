@@ -75,7 +75,10 @@ struct ConvArgs {
   int64_t batch = 0;
   int64_t x_stride[4] = {0, 0, 0, 0};
   const float* bias = nullptr;  // [out_channels] or null
-  bool relu = false;
+  bool relu = false;            // applied last, after the residual
+  // residual[batch, out_channels, out_h, out_w] (contiguous, not overlapping y) or null: added to
+  // the output, as a ResNet block's shortcut is, before the ReLU.
+  const float* residual = nullptr;
   float* y = nullptr;         // y[batch, out_channels, out_h, out_w], contiguous
   int n_threads = 1;
 };

@@ -1047,7 +1047,7 @@ def _fuse_activations(
     return kept
 
 
-_READ_KEYS = ("in", "a", "b", "q", "k", "v")
+_READ_KEYS = ("in", "a", "b", "q", "k", "v", "residual")
 
 
 def _reads(op: Dict[str, Any]) -> List[int]:
@@ -1071,6 +1071,48 @@ def _drop_dead_ops(buffers, ops, outputs) -> List[Dict[str, Any]]:
         if len(kept) == len(ops):
             return ops
         ops = kept
+
+
+def _fuse_residual_adds(
+    buffers: List[Dict[str, Any]], ops: List[Dict[str, Any]], outputs: Sequence[int]
+) -> List[Dict[str, Any]]:
+    """add(conv(x), r) (+ activation) becomes one conv2d with residual r: the convolution adds the
+    shortcut and applies the activation while it crops its output, saving a pass over it. The
+    conv must have no activation of its own and be the only reader of its output, and r must be
+    written before the conv runs (of a block's two branches, the one computed last is fused)."""
+    aliased = {b["alias_of"] for b in buffers if b["alias_of"] is not None}
+    readers: Dict[int, int] = {}
+    for op in ops:
+        for b in _reads(op):
+            readers[b] = readers.get(b, 0) + 1
+
+    def root(b: int) -> int:
+        while buffers[b]["alias_of"] is not None:
+            b = buffers[b]["alias_of"]
+        return b
+
+    written_at = {}  # storage root -> index of the op writing it (inputs: never, i.e. -1)
+    for i, op in enumerate(ops):
+        written_at.setdefault(root(op["out"]), i)
+    kept = list(ops)
+    for i, op in enumerate(ops):
+        if op["op"] != "add":
+            continue
+        for conv_key, other_key in (("a", "b"), ("b", "a")):
+            src, other = op[conv_key], op[other_key]
+            j = written_at.get(root(src))
+            conv = ops[j] if j is not None else None
+            if (conv is None or conv["op"] != "conv2d" or conv.get("activation") is not None or "residual" in conv
+                    or readers.get(src) != 1 or src in aliased or src in outputs or buffers[src]["alias_of"] is not None
+                    or root(other) == root(src) or written_at.get(root(other), -1) >= j
+                    or tuple(buffers[other]["shape"]) != tuple(buffers[src]["shape"])):
+                continue
+            conv["residual"] = other
+            conv["activation"] = op.get("activation")
+            conv["out"] = op["out"]
+            kept[i] = None
+            break
+    return [op for op in kept if op is not None]
 
 
 def _compact(buffers, ops, inputs, outputs):
@@ -1230,6 +1272,7 @@ def compile(
             f"{type(model).__name__} computes nothing the executor runs (no ops). {_CONVERT_HINT}")
     ops = _drop_dead_ops(lowering.buffers, lowering.ops, lowering.outputs)
     ops = _fuse_activations(lowering.buffers, ops, lowering.outputs)
+    ops = _fuse_residual_adds(lowering.buffers, ops, lowering.outputs)
     buffers, ops, ins, outs = _compact(lowering.buffers, ops, lowering.inputs, lowering.outputs)
     for op in ops:
         if op.get("activation", "x") is None:

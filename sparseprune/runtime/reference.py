@@ -155,6 +155,8 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
             bias = arrays.get(f"{op['weight']}.bias")
             if bias is not None:
                 y = y + bias.reshape(1, -1, 1, 1)
+            if "residual" in op:
+                y = y + read(op["residual"]).astype(np.float64)
             write(op["out"], activate(y, op["activation"]))
         elif kind == "activation":
             write(op["out"], activate(read(op["in"]), op["kind"]))

@@ -59,7 +59,9 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
     "conv2d": (
         frozenset({"in", "out", "weight", "in_channels", "out_channels", "kernel", "stride", "padding",
                    "dilation", "groups"}),
-        frozenset({"activation", "format"}),  # format: "sparse" (default) or "dense"
+        # format: "sparse" (default) or "dense"; residual: a buffer added to the output before the
+        # activation (a ResNet block's shortcut)
+        frozenset({"activation", "format", "residual"}),
     ),
     "activation": (frozenset({"kind", "in", "out"}), frozenset()),
     "add": (frozenset({"a", "b", "out"}), frozenset({"activation"})),
@@ -423,7 +425,7 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
             op["inputs"] = [buffer_id(x, f"{where}.inputs[{k}]") for k, x in enumerate(raw_ids)]
             reads = [(f"inputs[{k}]", b) for k, b in enumerate(op["inputs"])]
         else:
-            for key in _READS.get(kind, ("in",)):
+            for key in _READS.get(kind, ("in",)) + (("residual",) if kind == "conv2d" and "residual" in o else ()):
                 op[key] = buffer_id(o[key], f"{where}.{key}")
                 reads.append((key, op[key]))
         out = op["out"] = buffer_id(o["out"], f"{where}.out")
@@ -506,6 +508,9 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
             if oh < 1 or ow < 1:
                 raise SpecError(f"{where}: input {_shape_str(si)} is smaller than the (dilated) kernel after padding")
             want_out((cout, oh, ow))
+            if "residual" in op and shapes[op["residual"]] != (cout, oh, ow):
+                raise SpecError(f"{where}.residual: buffer {op['residual']} {_shape_str(shapes[op['residual']])} must "
+                                f"have the output's shape {_shape_str((cout, oh, ow))}")
             fmt = _str(o.get("format", "sparse"), f"{where}.format")
             if fmt not in ("sparse", "dense"):
                 raise SpecError(f"{where}.format must be 'sparse' or 'dense', got {_short(fmt)}")

@@ -868,3 +868,28 @@ def test_conv_residual_bad_specs(rng, mutate, match):
         Executable.from_spec(spec, arrays)
     with pytest.raises(ValueError):
         _native._C.Plan(json.dumps(spec), arrays)
+
+
+# --- pooling (vectorised per SIMD path, planes split among threads) --------------------------------
+
+
+@pytest.mark.parametrize("k, s, p", [((3, 3), (2, 2), (1, 1)), ((2, 3), (1, 1), (0, 1)), ((3, 2), (3, 2), (1, 0)),
+                                     ((1, 1), (1, 1), (0, 0)), ((5, 5), (3, 3), (2, 2))])
+@pytest.mark.parametrize("kind", ["maxpool2d", "avgpool2d"])
+@pytest.mark.parametrize("isa", ["active", "generic"])
+def test_pooling_matches_torch(rng, k, s, p, kind, isa, request):
+    if isa == "generic":
+        request.getfixturevalue("generic_isa")
+    c, h, w = 5, 13, 17
+    oh, ow = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
+    spec = make_spec([(c, h, w), (c, oh, ow)], [0], [1],
+                     [{"op": kind, "in": 0, "out": 1, "kernel": list(k), "stride": list(s), "padding": list(p)}])
+    x = randn(rng, 3, c, h, w)
+    x[0, 1, 4, 5] = np.nan  # max pooling propagates NaN like torch
+    got = Executable.from_spec(spec, {}).run(x, n_threads=2)
+    pool = F.max_pool2d if kind == "maxpool2d" else F.avg_pool2d
+    ref = pool(torch64(x), k, s, p).numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    keep = ~np.isnan(ref)
+    assert_close(got[keep], ref[keep])
+    assert got.shape == (3, c, oh, ow)

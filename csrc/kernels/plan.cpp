@@ -38,45 +38,6 @@ std::vector<int> reads(const PlanOp& op) {
   return r;
 }
 
-void pool2d(const float* x, float* y, int64_t planes, const std::vector<int64_t>& si, const std::vector<int64_t>& so,
-            const PlanOp& op, int n_threads) {
-  const bool is_max = op.kind == OpKind::maxpool2d;
-  const float inv_area = 1.0f / static_cast<float>(op.kernel[0] * op.kernel[1]);  // count_include_pad=True
-  const int64_t H = si[1], W = si[2], OH = so[1], OW = so[2];
-  const int sh = op.stride[0], sw = op.stride[1], ph = op.padding[0], pw = op.padding[1];
-  const int threads = std::max(1, std::min<int>(n_threads, static_cast<int>(std::min<int64_t>(planes, 64))));
-#pragma omp parallel for num_threads(threads) if (threads > 1 && planes * OH * OW > 4096) schedule(static)
-  for (int64_t p = 0; p < planes; ++p) {
-    const float* src = x + p * H * W;
-    float* dst = y + p * OH * OW;
-    for (int64_t oh = 0; oh < OH; ++oh) {
-      float* out = dst + oh * OW;
-      for (int64_t ow = 0; ow < OW; ++ow) out[ow] = is_max ? -INFINITY : 0.0f;
-      for (int kh = 0; kh < op.kernel[0]; ++kh) {
-        const int64_t r = oh * sh + kh - ph;
-        if (r < 0 || r >= H) continue;
-        const float* row = src + r * W;
-        for (int kw = 0; kw < op.kernel[1]; ++kw) {
-          // Output columns whose input column ow * sw + kw - pw lies inside the row: no branch inside.
-          const int64_t off = kw - pw;
-          const int64_t lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
-          const int64_t hi = std::min<int64_t>(OW, (W - 1 - off) / sw + 1);
-          if (is_max) {
-            for (int64_t ow = lo; ow < hi; ++ow) {
-              const float v = row[ow * sw + off];
-              out[ow] = (v > out[ow] || v != v) ? v : out[ow];  // NaN wins, as in torch
-            }
-          } else {
-            for (int64_t ow = lo; ow < hi; ++ow) out[ow] += row[ow * sw + off];
-          }
-        }
-      }
-      if (!is_max)
-        for (int64_t ow = 0; ow < OW; ++ow) out[ow] *= inv_area;
-    }
-  }
-}
-
 }  // namespace
 
 Activation parse_activation(const std::string& name) {
@@ -405,7 +366,12 @@ void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_thre
     case OpKind::add:
     case OpKind::mul: binary_map(x, buf[op.in2], y, n_out, op.kind == OpKind::mul, op.act, n_threads); break;
     case OpKind::maxpool2d:
-    case OpKind::avgpool2d: pool2d(x, y, batch * si[0], si, shapes_[op.out], op, n_threads); break;
+    case OpKind::avgpool2d: {
+      const auto& so = shapes_[op.out];
+      pool2d_planes(x, y, batch * si[0], si[1], si[2], so[1], so[2], op.kernel, op.stride, op.padding,
+                    op.kind == OpKind::maxpool2d, n_threads);
+      break;
+    }
     case OpKind::global_avgpool: {
       const int64_t plane = si[1] * si[2];
       for (int64_t p = 0; p < batch * si[0]; ++p) {

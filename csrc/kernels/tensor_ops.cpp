@@ -26,11 +26,15 @@ namespace generic {
 void activation_map_entry(const float* src, float* dst, int64_t n, float scale, float shift, Activation a);
 void softmax_row_entry(const float* src, float* dst, int64_t n_valid, int64_t len);
 void layernorm_row_entry(const float* src, float* dst, int64_t len, const float* gamma, const float* beta, float eps);
+void pool_plane_entry(const float* src, float* dst, int64_t H, int64_t W, int64_t OH, int64_t OW, int kh, int kw,
+                      int sh, int sw, int ph, int pw, bool is_max);
 }  // namespace generic
 namespace avx2 {
 void activation_map_entry(const float* src, float* dst, int64_t n, float scale, float shift, Activation a);
 void softmax_row_entry(const float* src, float* dst, int64_t n_valid, int64_t len);
 void layernorm_row_entry(const float* src, float* dst, int64_t len, const float* gamma, const float* beta, float eps);
+void pool_plane_entry(const float* src, float* dst, int64_t H, int64_t W, int64_t OH, int64_t OW, int kh, int kw,
+                      int sh, int sw, int ph, int pw, bool is_max);
 }  // namespace avx2
 
 void affine_map(const float* src, float* dst, int64_t n, float scale, float shift, Activation a, int n_threads) {
@@ -74,6 +78,16 @@ void binary_map(const float* a, const float* b, float* dst, int64_t n, bool mult
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t i = 0; i < n; ++i) dst[i] = multiply ? a[i] * b[i] : a[i] + b[i];
   if (act != Activation::none) affine_map(dst, dst, n, 1.0f, 0.0f, act, n_threads);
+}
+
+void pool2d_planes(const float* src, float* dst, int64_t planes, int64_t H, int64_t W, int64_t OH, int64_t OW,
+                   const int kernel[2], const int stride[2], const int padding[2], bool is_max, int n_threads) {
+  auto plane = use_avx2() ? &avx2::pool_plane_entry : &generic::pool_plane_entry;
+  const int threads = threads_for(n_threads, planes * OH * OW * kernel[0] * kernel[1]);
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+  for (int64_t p = 0; p < planes; ++p)
+    plane(src + p * H * W, dst + p * OH * OW, H, W, OH, OW, kernel[0], kernel[1], stride[0], stride[1], padding[0],
+          padding[1], is_max);
 }
 
 void permute_copy(const float* src, float* dst, const std::vector<int64_t>& shape, const std::vector<int>& perm) {

@@ -25,6 +25,11 @@ void softmax_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, 
 void layernorm_rows(const float* src, float* dst, int64_t rows, int64_t len, const float* gamma, const float* beta,
                     float eps, int n_threads);
 
+// Max or average pooling (count_include_pad) of `planes` planes H x W into OH x OW, with
+// padding[d] <= kernel[d] / 2 (every window holds at least one input).
+void pool2d_planes(const float* src, float* dst, int64_t planes, int64_t H, int64_t W, int64_t OH, int64_t OW,
+                   const int kernel[2], const int stride[2], const int padding[2], bool is_max, int n_threads);
+
 // Permutes the dimensions of a dense row-major tensor: out dimension d is in dimension perm[d].
 // shape[rank] is the input's shape; out has shape[perm[0]], ..., shape[perm[rank - 1]].
 void permute_copy(const float* src, float* dst, const std::vector<int64_t>& shape, const std::vector<int>& perm);

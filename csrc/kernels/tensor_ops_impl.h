@@ -112,6 +112,49 @@ inline void layernorm_row_body(const float* src, float* dst, int64_t len, const 
   for (; i < len; ++i) dst[i] = (src[i] - mean) * inv * gamma[i] + beta[i];
 }
 
+// One plane of max or average pooling (count_include_pad), padding inside the input's bounds
+// only: per output row, each kernel tap updates a run of outputs from a strided run of inputs,
+// without branches, so the compiler vectorises the run.
+// SW > 0: the column stride as a compile-time constant (1 and 2 vectorise); 0: `sw` at run time.
+template <int SW>
+inline void pool_plane_strided(const float* __restrict src, float* __restrict dst, int64_t H, int64_t W, int64_t OH,
+                               int64_t OW, int kh, int kw, int sh, int sw_runtime, int ph, int pw, bool is_max) {
+  const int64_t sw = SW > 0 ? SW : sw_runtime;
+  const float inv_area = 1.0f / static_cast<float>(kh * kw);
+  for (int64_t oh = 0; oh < OH; ++oh) {
+    float* __restrict out = dst + oh * OW;
+    for (int64_t ow = 0; ow < OW; ++ow) out[ow] = is_max ? -INFINITY : 0.0f;
+    for (int dy = 0; dy < kh; ++dy) {
+      const int64_t r = oh * sh + dy - ph;
+      if (r < 0 || r >= H) continue;
+      const float* __restrict row = src + r * W;
+      for (int dx = 0; dx < kw; ++dx) {
+        const int64_t off = dx - pw;
+        const int64_t lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
+        const int64_t hi = std::min<int64_t>(OW, (W - 1 - off) / sw + 1);
+        const float* __restrict in = row + off;
+        if (is_max) {
+          for (int64_t ow = lo; ow < hi; ++ow) {
+            const float v = in[ow * sw];
+            out[ow] = (v > out[ow] || v != v) ? v : out[ow];  // NaN wins, as in torch
+          }
+        } else {
+          for (int64_t ow = lo; ow < hi; ++ow) out[ow] += in[ow * sw];
+        }
+      }
+    }
+    if (!is_max)
+      for (int64_t ow = 0; ow < OW; ++ow) out[ow] *= inv_area;
+  }
+}
+
+inline void pool_plane_body(const float* src, float* dst, int64_t H, int64_t W, int64_t OH, int64_t OW, int kh, int kw,
+                            int sh, int sw, int ph, int pw, bool is_max) {
+  if (sw == 1) pool_plane_strided<1>(src, dst, H, W, OH, OW, kh, kw, sh, sw, ph, pw, is_max);
+  else if (sw == 2) pool_plane_strided<2>(src, dst, H, W, OH, OW, kh, kw, sh, sw, ph, pw, is_max);
+  else pool_plane_strided<0>(src, dst, H, W, OH, OW, kh, kw, sh, sw, ph, pw, is_max);
+}
+
 // The entry points the dispatcher (tensor_ops.cpp) calls, one set per SIMD path.
 void activation_map_entry(const float* src, float* dst, int64_t n, float scale, float shift, Activation a) {
   activation_map_body(src, dst, n, scale, shift, a);
@@ -121,6 +164,10 @@ void softmax_row_entry(const float* src, float* dst, int64_t n_valid, int64_t le
 }
 void layernorm_row_entry(const float* src, float* dst, int64_t len, const float* gamma, const float* beta, float eps) {
   layernorm_row_body(src, dst, len, gamma, beta, eps);
+}
+void pool_plane_entry(const float* src, float* dst, int64_t H, int64_t W, int64_t OH, int64_t OW, int kh, int kw,
+                      int sh, int sw, int ph, int pw, bool is_max) {
+  pool_plane_body(src, dst, H, W, OH, OW, kh, kw, sh, sw, ph, pw, is_max);
 }
 
 }  // namespace SP_ISA_NS

@@ -107,6 +107,11 @@ def _add_bench(subparsers, want_help: bool = False) -> None:
         "--policy", choices=("measure", "threshold"),
         help=f"convert() kernel choice (default: {_DEFAULT_POLICY}, at the first thread count; --model only)",
     )
+    p.add_argument(
+        "--engine", choices=("convert", "compile"),
+        help="what is timed against torch dense: sparseprune.convert's model, or sparseprune.compile's whole-model "
+             "executable (default: convert; --model only)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the model weights and inputs (default: 0)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON to PATH ('-': print JSON instead of the table)")
     p.set_defaults(func=_run_bench, parser=p)
@@ -115,7 +120,7 @@ def _add_bench(subparsers, want_help: bool = False) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     if args.executable is not None:
         given = [opt for opt, value in (("--model", args.model), ("--sparsity", args.sparsity),
-                                        ("--policy", args.policy)) if value is not None]
+                                        ("--policy", args.policy), ("--engine", args.engine)) if value is not None]
         if given:
             verb = "applies" if len(given) == 1 else "apply"
             args.parser.error(f"{', '.join(given)} {verb} to a built-in model, not to an EXECUTABLE")
@@ -123,6 +128,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     args.model = _DEFAULT_BENCH_MODEL if args.model is None else args.model
     args.sparsity = _DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
     args.policy = _DEFAULT_POLICY if args.policy is None else args.policy
+    args.engine = "convert" if args.engine is None else args.engine
 
     from sparseprune.bench import benchmark, build_model, describe_model
 
@@ -138,6 +144,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         result = benchmark(
             model,
             input_shape,
+            engine=args.engine,
             sparsity=args.sparsity,
             batch_sizes=args.batch_sizes,
             threads=args.threads,
@@ -157,9 +164,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(result.summary())
     conv = result.conversion
     layers = conv.get("layers", [])
-    n_sparse = sum(1 for layer in layers if layer.get("kernel") != "dense")
+    n_sparse = sum(1 for layer in layers if layer.get("kernel") not in ("dense", "dense-conv"))
+    what = "conversion" if args.engine == "convert" else "compiled executable"
     print(
-        f"\nconversion: {n_sparse} of {len(layers)} layers sparse (policy {conv.get('policy')}, "
+        f"\n{what}: {n_sparse} of {len(layers)} layers sparse (policy {conv.get('policy')}, "
         f"measured at {conv.get('num_threads')} thread(s)):"
     )
     print(result.conversion_table())

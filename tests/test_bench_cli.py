@@ -43,7 +43,18 @@ def small_result():
 
 # --------------------------------------------------------------------------------- models
 def test_registry_has_required_models():
-    assert {"bert-ffn", "mlp-small"} <= set(available_models())
+    assert {"bert-ffn", "bert-layer", "mlp-small", "resnet18"} <= set(available_models())
+
+
+def test_bert_layer_is_a_base_sized_encoder_layer_and_prunes_its_attention_too():
+    model, shape = build_model("bert-layer")
+    assert shape == (128, 768) and isinstance(model, nn.TransformerEncoderLayer)
+    attn = model.self_attn
+    assert (attn.embed_dim, attn.num_heads, model.linear1.out_features) == (768, 12, 3072) and attn.batch_first
+    assert prune_linear_layers(model, 0.9) == 4  # in_proj_weight, out_proj, linear1, linear2
+    for w in (attn.in_proj_weight, attn.out_proj.weight, model.linear1.weight, model.linear2.weight):
+        assert 1 - int(torch.count_nonzero(w)) / w.numel() == pytest.approx(0.9, abs=1e-3)
+    assert not hasattr(attn, "in_proj_weight_mask")  # made permanent
 
 
 def test_bert_ffn_architecture():
@@ -198,6 +209,23 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert data["metadata"]["model"] == "mlp-small" and data["metadata"]["threads"] == [1]
     out = capsys.readouterr().out
     assert "speedup" in out and "build:" in out and "conversion:" in out and "layer" in out
+
+
+def test_benchmark_compile_engine(capsys):
+    model, shape = build_model("mlp-small")
+    result = benchmark(model, shape, engine="compile", sparsity=0.9, batch_sizes=(1, 3), threads=(1,), warmup=0,
+                       repeats=2, convert_kwargs={"policy": "threshold"})
+    assert result.metadata["engine"] == "compile"
+    assert [(r.threads, r.batch) for r in result.rows] == [(1, 1), (1, 3)]
+    assert all(r.speedup > 0 and r.max_abs_error < 1e-4 for r in result.rows)
+    kernels = [layer["kernel"] for layer in result.conversion["layers"]]
+    assert kernels == ["csr", "csr", "csr"]  # compile's choices, in the conversion table's shape
+    assert "csr" in result.conversion_table()
+    with pytest.raises(ValueError, match="engine"):
+        benchmark(model, shape, engine="jit")
+    assert cli.main(["bench", "--model", "mlp-small", "--engine", "compile", "--repeats", "1", "--warmup", "0",
+                     "--batch-sizes", "2", "--threads", "1", "--policy", "threshold"]) == 0
+    assert "compiled executable: 3 of 3 layers sparse" in capsys.readouterr().out
 
 
 def test_cli_bench_json_to_stdout(capsys):

@@ -88,11 +88,11 @@ def test_encoder_layer_matches_torch(batch, seq, norm_first, activation, pruned,
     assert att["heads"] == 4 and att["causal"] is False and att["layout"] == "sequence_first"
     assert att["scale"] == pytest.approx(1 / math.sqrt(16 / 4))
     linears = {o["name"]: o for o in _ops(exe, "linear")}
-    assert sorted(linears) == ["0.linear1", "0.linear2", "0.self_attn.in_proj.k", "0.self_attn.in_proj.q",
-                               "0.self_attn.in_proj.v", "0.self_attn.out_proj"]
+    assert sorted(linears) == ["linear1", "linear2", "self_attn.in_proj.k", "self_attn.in_proj.q",
+                               "self_attn.in_proj.v", "self_attn.out_proj"]
     want = "csr" if pruned else "dense"
     assert {o["format"] for o in linears.values()} == {want}
-    assert linears["0.linear1"].get("activation") == activation  # fused into the first feed-forward linear
+    assert linears["linear1"].get("activation") == activation  # fused into the first feed-forward linear
     assert {row["kernel"] for row in exe.metadata["layers"]} == {want}
     if pruned:
         assert min(row["sparsity"] for row in exe.metadata["layers"]) >= 0.85

@@ -141,13 +141,19 @@ def _positive_ints(value: Sequence[int], name: str, unique: bool = True) -> Tupl
 
 
 def prune_linear_layers(model: nn.Module, sparsity: float) -> int:
-    """Per-layer L1 magnitude pruning of every nn.Linear and nn.Conv2d weight to `sparsity`, made
-    permanent (torch.nn.utils.prune then prune.remove). Returns how many layers were pruned."""
+    """Per-layer L1 magnitude pruning of every nn.Linear and nn.Conv2d weight, and of every
+    nn.MultiheadAttention's packed q/k/v projection, to `sparsity`, made permanent
+    (torch.nn.utils.prune then prune.remove). Returns how many weights were pruned."""
     count = 0
     for module in model.modules():
+        names = []
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            torch_prune.l1_unstructured(module, "weight", amount=float(sparsity))
-            torch_prune.remove(module, "weight")
+            names = ["weight"]
+        elif isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None:
+            names = ["in_proj_weight"]  # out_proj is an nn.Linear, pruned on its own
+        for name in names:
+            torch_prune.l1_unstructured(module, name, amount=float(sparsity))
+            torch_prune.remove(module, name)
             count += 1
     return count
 
@@ -182,10 +188,35 @@ def _check(dense: nn.Module, sparse: nn.Module, x: torch.Tensor, tolerance: floa
     return err
 
 
+ENGINES = ("convert", "compile")
+
+
+class _ExecutableModule(nn.Module):
+    """A compiled Executable behind a torch call (tensor in, tensor out; zero-copy both ways), so
+    it is checked and timed exactly like a converted model."""
+
+    def __init__(self, executable):
+        super().__init__()
+        self.executable = executable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.executable.run(x.numpy()))
+
+
+def _compile_report(executable, policy: str, num_threads: int) -> ConversionReport:
+    """compile()'s per-layer choices in the shape of a conversion report (for the same tables)."""
+    report = ConversionReport(policy=policy, num_threads=num_threads)
+    for layer in executable.metadata.get("layers", []):
+        report.add(LayerChoice(path=layer["name"], layer_type=layer["op"], shape=(), sparsity=layer["sparsity"],
+                               kernel=layer["kernel"], reason=layer.get("reason", "")))
+    return report
+
+
 def benchmark(
     model: nn.Module,
     input_shape: Sequence[int],
     *,
+    engine: str = "convert",
     sparsity: Optional[float] = None,
     batch_sizes: Sequence[int] = (1, 8, 64),
     threads: Sequence[int] = (1, 2),
@@ -198,6 +229,10 @@ def benchmark(
     name: Optional[str] = None,
 ) -> BenchmarkResult:
     """Time `model` dense (torch eager) against its sparseprune-converted version.
+
+    engine="convert" (default) times sparseprune.convert's model (torch modules with native
+    sparse layers); engine="compile" times sparseprune.compile's whole-model Executable, called
+    through a thin torch wrapper (numpy views both ways), at torch's thread count.
 
     `model` is not modified. With `sparsity`, every nn.Linear is first magnitude-pruned per layer
     to that fraction (torch.nn.utils.prune.l1_unstructured, made permanent); without it the
@@ -227,6 +262,8 @@ def benchmark(
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if accuracy_fn is not None and not callable(accuracy_fn):
         raise TypeError(f"accuracy_fn must be callable, got {type(accuracy_fn).__name__}")
     kwargs = dict(convert_kwargs or {})
@@ -255,8 +292,18 @@ def benchmark(
         # num_threads=None: the converted layers read torch's count at each call.
         # Convolutions are timed at the size they really see.
         kwargs.setdefault("example_inputs", (torch.randn(1, *input_shape, generator=gen),))
-        sparse = convert(dense, inplace=False, num_threads=None, **kwargs)
-        report = sparse.sparseprune_report
+        if engine == "convert":
+            sparse = convert(dense, inplace=False, num_threads=None, **kwargs)
+            report = sparse.sparseprune_report
+        else:
+            from sparseprune.compile import compile as compile_model
+
+            compile_kwargs = {k: v for k, v in kwargs.items() if k != "batch_sizes"}  # times at the example
+            executable = compile_model(dense, compile_kwargs.pop("example_inputs"), num_threads=convert_threads,
+                                       **compile_kwargs)
+            executable.n_threads = None  # then follow torch's count, like the dense side
+            sparse = _ExecutableModule(executable)
+            report = _compile_report(executable, kwargs["policy"], convert_threads)
         with torch.inference_mode():
             x = torch.randn(max(batch_sizes), *input_shape, generator=gen)
             worst = _check(dense, sparse, x, tolerance, f"random batch of {x.shape[0]}, {convert_threads} threads")
@@ -312,6 +359,7 @@ def benchmark(
             "repeats": repeats,
             "seed": seed,
             "tolerance": tolerance,
+            "engine": engine,
             "convert_kwargs": kwargs,
             "convert_threads": convert_threads,
             "dense_baseline": "torch eager, same pruned weights, torch.inference_mode()",

@@ -86,6 +86,16 @@ register_model(
     "bert-ffn", _bert_ffn, (768,),
     "BERT-base FFN shapes: Linear 768->3072, ReLU, 3072->768, ReLU, 768->768",
 )
+def _bert_layer() -> nn.Module:
+    # One BERT-base encoder layer (torch's own module): 12-head self-attention over d=768, GELU FFN
+    # 768 -> 3072 -> 768, post-norm; input one sequence of 128 tokens.
+    return nn.TransformerEncoderLayer(768, 12, 3072, dropout=0.1, activation="gelu", batch_first=True)
+
+
+register_model(
+    "bert-layer", _bert_layer, (128, 768),
+    "BERT-base encoder layer: nn.TransformerEncoderLayer(768, 12 heads, FFN 3072, GELU), sequence 128",
+)
 register_model(
     "mlp-small", lambda: _mlp(64, 256, 256, 10), (64,),
     "small MLP for quick tests: 64->256->256->10 with ReLUs",

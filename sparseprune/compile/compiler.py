@@ -1115,6 +1115,25 @@ def _fuse_residual_adds(
     return [op for op in kept if op is not None]
 
 
+def _strip_name_prefix(lowering: "_Lowering", prefix: str) -> None:
+    """Drop `prefix` from every layer, op, weight and array name the lowering produced."""
+    def strip(name: Any) -> Any:
+        return name[len(prefix):] if isinstance(name, str) and name.startswith(prefix) else name
+
+    for op in lowering.ops:
+        if "name" in op:
+            op["name"] = strip(op["name"])
+        if "weight" in op:
+            op["weight"] = strip(op["weight"])
+    for row in lowering.layers:
+        row["name"] = strip(row["name"])
+    renamed = {}
+    for key, value in lowering.arrays.items():  # "<weight>.<part>": rename the weight part only
+        weight, part = key.rsplit(".", 1)
+        renamed[f"{strip(weight)}.{part}"] = value
+    lowering.arrays = renamed
+
+
 def _compact(buffers, ops, inputs, outputs):
     """Drop buffers nothing refers to and renumber the rest (order kept: aliases stay after
     their targets)."""
@@ -1241,7 +1260,8 @@ def compile(
     batch = int(inputs[0].shape[0])
 
     work = _copy_model(model).eval()
-    if _Tracer().is_leaf_module(work, ""):  # a single layer: fx would trace into its forward
+    wrapped = _Tracer().is_leaf_module(work, "")
+    if wrapped:  # a single layer (or attention module): fx would trace into its forward
         work = nn.Sequential(work)
     if is_pruned(work):
         remove(work)  # the effective (masked) weights become the plain weights of the copy
@@ -1267,6 +1287,8 @@ def compile(
 
     lowering = _Lowering(gm, batch, policy, threads)
     lowering.lower()
+    if wrapped:  # name layers as in the caller's module ("linear1", not "0.linear1")
+        _strip_name_prefix(lowering, "0.")
     if not lowering.ops:
         raise UnsupportedOperation(
             f"{type(model).__name__} computes nothing the executor runs (no ops). {_CONVERT_HINT}")

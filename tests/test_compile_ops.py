@@ -680,15 +680,15 @@ def test_threshold_policy_runs_lightly_pruned_convs_dense(gen):
     assert [row["format"] for row in exe.layer_table() if row["op"] == "conv2d"] == ["dense-conv", "sparse-conv"]
 
 
-def test_measure_policy_times_both_conv_kernels(gen, tmp_path):
+def test_measure_policy_times_every_conv_kernel(gen, tmp_path):
     model = _cnn(gen, 0.3, 0.95)
     x = _randn(gen, 1, 3, 16, 16)
     exe = compile(model, (x,), policy="measure")
     _check(exe, model, x)
     for row in exe.metadata["layers"]:
-        if row["op"] == "conv2d":
-            assert row["kernel"] in ("dense-conv", "sparse-conv")
-            assert row["reason"] == "fastest measured of ['dense-conv', 'sparse-conv'] at batch 1"
+        if row["op"] == "conv2d":  # small layers: at most 64 k x k kernels, so at most 64 patterns
+            assert row["kernel"] in ("dense-conv", "sparse-conv", "pattern-conv")
+            assert row["reason"] == "fastest measured of ['dense-conv', 'pattern-conv', 'sparse-conv'] at batch 1"
     exe.save(tmp_path / "m.safetensors")
     loaded = sparseprune.load(tmp_path / "m.safetensors")
     np.testing.assert_array_equal(loaded.run(x.numpy()), exe.run(x.numpy()))
@@ -736,3 +736,32 @@ def test_residual_add_and_relu_fuse_into_a_convolution(shortcut_first, policy, g
     # the fused conv reads a residual some earlier op wrote (whichever branch ran last is fused)
     writer = {o["out"]: i for i, o in enumerate(ops)}
     assert writer[fused[0]["residual"]] < ops.index(fused[0])
+
+
+def test_pattern_kernel_is_a_candidate_only_with_few_patterns(gen):
+    many = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1)).eval()  # 1024 random 50% kernels
+    few = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1)).eval()
+    with torch.no_grad():
+        many[0].weight[torch.rand(many[0].weight.shape, generator=gen) < 0.5] = 0
+        keep = torch.zeros(3, 3, dtype=torch.bool)
+        keep[1, :] = True  # one pattern: the middle row of every kernel
+        few[0].weight.mul_(keep)
+    x = _randn(gen, 1, 32, 10, 10)
+    for model, has_pattern in ((many, False), (few, True)):
+        exe = compile(model, (x,), policy="measure")
+        _check(exe, model, x)
+        reason = exe.metadata["layers"][0]["reason"]
+        assert ("pattern-conv" in reason) == has_pattern, reason
+    # the pattern kernel as such, whatever the timing chose: the same op with the sparse arrays
+    from sparseprune import formats
+
+    spec = exe.spec
+    op = spec["ops"][0]
+    op["format"] = "pattern"
+    row_ptr, taps, values = formats.conv_arrays(few[0].weight.detach().numpy())
+    arrays = {f"{op['weight']}.row_ptr": np.asarray(row_ptr, np.int64), f"{op['weight']}.taps": np.asarray(taps, np.int32),
+              f"{op['weight']}.values": np.asarray(values, np.float32),
+              f"{op['weight']}.bias": few[0].bias.detach().numpy().copy()}
+    forced = sparseprune.runtime.Executable.from_spec(spec, arrays)
+    assert forced.layer_table()[0]["format"] == "pattern-conv"
+    _assert_close(forced.run(x.numpy()), _torch(few, x))

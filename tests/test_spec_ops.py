@@ -776,7 +776,7 @@ def test_dense_conv_without_bias_threads_and_both_simd_paths(rng, generic_isa):
     (lambda s, a: a.update({"c.weight": a["c.weight"].reshape(4, -1)}), r"c\.weight.*4-D"),
     (lambda s, a: a.pop("c.weight"), r"c\.weight.*missing"),
     (lambda s, a: a.update({"c.values": np.ones(3, F32)}), r"c\.values.*belongs to a sparse conv2d"),
-    (lambda s, a: s["ops"][0].update({"format": "im2col"}), r"format must be 'sparse' or 'dense'"),
+    (lambda s, a: s["ops"][0].update({"format": "im2col"}), r"format must be 'sparse', 'pattern' or 'dense'"),
 ])
 def test_dense_conv_bad_specs(rng, mutate, match):
     spec = dense_conv_spec(2, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, (5, 5))
@@ -893,3 +893,43 @@ def test_pooling_matches_torch(rng, k, s, p, kind, isa, request):
     keep = ~np.isnan(ref)
     assert_close(got[keep], ref[keep])
     assert got.shape == (3, c, oh, ow)
+
+
+# --- conv2d format "pattern": the sparse arrays, run by the pattern kernel -----------------------
+
+
+def pattern_conv_spec(cin, cout, hw, n_patterns, rng, k=(3, 3)):
+    spec = dense_conv_spec(cin, cout, k, (1, 1), (k[0] // 2, k[1] // 2), (1, 1), 1, hw)
+    spec["ops"][0]["format"] = "pattern"
+    masks = rng.random((n_patterns, k[0] * k[1])) < 0.5
+    masks[:, 0] = True  # no empty pattern
+    choice = rng.integers(0, n_patterns, (cout, cin))
+    w = randn(rng, cout, cin, k[0] * k[1]) * masks[choice]
+    flat = w.reshape(cout, -1)
+    arrays = {"c.row_ptr": np.concatenate([[0], np.cumsum((flat != 0).sum(axis=1))]).astype(np.int64),
+              "c.taps": np.nonzero(flat)[1].astype(np.int32), "c.values": flat[flat != 0].astype(F32),
+              "c.bias": randn(rng, cout)}
+    return spec, arrays, w.reshape(cout, cin, *k)
+
+
+@pytest.mark.parametrize("n_patterns", [1, 4, 64])
+def test_pattern_conv(rng, n_patterns):
+    spec, arrays, w = pattern_conv_spec(12, 16, (9, 11), n_patterns, rng)
+    x = randn(rng, 2, 12, 9, 11)
+    exe = Executable.from_spec(spec, arrays)
+    assert exe.layer_table()[0]["format"] == "pattern-conv"
+    got = check(spec, arrays, [x])[0]
+    assert_close(got, F.conv2d(torch64(x), torch64(w), torch64(arrays["c.bias"]), 1, 1).numpy())
+
+
+def test_pattern_conv_refuses_too_many_patterns_and_large_kernels(rng):
+    spec, arrays, _ = pattern_conv_spec(16, 16, (6, 6), 200, rng)  # 256 kernels, ~200 patterns
+    with pytest.raises(SpecError, match=r"at most 64 distinct kernel patterns, the weight has \d+"):
+        Executable.from_spec(spec, arrays)
+    with pytest.raises(ValueError, match="patterns"):
+        _native._C.Plan(json.dumps(spec), arrays)
+    spec, arrays, _ = pattern_conv_spec(2, 2, (12, 12), 2, rng, k=(9, 9))
+    with pytest.raises(SpecError, match="at most 64 taps"):
+        Executable.from_spec(spec, arrays)
+    with pytest.raises(ValueError, match="64 taps"):
+        _native._C.Plan(json.dumps(spec), arrays)

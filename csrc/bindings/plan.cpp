@@ -207,7 +207,8 @@ std::shared_ptr<const DenseConv> make_dense_conv(const py::dict& op, const py::d
   return DenseConv::make(s, weight.data(), bias ? bias->data() : nullptr);
 }
 
-std::shared_ptr<const PackedConv> make_conv(const py::dict& op, const py::dict& arrays, const std::string& where) {
+std::shared_ptr<const PackedConv> make_conv(const py::dict& op, const py::dict& arrays, const std::string& where,
+                                            bool use_patterns) {
   const std::string w = str_field(op, "weight", where);
   const ConvShape s = conv_shape(op, where);
   const auto ptr = index_vector(arrays, w + ".row_ptr");
@@ -218,7 +219,8 @@ std::shared_ptr<const PackedConv> make_conv(const py::dict& op, const py::dict& 
   if (has_bias && bias->shape(0) != s.out_channels) throw SpecError("array '" + w + ".bias' must have out_channels entries");
   if (ptr.shape(0) == 0) throw SpecError("array '" + w + ".row_ptr' must not be empty");
   auto conv = std::make_unique<PackedConv>(PackedConv::make(s, ptr.data(), ptr.shape(0), taps.data(), taps.shape(0),
-                                                            val.data(), val.shape(0), has_bias ? bias->data() : nullptr));
+                                                            val.data(), val.shape(0), has_bias ? bias->data() : nullptr,
+                                                            use_patterns));
   return std::shared_ptr<const PackedConv>(std::move(conv));
 }
 
@@ -368,9 +370,9 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       }
       case OpKind::conv2d: {
         const std::string format = o.contains("format") ? str_field(o, "format", where) : "sparse";
-        if (format == "sparse") op.conv = make_conv(o, arrays, where);
+        if (format == "sparse" || format == "pattern") op.conv = make_conv(o, arrays, where, format == "pattern");
         else if (format == "dense") op.dense_conv = make_dense_conv(o, arrays, where);
-        else throw SpecError(where + ".format must be 'sparse' or 'dense'");
+        else throw SpecError(where + ".format must be 'sparse', 'pattern' or 'dense'");
         break;
       }
       case OpKind::maxpool2d:

@@ -32,12 +32,12 @@ from sparseprune import formats
 from sparseprune.config import resolve_threads
 from sparseprune.convert.fusion import fuses_relu, prepare_fusions
 from sparseprune.convert.selection import CSR_SPARSITY_THRESHOLD, MIN_BLOCK_FILL
-from sparseprune.nn.sparse_conv import SparseConv2d, UnsupportedLayer, conv_padding
+from sparseprune.nn.sparse_conv import SparseConv2d, UnsupportedLayer, conv_padding, count_kernel_patterns
 from sparseprune.nn.sparse_linear import SparseLinear
 from sparseprune.prune import is_pruned, remove
 from sparseprune._native import _C
 from sparseprune.runtime import Executable
-from sparseprune.runtime.spec import SPEC_FORMAT, SPEC_VERSION
+from sparseprune.runtime.spec import MAX_KERNEL_PATTERNS, SPEC_FORMAT, SPEC_VERSION
 from sparseprune.timing import time_interleaved
 
 POLICIES = ("measure", "threshold")
@@ -363,7 +363,7 @@ class _Lowering:
                           "kernel": _pair(p.kernel_size), "stride": _pair(p.stride), "padding": _pair(p.padding),
                           "dilation": _pair(p.dilation), "groups": int(p.groups)}
                 arrays = _conv_sparse_arrays(name, p.row_ptr, p.taps, p.values, p.bias)
-                kernel, reason, sparsity = "sparse-conv", "already converted", layer.sparsity
+                kernel, reason, sparsity = layer.kernel, "already converted", layer.sparsity
             else:
                 try:
                     padding = conv_padding(layer)
@@ -377,8 +377,8 @@ class _Lowering:
                 sparsity = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
                 kernel, arrays, reason = self.choose_conv_format(name, weight, bias, fields, sparsity,
                                                                  self.shape_of(src))
-            if kernel == "dense-conv":
-                fields = {**fields, "format": "dense"}
+            if kernel != "sparse-conv":
+                fields = {**fields, "format": _CONV_FORMATS[kernel]}
             self.arrays.update(arrays)
             self.packed_names[id(layer)] = name
             self._conv_fields[name] = fields
@@ -394,10 +394,15 @@ class _Lowering:
 
     def choose_conv_format(self, name: str, weight: np.ndarray, bias, fields: Dict[str, Any], sparsity: float,
                            in_shape: Tuple[int, ...]):
-        """The direct sparse kernel or the dense im2col GEMM: with policy="measure" the faster of the
-        two as the executor runs them (one-op plans at the example's input size), with "threshold"
-        sparse from CONV_SPARSITY_THRESHOLD."""
+        """The direct sparse kernel, the pattern kernel (when the k x k kernels use at most
+        MAX_KERNEL_PATTERNS patterns) or the dense im2col GEMM: with policy="measure" the fastest as
+        the executor runs them (one-op plans at the example's input size), with "threshold" sparse
+        from CONV_SPARSITY_THRESHOLD, else dense."""
         candidates = {"sparse-conv": _conv_sparse_arrays(name, *formats.conv_arrays(weight), bias)}
+        kh, kw = fields["kernel"]
+        if self.policy == "measure" and sparsity > 0 and 1 < kh * kw <= 64 and \
+                count_kernel_patterns(weight) <= MAX_KERNEL_PATTERNS:
+            candidates["pattern-conv"] = candidates["sparse-conv"]  # the same arrays, another kernel
         dense = {f"{name}.weight": np.ascontiguousarray(weight)}
         if bias is not None:
             dense[f"{name}.bias"] = np.ascontiguousarray(bias, dtype=np.float32)
@@ -408,7 +413,7 @@ class _Lowering:
                    f"{CONV_SPARSITY_THRESHOLD}")
             return best, candidates[best], why
         x = np.random.default_rng(0).standard_normal((self.batch,) + tuple(in_shape)).astype(np.float32)
-        plans = {k: _one_conv_plan(arrays, name, fields, k == "dense-conv", in_shape) for k, arrays in candidates.items()}
+        plans = {k: _one_conv_plan(arrays, name, fields, _CONV_FORMATS[k], in_shape) for k, arrays in candidates.items()}
         times = time_interleaved({k: (lambda p=p: p.run([x], self.threads)) for k, p in plans.items()},
                                  warmup=1, repeats=3, min_time_s=0.005)
         best = min(times, key=lambda k: times[k].min_s)
@@ -987,15 +992,16 @@ def _conv_sparse_arrays(name: str, row_ptr, taps, values, bias) -> Dict[str, np.
     return _compressed_arrays(name, ("row_ptr", "taps"), row_ptr, taps, values, bias)
 
 
-def _one_conv_plan(arrays: Dict[str, np.ndarray], name: str, fields: Dict[str, Any], dense: bool,
+_CONV_FORMATS = {"sparse-conv": "sparse", "pattern-conv": "pattern", "dense-conv": "dense"}  # kernel -> spec format
+
+
+def _one_conv_plan(arrays: Dict[str, np.ndarray], name: str, fields: Dict[str, Any], fmt: str,
                    in_shape: Sequence[int]):
     """A native plan of this one convolution, for timing a kernel exactly as the executor runs it."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = fields["kernel"], fields["stride"], fields["padding"], fields["dilation"]
     out_shape = [fields["out_channels"], (in_shape[1] + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
                  (in_shape[2] + 2 * pw - dw * (kw - 1) - 1) // sw + 1]
-    op = {"op": "conv2d", "in": 0, "out": 1, "weight": name, **fields}
-    if dense:
-        op["format"] = "dense"
+    op = {"op": "conv2d", "in": 0, "out": 1, "weight": name, **fields, "format": fmt}
     spec = {"format": SPEC_FORMAT, "version": SPEC_VERSION, "buffers": [{"shape": list(in_shape)}, {"shape": out_shape}],
             "inputs": [0], "outputs": [1], "ops": [op]}
     return _C.Plan(json.dumps(spec), arrays)

@@ -38,6 +38,7 @@ ACTIVATIONS = ("relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish")
 # Limits shared with csrc/bindings/plan.cpp and csrc/kernels/plan.cpp (the native side refuses
 # anything beyond them too).
 MAX_RANK = 8
+MAX_KERNEL_PATTERNS = 64  # the native pattern kernel's limit (PackedConv::kMaxPatterns)
 MAX_DIM = 1 << 31
 MAX_PAIR = 1 << 20  # kernel/stride/padding/dilation entries
 INT32_MAX = (1 << 31) - 1  # linear cols and conv taps per filter are stored as 32-bit offsets
@@ -59,8 +60,9 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
     "conv2d": (
         frozenset({"in", "out", "weight", "in_channels", "out_channels", "kernel", "stride", "padding",
                    "dilation", "groups"}),
-        # format: "sparse" (default) or "dense"; residual: a buffer added to the output before the
-        # activation (a ResNet block's shortcut)
+        # format: "sparse" (default), "pattern" (the same arrays, run by the pattern kernel: at
+        # most MAX_KERNEL_PATTERNS distinct k x k patterns) or "dense"; residual: a buffer added to
+        # the output before the activation (a ResNet block's shortcut)
         frozenset({"activation", "format", "residual"}),
     ),
     "activation": (frozenset({"kind", "in", "out"}), frozenset()),
@@ -243,6 +245,22 @@ def _finite_float(v: Any) -> Optional[float]:
     except OverflowError:  # an int too large for a float
         return None
     return x if math.isfinite(x) else None
+
+
+def _count_patterns(row_ptr: np.ndarray, taps: np.ndarray, kernel_taps: int) -> int:
+    """Distinct nonzero-position sets among the non-empty k x k kernels of a (checked) sparse
+    conv weight: row o's tap t lies in kernel (o, t // kernel_taps) at position t % kernel_taps."""
+    if taps.size == 0:
+        return 0
+    rows = np.repeat(np.arange(row_ptr.shape[0] - 1, dtype=np.int64), np.diff(row_ptr))
+    t = taps.astype(np.int64)
+    kernel = rows * (int(t.max()) // kernel_taps + 1) + t // kernel_taps
+    position = t % kernel_taps
+    order = np.lexsort((position, kernel))
+    kernel, position = kernel[order], position[order]
+    starts = np.flatnonzero(np.r_[True, kernel[1:] != kernel[:-1]])
+    patterns = {tuple(p) for p in np.split(position, starts[1:])}
+    return len(patterns)
 
 
 def _eps(v: Any, where: str) -> float:
@@ -512,8 +530,8 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
                 raise SpecError(f"{where}.residual: buffer {op['residual']} {_shape_str(shapes[op['residual']])} must "
                                 f"have the output's shape {_shape_str((cout, oh, ow))}")
             fmt = _str(o.get("format", "sparse"), f"{where}.format")
-            if fmt not in ("sparse", "dense"):
-                raise SpecError(f"{where}.format must be 'sparse' or 'dense', got {_short(fmt)}")
+            if fmt not in ("sparse", "pattern", "dense"):
+                raise SpecError(f"{where}.format must be 'sparse', 'pattern' or 'dense', got {_short(fmt)}")
             if "format" in o:
                 op["format"] = fmt
             bias = store.get(f"{w}.bias", (np.dtype(np.float32),), "float32 bias", required=False)
@@ -538,6 +556,13 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
                 if val.shape[0] != taps.shape[0]:
                     raise SpecError(
                         f"array {_short(w + '.values')} must have len(taps) = {taps.shape[0]} entries, got {val.shape[0]}")
+                if fmt == "pattern":
+                    if kh * kw > 64:
+                        raise SpecError(f"{where}: format 'pattern' needs kernels of at most 64 taps, got {kh}x{kw}")
+                    n = _count_patterns(ptr, taps, kh * kw)
+                    if n > MAX_KERNEL_PATTERNS:
+                        raise SpecError(f"{where}: format 'pattern' allows at most {MAX_KERNEL_PATTERNS} distinct "
+                                        f"kernel patterns, the weight has {n}")
         elif kind == "activation":
             if o["kind"] not in ACTIVATIONS:
                 raise SpecError(f"{where}.kind must be one of {ACTIVATIONS}, got {_short(o['kind'])}")

@@ -765,3 +765,68 @@ def test_pattern_kernel_is_a_candidate_only_with_few_patterns(gen):
     forced = sparseprune.runtime.Executable.from_spec(spec, arrays)
     assert forced.layer_table()[0]["format"] == "pattern-conv"
     _assert_close(forced.run(x.numpy()), _torch(few, x))
+
+
+# --- model constants: folded tensors, parameters broadcast into activations -----------------------
+
+
+class _EmbeddingsAndConstants(nn.Module):
+    """Token + position embeddings (positions from torch.arange), a learned scale and shift, a
+    class token expanded over the batch: what a BERT / ViT front end does with constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(50, 16)
+        self.pos = nn.Embedding(32, 16)
+        self.norm = nn.LayerNorm(16)
+        self.scale = nn.Parameter(torch.randn(16))
+        self.shift = nn.Parameter(torch.randn(1, 1, 16))
+        self.cls = nn.Parameter(torch.randn(1, 1, 16))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        n = ids.size(1)
+        x = self.tok(ids) + self.pos(torch.arange(n, device=ids.device))
+        x = self.norm(x) * self.scale - self.shift / 2 + 0.5 * self.scale
+        x = torch.cat([self.cls.expand(ids.size(0), -1, -1), x], dim=1)
+        return self.head(x - x / self.scale.abs().add(1.0))
+
+
+def test_constants_fold_and_broadcast_into_activations(gen, tmp_path):
+    model = _EmbeddingsAndConstants().eval()
+    ids = torch.randint(0, 50, (2, 9), generator=gen)
+    exe = compile(model, (ids,), policy="threshold")
+    _check(exe, model, ids)
+    _check(exe, model, torch.randint(0, 50, (5, 9), generator=gen))  # any batch: constants are per sample
+    kinds = _ops(exe)
+    assert kinds.count("embedding") == 1  # the position lookup was folded into a constant
+    assert "constant" in kinds and "matmul" not in kinds
+    exe.save(tmp_path / "m.safetensors")
+    np.testing.assert_array_equal(sparseprune.load(tmp_path / "m.safetensors").run(ids.numpy()), exe.run(ids.numpy()))
+
+
+class _ConstantOverBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.per_sample = nn.Parameter(torch.randn(2, 5, 4))  # one value per sample of a batch of 2
+
+    def forward(self, x):
+        return x + self.per_sample
+
+
+class _ConstantOverActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return self.c / x
+
+
+@pytest.mark.parametrize("model, shape, match", [
+    (_ConstantOverActivation(), (2, 4), r"a constant divided by an activation"),
+    (_ConstantOverBatch(), (2, 5, 4), r"constant of shape \(2, 5, 4\) does not broadcast to one sample"),
+])
+def test_constants_that_cannot_be_per_sample_are_refused(model, shape, match, gen):
+    with pytest.raises(UnsupportedOperation, match=match):
+        compile(model.eval(), (_randn(gen, *shape),))

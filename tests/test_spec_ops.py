@@ -933,3 +933,28 @@ def test_pattern_conv_refuses_too_many_patterns_and_large_kernels(rng):
         Executable.from_spec(spec, arrays)
     with pytest.raises(ValueError, match="64 taps"):
         _native._C.Plan(json.dumps(spec), arrays)
+
+
+# --- constant: one sample's values written into every sample ---------------------------------------
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_constant_op(rng, batch):
+    spec = make_spec([(2, 3), (2, 3), (2, 3)], [0], [2], [
+        {"op": "constant", "out": 1, "weight": "p"},
+        {"op": "mul", "a": 0, "b": 1, "out": 2, "activation": "relu"}])
+    arrays = {"p.value": randn(rng, 6)}
+    x = randn(rng, batch, 2, 3)
+    got = check(spec, arrays, [x])[0]
+    assert_close(got, np.maximum(x * arrays["p.value"].reshape(2, 3), 0))
+    assert Executable.from_spec(spec, arrays).dense_nbytes == 24
+
+
+def test_constant_op_bad_specs(rng):
+    spec = make_spec([(2, 3), (2, 3)], [0], [1], [{"op": "constant", "out": 1, "weight": "p"}])
+    with pytest.raises(SpecError, match=r"must hold one sample of out \(2, 3\): 6 values, got 5"):
+        Executable.from_spec(spec, {"p.value": randn(rng, 5)})
+    with pytest.raises(ValueError, match="one sample"):
+        _native._C.Plan(json.dumps(spec), {"p.value": randn(rng, 5)})
+    with pytest.raises(SpecError, match=r"p\.value.*missing"):
+        Executable.from_spec(spec, {})

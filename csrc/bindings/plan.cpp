@@ -241,6 +241,7 @@ OpKind parse_kind(const std::string& name, const std::string& where) {
   if (name == "permute") return OpKind::permute;
   if (name == "cat") return OpKind::cat;
   if (name == "embedding") return OpKind::embedding;
+  if (name == "constant") return OpKind::constant;
   throw SpecError(where + ".op '" + name + "' is not a known op");
 }
 
@@ -314,6 +315,8 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       op.in3 = id("v");
     } else if (op.kind == OpKind::cat) {
       op.ins = int_list_field(o, "inputs", where, 1 << 30);
+    } else if (op.kind == OpKind::constant) {
+      // reads nothing
     } else {
       op.in = id("in");
       if (op.kind == OpKind::conv2d && o.contains("residual")) op.in2 = id("residual");
@@ -359,6 +362,11 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
         const int64_t axis = int_field(o, "axis", where);
         if (axis < 0 || axis > 64) throw SpecError(where + ".axis is out of range");
         op.axis = static_cast<int>(axis);
+        break;
+      }
+      case OpKind::constant: {
+        const auto v = float_vector(arrays, str_field(o, "weight", where) + ".value");
+        op.table.assign(v.data(), v.data() + v.shape(0));
         break;
       }
       case OpKind::embedding: {

@@ -31,6 +31,7 @@ int64_t product(std::vector<int64_t>::const_iterator a, std::vector<int64_t>::co
 
 // Buffers the op reads.
 std::vector<int> reads(const PlanOp& op) {
+  if (op.kind == OpKind::constant) return {};
   std::vector<int> r{op.in};
   if (op.in2 >= 0) r.push_back(op.in2);
   if (op.in3 >= 0) r.push_back(op.in3);
@@ -114,6 +115,12 @@ void Plan::add_op(PlanOp op) {
   if (op.kind == OpKind::attention) {
     check_buffer(op.in2, where + ".k");
     check_buffer(op.in3, where + ".v");
+  }
+  if (op.kind == OpKind::constant) {
+    if (static_cast<int64_t>(op.table.size()) != numel_[op.out])
+      fail(where + ": constant must hold " + std::to_string(numel_[op.out]) + " values (one sample)");
+    ops_.push_back(std::move(op));
+    return;
   }
   const auto& si = shapes_[op.in];
   const auto& so = shapes_[op.out];
@@ -248,6 +255,8 @@ void Plan::add_op(PlanOp op) {
       if (so != want) fail(where + ": output must have shape " + shape_str(want) + ", got " + shape_str(so));
       break;
     }
+    case OpKind::constant:
+      break;  // handled above
     case OpKind::embedding: {
       if (op.table_rows < 1 || op.table.empty() || static_cast<int64_t>(op.table.size()) % op.table_rows)
         fail(where + ": bad embedding table");
@@ -312,6 +321,11 @@ void Plan::finalize() {
 }
 
 void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_threads) const {
+  if (op.kind == OpKind::constant) {  // the same values in every sample
+    const size_t n = op.table.size();
+    for (int64_t b = 0; b < batch; ++b) std::memcpy(buf[op.out] + b * static_cast<int64_t>(n), op.table.data(), n * sizeof(float));
+    return;
+  }
   const float* x = buf[op.in];
   float* y = buf[op.out];
   const int64_t n_in = batch * numel_[op.in], n_out = batch * numel_[op.out];
@@ -465,6 +479,8 @@ void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_thre
       }
       break;
     }
+    case OpKind::constant:
+      break;  // written above
     case OpKind::embedding: {
       const int64_t dim = static_cast<int64_t>(op.table.size()) / op.table_rows;
       const int64_t bad = embedding_lookup(x, n_in, op.table.data(), op.table_rows, dim, y);

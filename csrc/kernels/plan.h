@@ -19,7 +19,7 @@ Activation parse_activation(const std::string& name);  // throws std::invalid_ar
 
 enum class OpKind {
   linear, conv2d, activation, add, mul, maxpool2d, avgpool2d, global_avgpool, softmax, layernorm,
-  affine, matmul, attention, permute, cat, embedding
+  affine, matmul, attention, permute, cat, embedding, constant
 };
 
 // A dense Linear weight, packed once for the GEMM kernel (W^T in 16-column panels).
@@ -49,7 +49,7 @@ struct PlanOp {
   int heads = 1;                     // attention (sequence_first layout)
   std::vector<int> perm;             // permute, over per-sample dims
   int axis = 0;                      // cat, over per-sample dims
-  std::vector<float> table;          // embedding rows x dim
+  std::vector<float> table;          // embedding rows x dim; constant: one sample's values
   int64_t table_rows = 0;
 };
 

@@ -82,6 +82,7 @@ class _Batch:
 
 
 _BATCH = _Batch()
+_NOT_CONSTANT = object()  # fold_constant's "this node depends on a model input"
 
 
 @dataclass(frozen=True)
@@ -426,16 +427,105 @@ class _Lowering:
         return self.emit({"op": "activation", "kind": kind, "in": src, "name": node.name}, node)
 
     def binary(self, node: fx.Node, kind: str) -> _Tensor:
+        """add / mul / sub / div of two activations of one shape, or of an activation and a model
+        constant (a parameter or a folded tensor, broadcast to the activation's per-sample shape
+        and written by a "constant" op)."""
         if len(node.args) != 2 or (node.kwargs and set(node.kwargs) - {"alpha"}):
             raise self.fail(node, "only the two-operand form is supported")
         if node.kwargs.get("alpha", 1) != 1:
             raise self.fail(node, "alpha != 1 is not supported")
-        a = self.tensor(node, node.args[0], "first operand")
-        b = self.tensor(node, node.args[1], "second operand")
+        a_val, b_val = (self.env[v] if isinstance(v, fx.Node) else v for v in node.args)
+        if isinstance(a_val, _Param) and isinstance(b_val, _Tensor):
+            t = self.tensor(node, b_val, "second operand")
+            if kind == "div":
+                raise self.fail(node, "a constant divided by an activation")
+            if kind == "sub":  # c - t = (-t) + c
+                t = self.emit_shaped({"op": "affine", "in": t, "scale": -1.0, "shift": 0.0, "name": f"{node.name}_neg"},
+                                     self.shape_of(t), f"{node.name}_neg")
+                kind = "add"
+            c = self.constant(node, a_val.tensor, self.shape_of(t))
+            return self.emit({"op": kind, "a": c, "b": t, "activation": None, "name": node.name}, node)
+        if isinstance(b_val, _Param) and isinstance(a_val, _Tensor):
+            t = self.tensor(node, a_val, "first operand")
+            value = b_val.tensor.detach().to(torch.float32)
+            if kind == "sub":
+                value, kind = -value, "add"
+            elif kind == "div":
+                value, kind = 1.0 / value, "mul"
+            c = self.constant(node, value, self.shape_of(t))
+            return self.emit({"op": kind, "a": t, "b": c, "activation": None, "name": node.name}, node)
+        a = self.tensor(node, a_val, "first operand")
+        b = self.tensor(node, b_val, "second operand")
         if self.shape_of(a) != self.shape_of(b):
             raise self.fail(node, f"operands of per-sample shapes {self.shape_of(a)} and {self.shape_of(b)} "
                                   "need broadcasting, which the executor does not do")
+        if kind == "div":
+            raise self.fail(node, "division of two activations")
+        if kind == "sub":  # a - b = a + (-b)
+            b = self.emit_shaped({"op": "affine", "in": b, "scale": -1.0, "shift": 0.0, "name": f"{node.name}_neg"},
+                                 self.shape_of(b), f"{node.name}_neg")
+            kind = "add"
         return self.emit({"op": kind, "a": a, "b": b, "activation": None, "name": node.name}, node)
+
+    def constant(self, node: fx.Node, value: torch.Tensor, shape: Sequence[int]) -> int:
+        """A buffer of per-sample `shape` holding `value` broadcast to it in every sample."""
+        value = value.detach().to(torch.float32).cpu()
+        full = (1,) + tuple(shape)
+        if value.dim() > len(full) or (value.dim() == len(full) and value.shape[0] != 1):
+            raise self.fail(node, f"a constant of shape {tuple(value.shape)} does not broadcast to one sample "
+                                  f"{tuple(shape)} (it would differ between samples)")
+        try:
+            per_sample = torch.broadcast_to(value, full)
+        except RuntimeError:
+            raise self.fail(node, f"a constant of shape {tuple(value.shape)} does not broadcast to the activation's "
+                                  f"per-sample shape {tuple(shape)}") from None
+        name = f"{node.name}.constant"
+        self.arrays[f"{name}.value"] = per_sample.reshape(-1).contiguous().numpy().copy()
+        return self.emit_shaped({"op": "constant", "weight": name, "name": name}, shape, name)
+
+    def fold_constant(self, node: fx.Node) -> Any:
+        """The value of a node that depends on no model input (position ids, a table lookup of
+        them, a parameter's slice...), computed now with torch; _NOT_CONSTANT otherwise."""
+        if node.op not in ("call_function", "call_method", "call_module"):
+            return _NOT_CONSTANT
+        values = [self.env[n] for n in node.all_input_nodes]
+        if any(isinstance(v, (_Tensor, _NotComputed, _Batch)) or (isinstance(v, tuple) and any(
+                isinstance(x, (_Tensor, _Batch)) for x in v)) for v in values):
+            return _NOT_CONSTANT
+        if node.op == "call_function" and node.target is getattr:
+            return _NOT_CONSTANT  # attribute reads of activations are lowered where they are used
+
+        def concrete(v: Any) -> Any:
+            if isinstance(v, fx.Node):
+                v = self.env[v]
+            if isinstance(v, _Param):
+                return v.tensor
+            if isinstance(v, (list, tuple)):
+                return type(v)(concrete(x) for x in v)
+            return v
+
+        args = [concrete(a) for a in node.args]
+        kwargs = {k: concrete(v) for k, v in node.kwargs.items()}
+        try:
+            with torch.no_grad():
+                if node.op == "call_function":
+                    result = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    result = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    result = self.gm.get_submodule(node.target)(*args, **kwargs)
+        except Exception as exc:
+            raise self.fail(node, f"evaluating it as a constant failed ({type(exc).__name__}: {exc})") from None
+        return _Param(result) if isinstance(result, torch.Tensor) else result
+
+    def expand_param(self, node: fx.Node, param: _Param, sizes: Sequence[Any]) -> _Tensor:
+        """param.expand(batch, ...) (a class token, say): the same values in every sample."""
+        sizes = list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else list(sizes)
+        if not sizes or not isinstance(sizes[0], _Batch) or any(isinstance(s, _Batch) for s in sizes[1:]):
+            raise self.fail(node, "expanding a constant to anything but (batch, ...)")
+        value = param.tensor
+        rest = [value.shape[value.dim() - len(sizes) + 1 + i] if s == -1 else s for i, s in enumerate(sizes[1:])]
+        return _Tensor(self.constant(node, value, rest))
 
     def softmax(self, node: fx.Node, src_value: Any, dim: Any, dtype: Any = None) -> _Tensor:
         src = self.tensor(node, src_value)
@@ -542,7 +632,7 @@ class _Lowering:
         return self.reshape(node, src)
 
     def size(self, node: fx.Node, src_value: Any, dim=None):
-        src = self.tensor(node, src_value)
+        src = self.tensor(node, src_value, allow_ids=True)  # reading a shape is fine on token ids
         full = (_BATCH,) + self.shape_of(src)
         if dim is None:
             return full
@@ -800,6 +890,9 @@ class _Lowering:
             if not isinstance(value, torch.Tensor):
                 raise self.fail(node, f"attribute of type {type(value).__name__}")
             return _Param(value)
+        folded = self.fold_constant(node)
+        if folded is not _NOT_CONSTANT:
+            return folded
         if node.op == "call_module":
             return self.lower_module(node, self.gm.get_submodule(node.target))
         if node.op == "call_function":
@@ -857,6 +950,10 @@ class _Lowering:
             return self.binary(node, "add")
         if fn in _MUL:
             return self.binary(node, "mul")
+        if fn in _SUB:
+            return self.binary(node, "sub")
+        if fn in _DIV:
+            return self.binary(node, "div")
         if fn in (torch.matmul, operator.matmul, torch.bmm):
             return self.matmul(node, a(0, "input"), a(1, "other"))
         if fn is F.scaled_dot_product_attention:
@@ -916,6 +1013,11 @@ class _Lowering:
             return self.mean(node, a(0, "input"), a(1, "dim"), a(2, "keepdim", False), a(3, "dtype"))
         if fn is getattr and len(node.args) == 2 and node.args[1] == "shape":
             return self.size(node, a(0, "obj"))
+        if fn is getattr and len(node.args) == 2 and node.args[1] in ("device", "dtype"):
+            src = self.tensor(node, a(0, "obj"), allow_ids=True)
+            if node.args[1] == "device":
+                return torch.device("cpu")
+            return torch.int64 if src in self.id_buffers else torch.float32
         if fn is operator.getitem:
             container = a(0, "a")
             if isinstance(container, tuple) and isinstance(node.args[1], int):
@@ -929,7 +1031,7 @@ class _Lowering:
         if name == "size":
             return self.size(node, a(0, "self"), a(1, "dim"))
         if name == "dim":
-            return len(self.shape_of(self.tensor(node, a(0, "self")))) + 1
+            return len(self.shape_of(self.tensor(node, a(0, "self"), allow_ids=True))) + 1
         if name in ("view", "reshape"):
             if node.kwargs:
                 raise self.fail(node, "keyword arguments to view/reshape")
@@ -946,8 +1048,10 @@ class _Lowering:
         if name in ("add", "mul", "sub", "div") and len(node.args) == 2 and not node.kwargs and isinstance(
                 node.args[1], (int, float)) and not isinstance(node.args[1], bool):
             return self.scalar_arith(node, name, a(0, "self"), node.args[1])
-        if name in ("add", "mul"):
+        if name in ("add", "mul", "sub", "div"):
             return self.binary(node, name)
+        if name == "expand" and isinstance(a(0, "self"), _Param):
+            return self.expand_param(node, a(0, "self"), [self.arg(node, i, "") for i in range(1, len(node.args))])
         if name in ("matmul", "bmm"):
             return self.matmul(node, a(0, "self"), a(1, "other"))
         if name in ("transpose", "swapaxes"):

@@ -191,6 +191,8 @@ class Executable:
                 dense[main] = op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw * 4
             elif op["op"] == "embedding":
                 dense[f"{w}.table"] = self._arrays[f"{w}.table"].size * 4
+            elif op["op"] == "constant":
+                dense[f"{w}.value"] = self._arrays[f"{w}.value"].size * 4
             for part in ("bias", "gamma", "beta"):
                 a = self._arrays.get(f"{w}.{part}")
                 if a is not None:

@@ -180,6 +180,9 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
             write(op["out"], np.concatenate([read(b) for b in op["inputs"]], axis=op["axis"] + 1))
         elif kind == "embedding":
             write(op["out"], _embedding(read(op["in"]), arrays[f"{op['weight']}.table"]))
+        elif kind == "constant":
+            value = arrays[f"{op['weight']}.value"]
+            write(op["out"], np.broadcast_to(value, (batch,) + value.shape))
         elif kind in ("add", "mul"):
             a, b = read(op["a"]).astype(np.float64), read(op["b"]).astype(np.float64)
             write(op["out"], activate(a + b if kind == "add" else a * b, op["activation"]))

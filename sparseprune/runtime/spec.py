@@ -79,6 +79,8 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
     "permute": (frozenset({"in", "out", "perm"}), frozenset()),
     "cat": (frozenset({"inputs", "out", "axis"}), frozenset()),
     "embedding": (frozenset({"in", "out", "weight"}), frozenset()),
+    # constant: writes array <weight>.value (one sample's values, flat) into every sample of out
+    "constant": (frozenset({"out", "weight"}), frozenset()),
 }
 # Ops that may write over what they read (out sharing storage with an operand).
 _ELEMENTWISE = {"activation", "add", "mul", "affine"}
@@ -88,6 +90,7 @@ _READS: Dict[str, Tuple[str, ...]] = {
     "mul": ("a", "b"),
     "matmul": ("a", "b"),
     "attention": ("q", "k", "v"),
+    "constant": (),
 }
 _ACTIVATED = {"linear", "conv2d", "add", "mul", "affine"}  # ops with an optional "activation"
 LINEAR_FORMATS = ("csr", "bsr", "dense")
@@ -455,8 +458,17 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
                 if roots[b] == roots[out]:
                     raise SpecError(
                         f"{where}: out must not share storage with {key} (only elementwise ops run in place)")
-        si = shapes[reads[0][1]]
         so = shapes[out]
+        if kind == "constant":
+            op["weight"] = w = _str(o["weight"], f"{where}.weight")
+            value = store.get(f"{w}.value", (np.dtype(np.float32),), "float32 constant values")
+            if value.shape[0] != math.prod(so):
+                raise SpecError(f"array {_short(w + '.value')} must hold one sample of out {_shape_str(so)}: "
+                                f"{math.prod(so)} values, got {value.shape[0]}")
+            written.add(roots[out])
+            ops_out.append(op)
+            continue
+        si = shapes[reads[0][1]]
 
         def want_out(want: Sequence[int]) -> None:
             if tuple(want) != so:

@@ -830,3 +830,60 @@ class _ConstantOverActivation(nn.Module):
 def test_constants_that_cannot_be_per_sample_are_refused(model, shape, match, gen):
     with pytest.raises(UnsupportedOperation, match=match):
         compile(model.eval(), (_randn(gen, *shape),))
+
+
+# --- slicing: getitem, chunk, split, unbind, narrow, select ----------------------------------------
+
+
+class _Slicer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, n, e = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # (fx can unpack a chunk, not loop over it)
+        q, k, v = q.view(b, n, 2, 8).transpose(1, 2), k.view(b, n, 2, 8).transpose(1, 2), v.view(b, n, 2, 8).transpose(1, 2)
+        y = self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, e))
+        first = y[:, 0]
+        strided = y[:, 1:, ::2]
+        tail = torch.split(y, [3, n - 3], dim=1)[1].narrow(2, 4, 5)
+        picked = y.unbind(1)[2] + y.select(1, -1) + y[..., -1, :]
+        halves = torch.chunk(y, 2, dim=2)[1] * y.split(8, dim=-1)[0]
+        return first, strided, tail, picked, halves
+
+
+def test_slicing_ops(gen):
+    model = _Slicer().eval()
+    x = _randn(gen, 2, 6, 16)
+    exe = compile(model, (x,), policy="threshold")
+    got = exe.run(x.numpy())
+    want = _torch(model, x)
+    assert len(got) == len(want) == 5
+    for g, w in zip(got, want):
+        _assert_close(g, w)
+    x3 = _randn(gen, 3, 6, 16)
+    for g, w in zip(exe.run(x3.numpy()), _torch(model, x3)):
+        _assert_close(g, w)
+    assert "slice" in _ops(exe)
+
+
+class _Index(nn.Module):
+    def __init__(self, index):
+        super().__init__()
+        self.index = index
+
+    def forward(self, x):
+        return torch.relu(x)[self.index]
+
+
+@pytest.mark.parametrize("index, match", [
+    ((0,), r"indexes the batch dimension"),
+    ((slice(None), torch.tensor([0, 2])), r"indexing with a tensor"),
+    ((slice(None), slice(3, 3)), r"an empty slice"),
+    ((slice(None), None), r"indexing with NoneType"),
+])
+def test_unsupported_indexing_is_refused(index, match, gen):
+    with pytest.raises(UnsupportedOperation, match=match):
+        compile(_Index(index).eval(), (_randn(gen, 2, 5, 4),))

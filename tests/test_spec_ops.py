@@ -958,3 +958,36 @@ def test_constant_op_bad_specs(rng):
         _native._C.Plan(json.dumps(spec), {"p.value": randn(rng, 5)})
     with pytest.raises(SpecError, match=r"p\.value.*missing"):
         Executable.from_spec(spec, {})
+
+
+# --- slice ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, axis, start, step, n", [
+    ((7,), 0, 0, 1, 7), ((7,), 0, 2, 3, 2), ((4, 9), 1, 8, 1, 1), ((4, 9), 0, 1, 2, 2), ((3, 5, 6), 2, 1, 2, 3),
+    ((3, 5, 6), 1, 0, 4, 2)])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_slice(rng, shape, axis, start, step, n, batch):
+    out = list(shape)
+    out[axis] = n
+    spec = make_spec([shape, out], [0], [1], [{"op": "slice", "in": 0, "out": 1, "axis": axis, "start": start,
+                                                "step": step}])
+    x = randn(rng, batch, *shape)
+    got = check(spec, {}, [x])[0]
+    index = [slice(None)] * (len(shape) + 1)
+    index[axis + 1] = slice(start, start + (n - 1) * step + 1, step)
+    np.testing.assert_array_equal(got, x[tuple(index)])
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"start": 5}, r"leave the input's 9 entries"), ({"step": 0}, r"step"), ({"axis": 2}, r"axis = 2 is out of range"),
+    ({"start": -1}, r"start"),
+])
+def test_slice_bad_specs(edit, match):
+    spec = make_spec([(4, 9), (4, 3)], [0], [1], [{"op": "slice", "in": 0, "out": 1, "axis": 1, "start": 2, "step": 3}])
+    Executable.from_spec(spec, {})
+    spec["ops"][0].update(edit)
+    with pytest.raises(SpecError, match=match):
+        Executable.from_spec(spec, {})
+    with pytest.raises(ValueError):
+        _native._C.Plan(json.dumps(spec), {})

@@ -242,6 +242,7 @@ OpKind parse_kind(const std::string& name, const std::string& where) {
   if (name == "cat") return OpKind::cat;
   if (name == "embedding") return OpKind::embedding;
   if (name == "constant") return OpKind::constant;
+  if (name == "slice") return OpKind::slice;
   throw SpecError(where + ".op '" + name + "' is not a known op");
 }
 
@@ -362,6 +363,17 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
         const int64_t axis = int_field(o, "axis", where);
         if (axis < 0 || axis > 64) throw SpecError(where + ".axis is out of range");
         op.axis = static_cast<int>(axis);
+        break;
+      }
+      case OpKind::slice: {
+        const int64_t axis = int_field(o, "axis", where), start = int_field(o, "start", where);
+        const int64_t step = int_field(o, "step", where);
+        if (axis < 0 || axis > 64) throw SpecError(where + ".axis is out of range");
+        if (start < 0 || start > (int64_t{1} << 31) || step < 1 || step > (int64_t{1} << 31))
+          throw SpecError(where + ".start/step is out of range");
+        op.axis = static_cast<int>(axis);
+        op.start = start;
+        op.step = step;
         break;
       }
       case OpKind::constant: {

@@ -257,6 +257,18 @@ void Plan::add_op(PlanOp op) {
     }
     case OpKind::constant:
       break;  // handled above
+    case OpKind::slice: {
+      if (op.axis < 0 || op.axis >= static_cast<int>(si.size())) fail(where + ": axis out of range");
+      if (op.step < 1) fail(where + ": step must be >= 1");
+      if (so.size() != si.size()) fail(where + ": slice keeps the rank");
+      for (size_t d = 0; d < si.size(); ++d)
+        if (static_cast<int>(d) != op.axis && so[d] != si[d]) fail(where + ": slice changes only its axis");
+      const int64_t len = so[op.axis];
+      if (op.start < 0 || op.start >= si[op.axis] || op.start + (len - 1) * op.step >= si[op.axis])
+        fail(where + ": slice start " + std::to_string(op.start) + ", step " + std::to_string(op.step) + ", length " +
+             std::to_string(len) + " leaves the input's " + std::to_string(si[op.axis]) + " entries");
+      break;
+    }
     case OpKind::embedding: {
       if (op.table_rows < 1 || op.table.empty() || static_cast<int64_t>(op.table.size()) % op.table_rows)
         fail(where + ": bad embedding table");
@@ -481,6 +493,20 @@ void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_thre
     }
     case OpKind::constant:
       break;  // written above
+    case OpKind::slice: {
+      const int64_t outer = product(si.begin(), si.begin() + op.axis);
+      const int64_t inner = product(si.begin() + op.axis + 1, si.end());
+      const int64_t in_len = si[op.axis], out_len = shapes_[op.out][op.axis];
+      for (int64_t s = 0; s < batch; ++s) {
+        const float* src = x + s * numel_[op.in];
+        float* dst = y + s * numel_[op.out];
+        for (int64_t o = 0; o < outer; ++o)
+          for (int64_t i = 0; i < out_len; ++i)
+            std::memcpy(dst + (o * out_len + i) * inner, src + (o * in_len + op.start + i * op.step) * inner,
+                        static_cast<size_t>(inner) * sizeof(float));
+      }
+      break;
+    }
     case OpKind::embedding: {
       const int64_t dim = static_cast<int64_t>(op.table.size()) / op.table_rows;
       const int64_t bad = embedding_lookup(x, n_in, op.table.data(), op.table_rows, dim, y);

@@ -19,7 +19,7 @@ Activation parse_activation(const std::string& name);  // throws std::invalid_ar
 
 enum class OpKind {
   linear, conv2d, activation, add, mul, maxpool2d, avgpool2d, global_avgpool, softmax, layernorm,
-  affine, matmul, attention, permute, cat, embedding, constant
+  affine, matmul, attention, permute, cat, embedding, constant, slice
 };
 
 // A dense Linear weight, packed once for the GEMM kernel (W^T in 16-column panels).
@@ -48,7 +48,8 @@ struct PlanOp {
   bool causal = false, sequence_first = false;
   int heads = 1;                     // attention (sequence_first layout)
   std::vector<int> perm;             // permute, over per-sample dims
-  int axis = 0;                      // cat, over per-sample dims
+  int axis = 0;                      // cat, slice: over per-sample dims
+  int64_t start = 0, step = 1;       // slice: out index i along axis reads in index start + i * step
   std::vector<float> table;          // embedding rows x dim; constant: one sample's values
   int64_t table_rows = 0;
 };

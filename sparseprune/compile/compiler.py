@@ -855,6 +855,99 @@ class _Lowering:
             raise self.fail(node, f"the constant {c!r} is not finite")
         return self.emit({"op": "affine", "in": src, "scale": scale, "shift": shift, "name": node.name}, node)
 
+    # --- slicing ---------------------------------------------------------------------------------
+
+    def sample_axis(self, node: fx.Node, src: int, dim: Any) -> int:
+        """The per-sample axis of tensor dimension `dim` (which must not be the batch)."""
+        ndim = len(self.shape_of(src)) + 1
+        if not isinstance(dim, int) or isinstance(dim, bool) or not -ndim <= dim < ndim:
+            raise self.fail(node, f"dim {dim!r} is out of range for a {ndim}-D tensor")
+        if dim % ndim == 0:
+            raise self.fail(node, "it slices the batch dimension")
+        return dim % ndim - 1
+
+    def slice_axis(self, node: fx.Node, src: int, axis: int, start: Any, stop: Any, step: Any, name: str) -> int:
+        """A buffer holding src[..., start:stop:step, ...] along per-sample `axis` (src itself when whole)."""
+        shape = self.shape_of(src)
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (start, stop, step)):
+            raise self.fail(node, f"slice bounds {(start, stop, step)!r} are not constant ints")
+        first, last, step = slice(start, stop, step).indices(shape[axis])
+        if step < 1:
+            raise self.fail(node, "a slice with a negative step")
+        n = len(range(first, last, step))
+        if n == 0:
+            raise self.fail(node, "an empty slice")
+        if (first, n, step) == (0, shape[axis], 1):
+            return src
+        out_shape = shape[:axis] + (n,) + shape[axis + 1:]
+        return self.emit_shaped({"op": "slice", "in": src, "axis": axis, "start": first, "step": step, "name": name},
+                                out_shape, name)
+
+    def getitem(self, node: fx.Node, src_value: Any, index: Any) -> _Tensor:
+        """x[:, a:b], x[:, 0], x[..., :n]: a slice op per sliced axis, then a view dropping the
+        integer-indexed axes. The batch axis must be taken whole."""
+        src = self.tensor(node, src_value)
+        ndim = len(self.shape_of(src)) + 1
+        items = list(index) if isinstance(index, tuple) else [index]
+        if sum(it is Ellipsis for it in items) > 1:
+            raise self.fail(node, "an index with two '...'")
+        if Ellipsis in items:
+            k = items.index(Ellipsis)
+            items[k:k + 1] = [slice(None)] * (ndim - len(items) + 1)
+        if len(items) > ndim:
+            raise self.fail(node, f"too many indices for a {ndim}-D tensor")
+        items += [slice(None)] * (ndim - len(items))
+        if items[0] != slice(None):
+            raise self.fail(node, "it indexes the batch dimension (the executor keeps the batch whole)")
+        cur = src
+        for axis, it in enumerate(items[1:]):
+            if isinstance(it, slice):
+                cur = self.slice_axis(node, cur, axis, it.start, it.stop, it.step, f"{node.name}_{axis}")
+            elif isinstance(it, int) and not isinstance(it, bool):
+                length = self.shape_of(cur)[axis]
+                if not -length <= it < length:
+                    raise self.fail(node, f"index {it} is out of range for size {length}")
+                i = it % length
+                cur = self.slice_axis(node, cur, axis, i, i + 1, 1, f"{node.name}_{axis}")
+            else:
+                what = "a tensor" if isinstance(it, (_Param, _Tensor, torch.Tensor)) else type(it).__name__
+                raise self.fail(node, f"indexing with {what} (only ints, slices and '...')")
+        return self.reshape(node, cur)
+
+    def split_parts(self, node: fx.Node, src_value: Any, sizes: Sequence[int], dim: Any, drop_axis: bool = False):
+        """Consecutive parts of `sizes` entries along `dim`, as a tuple (chunk, split, unbind)."""
+        src = self.tensor(node, src_value)
+        axis = self.sample_axis(node, src, dim)
+        shape = self.shape_of(src)
+        parts, start = [], 0
+        for k, size in enumerate(sizes):
+            buf = self.slice_axis(node, src, axis, start, start + size, 1, f"{node.name}_{k}")
+            if drop_axis:
+                buf = self.new_buffer(shape[:axis] + shape[axis + 1:], f"{node.name}_{k}_view", alias_of=buf)
+            parts.append(_Tensor(buf))
+            start += size
+        return tuple(parts)
+
+    def chunk(self, node: fx.Node, src_value: Any, chunks: Any, dim: Any = 0):
+        src = self.tensor(node, src_value)
+        length = self.shape_of(src)[self.sample_axis(node, src, dim)]
+        if not isinstance(chunks, int) or chunks < 1:
+            raise self.fail(node, f"chunks={chunks!r}")
+        size = -(-length // chunks)  # torch.chunk: equal parts of ceil(length / chunks), the last shorter
+        return self.split_parts(node, _Tensor(src), [min(size, length - s) for s in range(0, length, size)], dim)
+
+    def split(self, node: fx.Node, src_value: Any, split_size: Any, dim: Any = 0):
+        src = self.tensor(node, src_value)
+        length = self.shape_of(src)[self.sample_axis(node, src, dim)]
+        if isinstance(split_size, int) and not isinstance(split_size, bool) and split_size >= 1:
+            sizes = [min(split_size, length - s) for s in range(0, length, split_size)]
+        elif isinstance(split_size, (list, tuple)) and all(isinstance(v, int) for v in split_size) \
+                and sum(split_size) == length:
+            sizes = list(split_size)
+        else:
+            raise self.fail(node, f"split sizes {split_size!r} for a dimension of {length}")
+        return self.split_parts(node, _Tensor(src), sizes, dim)
+
     # --- the walk ------------------------------------------------------------------------------
 
     def lower(self) -> None:
@@ -1022,7 +1115,16 @@ class _Lowering:
             container = a(0, "a")
             if isinstance(container, tuple) and isinstance(node.args[1], int):
                 return container[node.args[1]]
-            raise self.fail(node, "indexing or slicing a tensor")
+            return self.getitem(node, container, a(1, "b"))
+        if fn is torch.chunk:
+            return self.chunk(node, a(0, "input"), a(1, "chunks"), a(2, "dim", 0))
+        if fn is torch.split:
+            return self.split(node, a(0, "tensor"), a(1, "split_size_or_sections"), a(2, "dim", 0))
+        if fn is torch.narrow:
+            src = self.tensor(node, a(0, "input"))
+            start, length = a(2, "start"), a(3, "length")
+            return self.reshape(node, self.slice_axis(node, src, self.sample_axis(node, src, a(1, "dim")), start,
+                                                      start + length, 1, node.name))
         raise self.fail(node, "the executor has no op for it")
 
     def lower_method(self, node: fx.Node) -> Any:
@@ -1050,6 +1152,24 @@ class _Lowering:
             return self.scalar_arith(node, name, a(0, "self"), node.args[1])
         if name in ("add", "mul", "sub", "div"):
             return self.binary(node, name)
+        if name == "chunk":
+            return self.chunk(node, a(0, "self"), a(1, "chunks"), a(2, "dim", 0))
+        if name == "split":
+            return self.split(node, a(0, "self"), a(1, "split_size"), a(2, "dim", 0))
+        if name == "unbind":
+            src = self.tensor(node, a(0, "self"))
+            n = self.shape_of(src)[self.sample_axis(node, src, a(1, "dim", 0))]
+            return self.split_parts(node, _Tensor(src), [1] * n, a(1, "dim", 0), drop_axis=True)
+        if name in ("narrow", "select"):
+            src = self.tensor(node, a(0, "self"))
+            axis = self.sample_axis(node, src, a(1, "dim"))
+            start = a(2, "start" if name == "narrow" else "index")
+            length = a(3, "length") if name == "narrow" else 1
+            if not isinstance(start, int) or not isinstance(length, int):
+                raise self.fail(node, f"{name} with non-constant bounds")
+            size = self.shape_of(src)[axis]
+            start = start % size if name == "select" and -size <= start < 0 else start
+            return self.reshape(node, self.slice_axis(node, src, axis, start, start + length, 1, node.name))
         if name == "expand" and isinstance(a(0, "self"), _Param):
             return self.expand_param(node, a(0, "self"), [self.arg(node, i, "") for i in range(1, len(node.args))])
         if name in ("matmul", "bmm"):
@@ -1157,7 +1277,7 @@ def _fuse_activations(
     return kept
 
 
-_READ_KEYS = ("in", "a", "b", "q", "k", "v", "residual")
+_READ_KEYS = ("in", "a", "b", "q", "k", "v", "residual")  # (slice reads "in")
 
 
 def _reads(op: Dict[str, Any]) -> List[int]:

@@ -176,6 +176,12 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
             write(op["out"], y)
         elif kind == "permute":
             write(op["out"], np.transpose(read(op["in"]), (0,) + tuple(p + 1 for p in op["perm"])))
+        elif kind == "slice":
+            x, axis = read(op["in"]), op["axis"] + 1
+            n = layout.shapes[op["out"]][op["axis"]]
+            index = [slice(None)] * x.ndim
+            index[axis] = slice(op["start"], op["start"] + (n - 1) * op["step"] + 1, op["step"])
+            write(op["out"], x[tuple(index)])
         elif kind == "cat":
             write(op["out"], np.concatenate([read(b) for b in op["inputs"]], axis=op["axis"] + 1))
         elif kind == "embedding":

@@ -81,6 +81,8 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
     "embedding": (frozenset({"in", "out", "weight"}), frozenset()),
     # constant: writes array <weight>.value (one sample's values, flat) into every sample of out
     "constant": (frozenset({"out", "weight"}), frozenset()),
+    # slice: out index i along `axis` (a per-sample dim) is in index start + i * step
+    "slice": (frozenset({"in", "out", "axis", "start", "step"}), frozenset()),
 }
 # Ops that may write over what they read (out sharing storage with an operand).
 _ELEMENTWISE = {"activation", "add", "mul", "affine"}
@@ -657,6 +659,18 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
             if sk[-2] != sv[-2]:
                 raise SpecError(f"{where}: k and v must have the same number of rows (keys), got {qkv}")
             want_out(sq[:-1] + (sv[-1],))
+        elif kind == "slice":
+            axis = op["axis"] = _int(o["axis"], f"{where}.axis", 0, MAX_RANK)
+            if axis >= len(si):
+                raise SpecError(f"{where}.axis = {axis} is out of range for input {_shape_str(si)}")
+            start = op["start"] = _int(o["start"], f"{where}.start", 0, MAX_DIM)
+            step = op["step"] = _int(o["step"], f"{where}.step", 1, MAX_DIM)
+            if len(so) != len(si) or any(a != b for d, (a, b) in enumerate(zip(si, so)) if d != axis):
+                raise SpecError(f"{where}: output {_shape_str(so)} must equal input {_shape_str(si)} except along "
+                                f"axis {axis}")
+            if start + (so[axis] - 1) * step >= si[axis]:
+                raise SpecError(f"{where}: start {start}, step {step} and {so[axis]} outputs leave the input's "
+                                f"{si[axis]} entries along axis {axis}")
         elif kind == "permute":
             perm, rank = o["perm"], len(si)
             if not isinstance(perm, list) or len(perm) != rank or not all(_is_int(p) for p in perm):

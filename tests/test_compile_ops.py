@@ -887,3 +887,62 @@ class _Index(nn.Module):
 def test_unsupported_indexing_is_refused(index, match, gen):
     with pytest.raises(UnsupportedOperation, match=match):
         compile(_Index(index).eval(), (_randn(gen, 2, 5, 4),))
+
+
+# --- whole small models, as users write them ---------------------------------------------------------
+
+
+class _TinyViT(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, stride=4)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 17, d))
+        layer = nn.TransformerEncoderLayer(d, 4, 64, batch_first=True, norm_first=True, activation="gelu")
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.head(self.norm(self.encoder(x)[:, 0]))
+
+
+class _TinyBert(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.tok, self.pos, self.typ = nn.Embedding(100, d), nn.Embedding(64, d), nn.Embedding(2, d)
+        self.norm = nn.LayerNorm(d)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(d, 4, 64, batch_first=True, activation="gelu"),
+                                             2, enable_nested_tensor=False)
+        self.pooler = nn.Linear(d, d)
+        self.classifier = nn.Linear(d, 3)
+
+    def forward(self, ids, types):
+        x = self.tok(ids) + self.pos(torch.arange(ids.size(1), device=ids.device)) + self.typ(types)
+        x = self.encoder(self.norm(x))
+        return self.classifier(torch.tanh(self.pooler(x[:, 0])))
+
+
+@pytest.mark.parametrize("name", ["vit", "bert"])
+def test_small_vit_and_bert_compile_whole(name, gen, tmp_path):
+    torch.manual_seed(0)
+    if name == "vit":
+        model = _TinyViT().eval()
+        inputs = (_randn(gen, 2, 3, 16, 16),)
+    else:
+        model = _TinyBert().eval()
+        inputs = (torch.randint(0, 100, (2, 12), generator=gen), torch.randint(0, 2, (2, 12), generator=gen))
+    for m in model.modules():  # 80% of every projection gone, as a pruned model would be
+        if isinstance(m, nn.Linear):
+            _magnitude_prune(m, "weight", 0.8)
+        if isinstance(m, nn.MultiheadAttention):
+            _magnitude_prune(m, "in_proj_weight", 0.8)
+    exe = compile(model, inputs)
+    want = _torch(model, *inputs)
+    _assert_close(exe.run(*[x.numpy() for x in inputs]), want)
+    exe.save(tmp_path / "m.safetensors")
+    loaded = sparseprune.load(tmp_path / "m.safetensors")
+    np.testing.assert_array_equal(loaded.run(*[x.numpy() for x in inputs]), exe.run(*[x.numpy() for x in inputs]))
+    assert _ops(exe).count("attention") == 2

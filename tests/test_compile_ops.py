@@ -946,3 +946,41 @@ def test_small_vit_and_bert_compile_whole(name, gen, tmp_path):
     loaded = sparseprune.load(tmp_path / "m.safetensors")
     np.testing.assert_array_equal(loaded.run(*[x.numpy() for x in inputs]), exe.run(*[x.numpy() for x in inputs]))
     assert _ops(exe).count("attention") == 2
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, 3x3 depthwise (stride 1 or 2), 1x1 project, shortcut."""
+
+    def __init__(self, c=8, expand=4, stride=1):
+        super().__init__()
+        h = c * expand
+        self.stride = stride
+        self.body = nn.Sequential(
+            nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
+            nn.Conv2d(h, h, 3, stride, 1, groups=h, bias=False), nn.BatchNorm2d(h), nn.ReLU6(),
+            nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        y = self.body(x)
+        return x + y if self.stride == 1 else y
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("policy", ["threshold", "measure"])
+def test_depthwise_layers_get_the_depthwise_kernel(stride, policy, gen):
+    model = _InvertedResidual(stride=stride).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1, generator=gen)
+                m.running_var.uniform_(0.5, 2, generator=gen)
+    x = _randn(gen, 2, 8, 15, 14)
+    exe = compile(model, (x,), policy=policy)
+    _check(exe, model, x)
+    layers = {row["name"]: row for row in exe.metadata["layers"]}
+    depthwise = layers["body.3"]
+    if policy == "threshold":
+        assert depthwise["kernel"] == "depthwise-conv"
+    else:
+        assert "'depthwise-conv'" in depthwise["reason"]
+        assert "depthwise-conv" not in layers["body.0"]["reason"]  # a 1x1 with groups 1 is not depthwise

@@ -776,7 +776,7 @@ def test_dense_conv_without_bias_threads_and_both_simd_paths(rng, generic_isa):
     (lambda s, a: a.update({"c.weight": a["c.weight"].reshape(4, -1)}), r"c\.weight.*4-D"),
     (lambda s, a: a.pop("c.weight"), r"c\.weight.*missing"),
     (lambda s, a: a.update({"c.values": np.ones(3, F32)}), r"c\.values.*belongs to a sparse conv2d"),
-    (lambda s, a: s["ops"][0].update({"format": "im2col"}), r"format must be 'sparse', 'pattern' or 'dense'"),
+    (lambda s, a: s["ops"][0].update({"format": "im2col"}), r"format must be 'sparse', 'pattern', 'depthwise' or 'dense'"),
 ])
 def test_dense_conv_bad_specs(rng, mutate, match):
     spec = dense_conv_spec(2, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1, (5, 5))
@@ -991,3 +991,36 @@ def test_slice_bad_specs(edit, match):
         Executable.from_spec(spec, {})
     with pytest.raises(ValueError):
         _native._C.Plan(json.dumps(spec), {})
+
+
+# --- conv2d format "depthwise" -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("c, k, stride, pad, dil, hw", [
+    (3, (3, 3), (1, 1), (1, 1), (1, 1), (7, 9)), (5, (3, 3), (2, 2), (1, 1), (1, 1), (20, 37)),
+    (4, (5, 5), (1, 1), (2, 2), (2, 2), (13, 11)), (2, (3, 1), (3, 2), (0, 0), (1, 1), (10, 33)),
+    (6, (1, 1), (1, 1), (0, 0), (1, 1), (4, 17)), (3, (7, 7), (2, 2), (3, 3), (1, 1), (40, 41))])
+@pytest.mark.parametrize("sparsity", [0.0, 0.6])
+@pytest.mark.parametrize("isa", ["active", "generic"])
+def test_depthwise_conv(rng, c, k, stride, pad, dil, hw, sparsity, isa, request):
+    if isa == "generic":
+        request.getfixturevalue("generic_isa")
+    spec = dense_conv_spec(c, c, k, stride, pad, dil, c, hw, act="relu6")
+    spec["ops"][0]["format"] = "depthwise"
+    w, arrays = conv_arrays(rng, c, 1, k, "sparse", sparsity=sparsity)
+    for batch in (0, 1, 3):
+        x = randn(rng, batch, c, *hw)
+        got = check(spec, arrays, [x], n_threads=2)[0]
+        ref = F.conv2d(torch64(x), torch64(w), torch64(arrays["c.bias"]), stride, pad, dil, c).clamp(0, 6)
+        assert_close(got, ref.numpy())
+    assert Executable.from_spec(spec, arrays).layer_table()[0]["format"] == "depthwise-conv"
+
+
+def test_depthwise_format_needs_a_depthwise_layer(rng):
+    spec = dense_conv_spec(4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 2, (6, 6))  # groups 2: not depthwise
+    spec["ops"][0]["format"] = "depthwise"
+    _, arrays = conv_arrays(rng, 4, 2, (3, 3), "sparse")
+    with pytest.raises(SpecError, match="format 'depthwise' needs groups == in_channels == out_channels"):
+        Executable.from_spec(spec, arrays)
+    with pytest.raises(ValueError, match="depthwise"):
+        _native._C.Plan(json.dumps(spec), arrays)

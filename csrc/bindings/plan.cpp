@@ -390,9 +390,15 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       }
       case OpKind::conv2d: {
         const std::string format = o.contains("format") ? str_field(o, "format", where) : "sparse";
-        if (format == "sparse" || format == "pattern") op.conv = make_conv(o, arrays, where, format == "pattern");
-        else if (format == "dense") op.dense_conv = make_dense_conv(o, arrays, where);
-        else throw SpecError(where + ".format must be 'sparse', 'pattern' or 'dense'");
+        if (format == "sparse" || format == "pattern") {
+          op.conv = make_conv(o, arrays, where, format == "pattern");
+        } else if (format == "depthwise") {
+          op.depthwise = DepthwiseConv::make(*make_conv(o, arrays, where, false));  // validated as sparse first
+        } else if (format == "dense") {
+          op.dense_conv = make_dense_conv(o, arrays, where);
+        } else {
+          throw SpecError(where + ".format must be 'sparse', 'pattern', 'depthwise' or 'dense'");
+        }
         break;
       }
       case OpKind::maxpool2d:

@@ -144,8 +144,9 @@ void Plan::add_op(PlanOp op) {
       break;
     }
     case OpKind::conv2d: {
-      if (!op.conv == !op.dense_conv) fail(where + ": conv2d needs exactly one of sparse or dense weights");
-      const ConvShape& cs = op.conv ? op.conv->shape() : op.dense_conv->shape();
+      if ((op.conv != nullptr) + (op.dense_conv != nullptr) + (op.depthwise != nullptr) != 1)
+        fail(where + ": conv2d needs exactly one of sparse, dense or depthwise weights");
+      const ConvShape& cs = op.conv ? op.conv->shape() : op.dense_conv ? op.dense_conv->shape() : op.depthwise->shape();
       if (si.size() != 3 || si[0] != cs.in_channels)
         fail(where + ": input must be (" + std::to_string(cs.in_channels) + ", H, W), got " + shape_str(si));
       const ConvGeometry g = conv_geometry(cs, si[1], si[2]);
@@ -366,8 +367,9 @@ void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_thre
     }
     case OpKind::conv2d: {
       const float* residual = op.in2 >= 0 ? buf[op.in2] : nullptr;
-      if (op.dense_conv) {
-        op.dense_conv->run(op.dense_conv->geometry(si[1], si[2]), x, batch, y, n_threads);
+      if (op.dense_conv || op.depthwise) {
+        if (op.dense_conv) op.dense_conv->run(op.dense_conv->geometry(si[1], si[2]), x, batch, y, n_threads);
+        else op.depthwise->run(op.depthwise->geometry(si[1], si[2]), x, batch, y, n_threads);
         if (residual) binary_map(y, residual, y, n_out, false, op.act, n_threads);
         else affine_map(y, y, n_out, 1.0f, 0.0f, op.act, n_threads);
         break;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/dense_conv.h"
+#include "kernels/depthwise_conv.h"
 #include "kernels/packed_conv.h"
 #include "kernels/packed_linear.h"
 #include "kernels/tensor_ops.h"
@@ -39,7 +40,8 @@ struct PlanOp {
   std::shared_ptr<const PackedLinear> linear;  // linear: sparse weights, or
   std::shared_ptr<const DenseWeights> dense;   // dense weights
   std::shared_ptr<const PackedConv> conv;       // conv2d: sparse weights, or
-  std::shared_ptr<const DenseConv> dense_conv;  // dense weights
+  std::shared_ptr<const DenseConv> dense_conv;  // dense weights, or
+  std::shared_ptr<const DepthwiseConv> depthwise;  // a depthwise layer's (sparse) weights
   int kernel[2] = {1, 1}, stride[2] = {1, 1}, padding[2] = {0, 0};  // pools
   std::vector<float> gamma, beta;                                   // layernorm
   float eps = 1e-5f;

@@ -155,6 +155,54 @@ inline void pool_plane_body(const float* src, float* dst, int64_t H, int64_t W, 
   else pool_plane_strided<0>(src, dst, H, W, OH, OW, kh, kw, sh, sw, ph, pw, is_max);
 }
 
+// One depthwise output plane: out = bias + sum over the kept taps of value * (padded input shifted
+// by the tap), each tap one pass over the output rows (vectorised for strides 1 and 2).
+template <int SW>
+inline void depthwise_plane_strided(const float* __restrict padded, int64_t padded_w, const int32_t* taps,
+                                    const float* values, int64_t n_taps, int kernel_w, int dil_h, int dil_w,
+                                    int stride_h, int sw_runtime, int64_t out_h, int64_t out_w, float bias,
+                                    float* __restrict out) {
+  const int64_t sw = SW > 0 ? SW : sw_runtime;
+  // Tap offsets once per plane; then per output row, 8 outputs at a time in a register across
+  // all taps (one store per vector, not one per tap).
+  int64_t offset[64];
+  const int64_t n = n_taps < 64 ? n_taps : 64;  // DepthwiseConv refuses kernels of more taps
+  int64_t max_col = 0;  // the largest column offset of a tap
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t col = (taps[t] % kernel_w) * dil_w;
+    offset[t] = (taps[t] / kernel_w) * dil_h * padded_w + col;
+    max_col = col > max_col ? col : max_col;
+  }
+  for (int64_t oh = 0; oh < out_h; ++oh) {
+    float* __restrict row = out + oh * out_w;
+    const float* __restrict base = padded + oh * stride_h * padded_w;
+    int64_t ow = 0;
+    if (SW == 1) {
+      for (; ow + 8 <= out_w; ow += 8) {
+        vf8 acc = splat8(bias);
+        for (int64_t t = 0; t < n; ++t) acc += splat8(values[t]) * load8(base + offset[t] + ow);
+        *reinterpret_cast<vf8_unaligned*>(row + ow) = acc;
+      }
+    } else if (SW == 2) {  // 16 consecutive inputs, even lanes kept
+      const vi8 even = {0, 2, 4, 6, 8, 10, 12, 14};
+      // Both 8-wide loads must stay inside the padded row (the odd lanes are read, not used).
+      for (; ow + 8 <= out_w && max_col + 2 * ow + 16 <= padded_w; ow += 8) {
+        vf8 acc = splat8(bias);
+        for (int64_t t = 0; t < n; ++t) {
+          const float* p = base + offset[t] + 2 * ow;
+          acc += splat8(values[t]) * __builtin_shuffle(load8(p), load8(p + 8), even);
+        }
+        *reinterpret_cast<vf8_unaligned*>(row + ow) = acc;
+      }
+    }
+    for (; ow < out_w; ++ow) {
+      float acc = bias;
+      for (int64_t t = 0; t < n; ++t) acc += values[t] * base[offset[t] + ow * sw];
+      row[ow] = acc;
+    }
+  }
+}
+
 // The entry points the dispatcher (tensor_ops.cpp) calls, one set per SIMD path.
 void activation_map_entry(const float* src, float* dst, int64_t n, float scale, float shift, Activation a) {
   activation_map_body(src, dst, n, scale, shift, a);
@@ -168,6 +216,19 @@ void layernorm_row_entry(const float* src, float* dst, int64_t len, const float*
 void pool_plane_entry(const float* src, float* dst, int64_t H, int64_t W, int64_t OH, int64_t OW, int kh, int kw,
                       int sh, int sw, int ph, int pw, bool is_max) {
   pool_plane_body(src, dst, H, W, OH, OW, kh, kw, sh, sw, ph, pw, is_max);
+}
+void depthwise_plane_entry(const float* padded, int64_t padded_w, const int32_t* taps, const float* values,
+                           int64_t n_taps, int kernel_w, int dil_h, int dil_w, int stride_h, int stride_w,
+                           int64_t out_h, int64_t out_w, float bias, float* out) {
+  if (stride_w == 1)
+    depthwise_plane_strided<1>(padded, padded_w, taps, values, n_taps, kernel_w, dil_h, dil_w, stride_h, 1, out_h,
+                               out_w, bias, out);
+  else if (stride_w == 2)
+    depthwise_plane_strided<2>(padded, padded_w, taps, values, n_taps, kernel_w, dil_h, dil_w, stride_h, 2, out_h,
+                               out_w, bias, out);
+  else
+    depthwise_plane_strided<0>(padded, padded_w, taps, values, n_taps, kernel_w, dil_h, dil_w, stride_h, stride_w,
+                               out_h, out_w, bias, out);
 }
 
 }  // namespace SP_ISA_NS

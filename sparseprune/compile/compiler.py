@@ -401,6 +401,11 @@ class _Lowering:
         from CONV_SPARSITY_THRESHOLD, else dense."""
         candidates = {"sparse-conv": _conv_sparse_arrays(name, *formats.conv_arrays(weight), bias)}
         kh, kw = fields["kernel"]
+        depthwise = fields["groups"] == fields["in_channels"] == fields["out_channels"] and kh * kw <= 64
+        if depthwise:  # the depthwise kernel reads the same arrays
+            candidates["depthwise-conv"] = candidates["sparse-conv"]
+            if self.policy == "threshold":
+                return "depthwise-conv", candidates["depthwise-conv"], "policy='threshold': a depthwise layer"
         if self.policy == "measure" and sparsity > 0 and 1 < kh * kw <= 64 and \
                 count_kernel_patterns(weight) <= MAX_KERNEL_PATTERNS:
             candidates["pattern-conv"] = candidates["sparse-conv"]  # the same arrays, another kernel
@@ -1216,7 +1221,8 @@ def _conv_sparse_arrays(name: str, row_ptr, taps, values, bias) -> Dict[str, np.
     return _compressed_arrays(name, ("row_ptr", "taps"), row_ptr, taps, values, bias)
 
 
-_CONV_FORMATS = {"sparse-conv": "sparse", "pattern-conv": "pattern", "dense-conv": "dense"}  # kernel -> spec format
+# kernel name -> spec format
+_CONV_FORMATS = {"sparse-conv": "sparse", "pattern-conv": "pattern", "depthwise-conv": "depthwise", "dense-conv": "dense"}
 
 
 def _one_conv_plan(arrays: Dict[str, np.ndarray], name: str, fields: Dict[str, Any], fmt: str,

@@ -219,7 +219,8 @@ class Executable:
                 kh, kw = op["kernel"]
                 total = op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw
                 dense_conv = op.get("format") == "dense"
-                fmt = {"dense": "dense-conv", "pattern": "pattern-conv"}.get(op.get("format"), "sparse-conv")
+                fmt = {"dense": "dense-conv", "pattern": "pattern-conv", "depthwise": "depthwise-conv"}.get(
+                    op.get("format"), "sparse-conv")
                 nnz = int(np.count_nonzero(self._arrays[f"{w}.weight" if dense_conv else f"{w}.values"]))
             rows.append({"index": i, "name": op.get("name", w), "op": op["op"], "format": fmt, "nnz": nnz,
                          "sparsity": 1.0 - nnz / total if total else 0.0, "activation": op.get("activation")})

@@ -61,8 +61,9 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
         frozenset({"in", "out", "weight", "in_channels", "out_channels", "kernel", "stride", "padding",
                    "dilation", "groups"}),
         # format: "sparse" (default), "pattern" (the same arrays, run by the pattern kernel: at
-        # most MAX_KERNEL_PATTERNS distinct k x k patterns) or "dense"; residual: a buffer added to
-        # the output before the activation (a ResNet block's shortcut)
+        # most MAX_KERNEL_PATTERNS distinct k x k patterns), "depthwise" (the same arrays, run by
+        # the depthwise kernel: groups == in == out channels, at most 64 taps) or "dense";
+        # residual: a buffer added to the output before the activation (a ResNet block's shortcut)
         frozenset({"activation", "format", "residual"}),
     ),
     "activation": (frozenset({"kind", "in", "out"}), frozenset()),
@@ -544,8 +545,12 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
                 raise SpecError(f"{where}.residual: buffer {op['residual']} {_shape_str(shapes[op['residual']])} must "
                                 f"have the output's shape {_shape_str((cout, oh, ow))}")
             fmt = _str(o.get("format", "sparse"), f"{where}.format")
-            if fmt not in ("sparse", "pattern", "dense"):
-                raise SpecError(f"{where}.format must be 'sparse', 'pattern' or 'dense', got {_short(fmt)}")
+            if fmt not in ("sparse", "pattern", "depthwise", "dense"):
+                raise SpecError(
+                    f"{where}.format must be 'sparse', 'pattern', 'depthwise' or 'dense', got {_short(fmt)}")
+            if fmt == "depthwise" and not (g == cin == cout and kh * kw <= 64):
+                raise SpecError(f"{where}: format 'depthwise' needs groups == in_channels == out_channels and kernels "
+                                f"of at most 64 taps, got groups {g}, channels {cin} -> {cout}, kernel {kh}x{kw}")
             if "format" in o:
                 op["format"] = fmt
             bias = store.get(f"{w}.bias", (np.dtype(np.float32),), "float32 bias", required=False)

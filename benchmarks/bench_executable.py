@@ -4,6 +4,8 @@
             batch_first) with 90% of every projection weight removed by per-matrix magnitude,
             sequence 128: torch eager (its fused inference path) vs sparseprune.compile.
   resnet18  the resnet18 model (224x224) with 90% L1 magnitude on every conv and the Linear.
+  depthwise MobileNetV2's depthwise 3x3 layers (96 channels @56x56, stride 1 and 2; 384 @14),
+            dense and 90% pruned, each compiled alone (compile times its kernels) vs F.conv2d.
   overhead  a single small Linear (16 -> 16, CSR): Executable.run and the native Plan.run vs the
             bare kernel call (PackedLinear.forward) on the same weights, batch 1, one thread.
   size      the saved file of each model above vs its dense float32 weights.
@@ -35,7 +37,7 @@ from sparseprune.bench import build_model, prune_linear_layers, run_metadata
 from sparseprune.runtime import Executable
 from sparseprune.timing import time_interleaved
 
-SECTIONS = ("bert", "resnet18", "overhead", "size")
+SECTIONS = ("bert", "resnet18", "depthwise", "overhead", "size")
 
 
 def log(msg: str) -> None:
@@ -120,6 +122,37 @@ def compare_model(section: str, model: nn.Module, sample_shape, args, files: Dic
     return rows
 
 
+DEPTHWISE_LAYERS = [(96, 56, 1), (96, 56, 2), (384, 14, 1)]  # (channels, H = W, stride)
+
+
+def run_depthwise(args) -> List[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(args.seed)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for channels, hw, stride in DEPTHWISE_LAYERS:
+            for sparsity in (0.0, args.sparsity):
+                conv = nn.Conv2d(channels, channels, 3, stride, 1, groups=channels).eval()
+                with torch.no_grad():
+                    conv.weight[torch.rand(conv.weight.shape, generator=gen) < sparsity] = 0
+                model = nn.Sequential(conv)
+                x = torch.randn(1, channels, hw, hw, generator=gen)
+                exe = sparseprune.compile(model, (x,), num_threads=threads)
+                xn = x.numpy()
+                with torch.no_grad():
+                    diff = max_rel_diff(exe.run(xn), model(x).numpy())
+                    times = time_candidates({"torch_dense": lambda: model(x), "executable": lambda: exe.run(xn)},
+                                            args.repeats, args.min_time_s / 2)
+                speedup = times["torch_dense"]["median_ms"] / times["executable"]["median_ms"]
+                kernel = exe.layer_table()[0]["format"]
+                label = f"dw3x3 {channels}@{hw} s{stride} {sparsity:.0%}"
+                rows.append({"section": "depthwise", "layer": label, "batch": 1, "threads": threads, "times": times,
+                             "speedup": speedup, "max_rel_diff": diff, "kernels": [kernel], "steal_s": 0.0})
+                log(f"{label} threads={threads}: torch {times['torch_dense']['median_ms']:.3f} ms, executable "
+                    f"{times['executable']['median_ms']:.3f} ms ({kernel}), {speedup:.2f}x")
+    return rows
+
+
 def run_overhead(args) -> List[dict]:
     torch.set_num_threads(1)
     rng = np.random.default_rng(args.seed)
@@ -162,10 +195,10 @@ def markdown(result: dict) -> str:
              "| model | batch | threads | torch dense ms | executable ms | speedup | max rel diff | kernels | steal s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        if r["section"] in ("bert", "resnet18"):
+        if r["section"] in ("bert", "resnet18", "depthwise"):
             t = r["times"]
-            lines.append(f"| {r['section']} | {r['batch']} | {r['threads']} | {t['torch_dense']['median_ms']:.2f} | "
-                         f"{t['executable']['median_ms']:.2f} | {r['speedup']:.2f}x | {r['max_rel_diff']:.1e} | "
+            lines.append(f"| {r.get('layer', r['section'])} | {r['batch']} | {r['threads']} | {t['torch_dense']['median_ms']:.3f} | "
+                         f"{t['executable']['median_ms']:.3f} | {r['speedup']:.2f}x | {r['max_rel_diff']:.1e} | "
                          f"{', '.join(r['kernels'])} | {r['steal_s']:.2f} |")
     for r in result["rows"]:
         if r["section"] == "overhead":
@@ -206,6 +239,8 @@ def main(argv=None) -> int:
             rows += compare_model("bert", bert_layer(args.sparsity, args.seed), (128, 768), args, files)
         if "resnet18" in args.sections:
             rows += compare_model("resnet18", resnet(args.sparsity, args.seed), (3, 224, 224), args, files)
+        if "depthwise" in args.sections:
+            rows += run_depthwise(args)
         if "overhead" in args.sections:
             rows += run_overhead(args)
     finally:

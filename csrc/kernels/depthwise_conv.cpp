@@ -6,19 +6,9 @@
 
 #include "kernels/cpu_features.h"
 #include "kernels/partition.h"
+#include "kernels/tensor_ops_entries.h"
 
 namespace sparseprune {
-
-namespace generic {
-void depthwise_plane_entry(const float* padded, int64_t padded_w, const int32_t* taps, const float* values,
-                           int64_t n_taps, int kernel_w, int dil_h, int dil_w, int stride_h, int stride_w,
-                           int64_t out_h, int64_t out_w, float bias, float* out);
-}
-namespace avx2 {
-void depthwise_plane_entry(const float* padded, int64_t padded_w, const int32_t* taps, const float* values,
-                           int64_t n_taps, int kernel_w, int dil_h, int dil_w, int stride_h, int stride_w,
-                           int64_t out_h, int64_t out_w, float bias, float* out);
-}
 
 std::shared_ptr<const DepthwiseConv> DepthwiseConv::make(const PackedConv& packed) {
   const ConvShape& s = packed.shape();

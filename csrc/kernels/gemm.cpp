@@ -3,20 +3,15 @@
 #include <algorithm>
 
 #include "kernels/cpu_features.h"
+#include "kernels/isa_variants.h"
 #include "kernels/partition.h"
 
 namespace sparseprune {
 
-namespace generic {
-void gemm_panels_entry(const float* a, int64_t lda, const float* packed, int64_t M, int64_t N, int64_t K,
-                       float alpha, const float* bias, const float* row_bias, float* c, int64_t ldc, int64_t p0,
-                       int64_t p1);
-}
-namespace avx2 {
-void gemm_panels_entry(const float* a, int64_t lda, const float* packed, int64_t M, int64_t N, int64_t K,
-                       float alpha, const float* bias, const float* row_bias, float* c, int64_t ldc, int64_t p0,
-                       int64_t p1);
-}
+SP_DECLARE_ISA_VARIANTS(
+    void gemm_panels_entry(const float* a, int64_t lda, const float* packed, int64_t M, int64_t N, int64_t K,
+                           float alpha, const float* bias, const float* row_bias, float* c, int64_t ldc, int64_t p0,
+                           int64_t p1);)
 
 void gemm_pack_b(const float* b, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n, float* packed) {
   const int64_t panels = (N + kGemmPanel - 1) / kGemmPanel;

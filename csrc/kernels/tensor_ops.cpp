@@ -6,6 +6,7 @@
 
 #include "kernels/cpu_features.h"
 #include "kernels/partition.h"
+#include "kernels/tensor_ops_entries.h"
 
 namespace sparseprune {
 
@@ -22,20 +23,6 @@ int threads_for(int requested, int64_t elements) {
 bool use_avx2() { return active_isa() == Isa::avx2; }
 }  // namespace
 
-namespace generic {
-void activation_map_entry(const float* src, float* dst, int64_t n, float scale, float shift, Activation a);
-void softmax_row_entry(const float* src, float* dst, int64_t n_valid, int64_t len);
-void layernorm_row_entry(const float* src, float* dst, int64_t len, const float* gamma, const float* beta, float eps);
-void pool_plane_entry(const float* src, float* dst, int64_t H, int64_t W, int64_t OH, int64_t OW, int kh, int kw,
-                      int sh, int sw, int ph, int pw, bool is_max);
-}  // namespace generic
-namespace avx2 {
-void activation_map_entry(const float* src, float* dst, int64_t n, float scale, float shift, Activation a);
-void softmax_row_entry(const float* src, float* dst, int64_t n_valid, int64_t len);
-void layernorm_row_entry(const float* src, float* dst, int64_t len, const float* gamma, const float* beta, float eps);
-void pool_plane_entry(const float* src, float* dst, int64_t H, int64_t W, int64_t OH, int64_t OW, int kh, int kw,
-                      int sh, int sw, int ph, int pw, bool is_max);
-}  // namespace avx2
 
 void affine_map(const float* src, float* dst, int64_t n, float scale, float shift, Activation a, int n_threads) {
   if (a == Activation::none && scale == 1.0f && shift == 0.0f) {

@@ -257,9 +257,10 @@ def _add_compile(subparsers, want_help: bool = False) -> None:
     p.add_argument("--batch", type=_bounded_int(1), default=1,
                    help="batch size of the example inputs (default: 1; the executable runs any batch)")
     p.add_argument(
-        "--input-dtype", choices=("float32", "int64"), action="append", metavar="{float32,int64}",
+        "--input-dtype", choices=("float32", "int64", "bool"), action="append", metavar="{float32,int64,bool}",
         help="dtype of an input, once per --input-shape in the same order (default: float32); int64 inputs are "
-             "token ids for the model's nn.Embedding layers, drawn below the smallest table's size",
+             "token ids for the model's nn.Embedding layers, drawn below the smallest table's size; bool inputs "
+             "are attention padding masks (True = padding), drawn with at least the first position real",
     )
     p.add_argument("--policy", choices=("measure", "threshold"), default="measure",
                    help="measure: time the candidate kernels per layer on this machine; threshold: by sparsity "
@@ -366,8 +367,7 @@ def _run_compile(args: argparse.Namespace) -> int:
     if "int64" in dtypes and vocab is None:
         return _fail("compile", "--input-dtype int64 is for token ids, but the model has no nn.Embedding")
     gen = torch.Generator().manual_seed(args.seed)
-    inputs = tuple(torch.randint(0, vocab, (args.batch, *shape), generator=gen) if dtype == "int64"
-                   else torch.randn(args.batch, *shape, generator=gen) for shape, dtype in zip(shapes, dtypes))
+    inputs = tuple(_example_input(torch, dtype, (args.batch, *shape), vocab, gen) for shape, dtype in zip(shapes, dtypes))
     shape_text = ", ".join(str(tuple(x.shape)) for x in inputs)
     try:
         with torch.no_grad():
@@ -430,13 +430,25 @@ def _add_run(subparsers) -> None:
     p.set_defaults(func=_run_run, parser=p)
 
 
+def _example_input(torch, dtype: str, shape, vocab, gen):
+    """A random example input: float32 normal, token ids below `vocab`, or a padding mask (True =
+    padding) whose first position along the last axis is always real."""
+    if dtype == "int64":
+        return torch.randint(0, vocab, shape, generator=gen)
+    if dtype == "bool":
+        mask = torch.rand(shape, generator=gen) < 0.3
+        mask[..., 0] = False
+        return mask
+    return torch.randn(*shape, generator=gen)
+
+
 def _input_dtypes(exe) -> Sequence[str]:
     return tuple(getattr(exe, "input_dtypes", None) or ("float32",) * len(exe.input_shapes))
 
 
 def _random_inputs(exe, batch: int, seed: int):
     """Standard normal float32 inputs; for an "int64" (token id) input, ids below the smallest
-    embedding table's row count."""
+    embedding table's row count; for a "bool" padding mask, a mask with the first position real."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -449,6 +461,10 @@ def _random_inputs(exe, batch: int, seed: int):
                 raise ValueError("the executable takes integer ids and has no embedding table to draw "
                                  "random ids for: give --input files")
             inputs.append(rng.integers(0, min(tables), size=(batch, *shape), dtype=np.int64))
+        elif dtype == "bool":  # a padding mask whose first position is always real
+            mask = rng.random((batch, *shape)) < 0.3
+            mask[..., 0] = False
+            inputs.append(mask)
         else:
             inputs.append(rng.standard_normal((batch, *shape), dtype=np.float32))
     return inputs
@@ -468,12 +484,16 @@ def _read_input(path: str, k: int, shape: Sequence[int], dtype: str):
     if dtype == "int64":
         if not np.issubdtype(x.dtype, np.integer):
             raise ValueError(f"--input {path}: input {k} of the executable takes integer ids, got dtype {x.dtype}")
+    elif dtype == "bool":
+        if x.dtype != np.bool_:
+            raise ValueError(f"--input {path}: input {k} of the executable takes a bool padding mask, got dtype "
+                             f"{x.dtype}")
     elif not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ValueError(f"--input {path}: expected a numeric array, got dtype {x.dtype}")
     if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
         raise ValueError(f"--input {path} has shape {tuple(x.shape)}, but input {k} of the executable takes "
                          f"{_batch_shape(shape)}")
-    return x if dtype == "int64" else np.ascontiguousarray(x, dtype=np.float32)
+    return x if dtype in ("int64", "bool") else np.ascontiguousarray(x, dtype=np.float32)
 
 
 def _run_run(args: argparse.Namespace) -> int:

@@ -365,3 +365,40 @@ def test_run_and_bench_executable_do_not_import_torch(tmp_path, compiled):
     assert '"rows"' in proc.stdout
     expected = sparseprune.load(compiled[0]).run(np.ones((2, 64), np.float32))
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_compile_and_run_a_padding_mask_input(tmp_path):
+    model_file = tmp_path / "masked.py"
+    model_file.write_text(textwrap.dedent(
+        """
+        from torch import nn
+
+
+        class Masked(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.encoder = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+
+            def forward(self, x, padding):
+                return self.encoder(x, src_key_padding_mask=padding)
+        """))
+    out_path = tmp_path / "masked.spx"
+    status, out, err = _main(["compile", "--model-file", f"{model_file}:Masked", "--input-shape", "6,8",
+                              "--input-dtype", "float32", "--input-shape", "6", "--input-dtype", "bool",
+                              "--batch", "3", "--policy", "threshold", "-o", str(out_path)])
+    assert status == 0, err
+    exe = sparseprune.load(out_path)
+    assert exe.input_dtypes == ("float32", "bool")
+    status, out, err = _main(["run", str(out_path), "--batch", "2"])  # random inputs: a mask too
+    assert status == 0, err
+    mask = np.zeros((1, 6), bool)
+    mask[0, 4:] = True
+    np.save(tmp_path / "x.npy", np.ones((1, 6, 8), np.float32))
+    np.save(tmp_path / "m.npy", mask)
+    np.save(tmp_path / "bad.npy", mask.astype(np.float32))
+    status, _, err = _main(["run", str(out_path), "--input", str(tmp_path / "x.npy"), "--input",
+                            str(tmp_path / "m.npy")])
+    assert status == 0, err
+    status, _, err = _main(["run", str(out_path), "--input", str(tmp_path / "x.npy"), "--input",
+                            str(tmp_path / "bad.npy")])
+    assert status == 2 and "bool padding mask" in err

@@ -4,6 +4,7 @@ activations (with the transpose read through transpose_b), permute / transpose, 
 fed by integer ids, tensor-with-number arithmetic, and the errors for what the executor refuses.
 Every executable is compared to the torch model (eval, no_grad) within fp32 rounding."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -616,7 +617,7 @@ _FLOAT = torch.float32
 
 @pytest.mark.parametrize("build, shape, dtype, match", [
     (_SequenceFirstMHA, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\).*batch_first=False"),
-    (_MHAWithMask, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\).*attention masks"),
+    (_MHAWithMask, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\).*attn_mask is not supported"),
     (_SDPAWithMask, (2, 4, 8), _FLOAT, r"'torch\.nn\.functional\.scaled_dot_product_attention'.*attn_mask"),
     (_SDPADropout, (2, 4, 8), _FLOAT, r"'torch\.nn\.functional\.scaled_dot_product_attention'.*dropout_p=0\.1"),
     (_CatBatch, (2, 4, 8), _FLOAT, r"'torch\.cat'.*the batch dimension"),
@@ -624,7 +625,8 @@ _FLOAT = torch.float32
     (_EmbeddingOfShiftedIds, (2, 4), torch.int64, r"'operator\.add'.*integer \(token id\) input"),
     (_NumberOverTensor, (2, 4), _FLOAT, r"'operator\.truediv'.*number / tensor"),
     (_BroadcastMatmul, (2, 5, 8), _FLOAT, r"'operator\.matmul'.*no broadcasting"),
-    (_EncoderWithPaddingMask, (2, 5, 8), _FLOAT, r"module 'encoder' \(TransformerEncoder\).*src_key_padding_mask"),
+    (_EncoderWithPaddingMask, (2, 5, 8), _FLOAT,  # a mask held by the model, not a bool input
+     r"module 'encoder' \(TransformerEncoder\).*a key padding mask must be a bool input of the model"),
     (_encoder_with_wide_norm, (2, 5, 8), _FLOAT, r"encoder norm '0\.norm' over \(5, 8\)"),
     (lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=nn.GELU(approximate="tanh"),
                                         batch_first=True), (2, 5, 8), _FLOAT,
@@ -649,7 +651,7 @@ def test_encoder_layer_mask_argument_is_refused(gen):
         def forward(self, x):
             return self.layer(x, src_mask=self.mask)
 
-    with pytest.raises(UnsupportedOperation, match=r"module 'layer' \(TransformerEncoderLayer\).*encoder masks"):
+    with pytest.raises(UnsupportedOperation, match=r"module 'layer' \(TransformerEncoderLayer\).*encoder attention masks \(src_mask"):
         compile(Model().eval(), (_randn(gen, 2, 4, 8),), policy="threshold")
 
 
@@ -984,3 +986,80 @@ def test_depthwise_layers_get_the_depthwise_kernel(stride, policy, gen):
     else:
         assert "'depthwise-conv'" in depthwise["reason"]
         assert "depthwise-conv" not in layers["body.0"]["reason"]  # a 1x1 with groups 1 is not depthwise
+
+
+# --- attention padding masks ---------------------------------------------------------------------
+
+
+class _MaskedEncoder(nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x, padding):
+        return self.encoder(x, src_key_padding_mask=padding)
+
+
+class _MaskedMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x, padding):
+        return self.attn(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+
+def _padding(gen, batch, n):
+    lengths = torch.randint(1, n + 1, (batch,), generator=gen)
+    return torch.arange(n)[None, :] >= lengths[:, None]  # True = padding, at least one real token
+
+
+@pytest.mark.parametrize("which", ["layer", "layer_norm_first", "encoder", "mha"])
+def test_padding_masks(which, gen, tmp_path):
+    torch.manual_seed(0)
+    if which == "mha":
+        model = _MaskedMHA().eval()
+        d = 16
+    else:
+        layer = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, norm_first=which.endswith("norm_first"))
+        model = _MaskedEncoder(layer if which != "encoder" else
+                               nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+        d = 16
+    x, pad = _randn(gen, 3, 9, d), _padding(gen, 3, 9)
+    exe = compile(model, (x, pad))
+    assert exe.input_dtypes == ("float32", "bool")
+    assert all("key_mask" in op for op in _ops(exe, "attention"))
+    _assert_close(exe.run(x.numpy(), pad.numpy()), _torch(model, x, pad))
+    x2, pad2 = _randn(gen, 5, 9, d), _padding(gen, 5, 9)  # other masks, other batch
+    _assert_close(exe.run(x2.numpy(), pad2.numpy()), _torch(model, x2, pad2))
+    exe.save(tmp_path / "m.safetensors")
+    np.testing.assert_array_equal(sparseprune.load(tmp_path / "m.safetensors").run(x.numpy(), pad.numpy()),
+                                  exe.run(x.numpy(), pad.numpy()))
+
+
+class _FloatMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x, padding):
+        return self.attn(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+
+
+class _MaskAsData(nn.Module):
+    def forward(self, x, padding):
+        return x + padding
+
+
+def test_padding_mask_errors(gen):
+    x = _randn(gen, 2, 5, 8)
+    with pytest.raises(UnsupportedOperation, match="a key padding mask must be a bool input"):
+        compile(_FloatMask().eval(), (x, torch.zeros(2, 5)))
+    with pytest.raises(UnsupportedOperation, match="is a bool input: the executor only takes those as attention"):
+        compile(_MaskAsData().eval(), (x, torch.zeros(2, 5, 8, dtype=torch.bool)))
+    nested = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2,
+                                   enable_nested_tensor=True).eval()
+    if getattr(nested, "use_nested_tensor", False):
+        with pytest.raises(UnsupportedOperation, match="enable_nested_tensor=False"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's own nested-tensor prototype warning while compile runs it
+            compile(_MaskedEncoder(nested).eval(), (x, _padding(gen, 2, 5)))

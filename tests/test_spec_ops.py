@@ -642,7 +642,7 @@ BAD = [
     (_set(["ops", 3, "rows"], 7), SpecError, r"spec\.ops\[3\]: output buffer 4 must have shape \(5, 7\)",
      r"wv\.weight' must have shape \(7, 8\)"),
     # input_dtypes
-    (_set(["input_dtypes"], ["int32"]), SpecError, r"spec\.input_dtypes\[0\] must be one of \('float32', 'int64'\)",
+    (_set(["input_dtypes"], ["int32"]), SpecError, r"spec\.input_dtypes\[0\] must be one of \('float32', 'int64', 'bool'\)",
      None),
     (_set(["input_dtypes"], ["int64", "int64"]), SpecError,
      r"spec\.input_dtypes must be a list with one entry per input",
@@ -1024,3 +1024,50 @@ def test_depthwise_format_needs_a_depthwise_layer(rng):
         Executable.from_spec(spec, arrays)
     with pytest.raises(ValueError, match="depthwise"):
         _native._C.Plan(json.dumps(spec), arrays)
+
+
+# --- attention key padding masks -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["sequence_first", "heads_first"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_key_mask(rng, layout, causal):
+    L, S, H, D = 5, 7, 2, 4
+    if layout == "sequence_first":
+        shapes = [(L, H * D), (S, H * D), (S, H * D)]
+        out = (L, H * D)
+    else:
+        shapes = [(H, L, D), (H, S, D), (H, S, D)]
+        out = (H, L, D)
+    spec = make_spec(shapes + [(S,), out], [0, 1, 2, 3], [4], [
+        {"op": "attention", "q": 0, "k": 1, "v": 2, "key_mask": 3, "out": 4, "layout": layout, "heads": H,
+         "scale": 0.5, "causal": causal}], input_dtypes=["float32", "float32", "float32", "bool"])
+    q, k, v = (randn(rng, 3, *s) for s in shapes)
+    mask = np.zeros((3, S), bool)
+    mask[1, 4:] = True
+    mask[2, 1:] = True  # only key 0 left
+    got = Executable.from_spec(spec, {}).run(q, k, v, mask)
+    ref = run_reference(spec, {}, [q, k, v, mask.astype(F32)])[0]
+    assert_close(got, ref)
+    unmasked = Executable.from_spec(spec, {}).run(q, k, v, np.zeros((3, S), bool))
+    assert np.array_equal(got[0], unmasked[0]) and not np.allclose(got[2], unmasked[2])
+    # every key of a sample masked: NaN, as torch gives
+    all_masked = np.zeros((3, S), bool)
+    all_masked[0] = True
+    got = Executable.from_spec(spec, {}).run(q, k, v, all_masked)
+    assert np.isnan(got[0]).all() and not np.isnan(got[1:]).any()
+
+
+def test_attention_key_mask_checks(rng):
+    spec = make_spec([(5, 8), (7, 8), (7, 8), (6,), (5, 8)], [0, 1, 2, 3], [4], [
+        {"op": "attention", "q": 0, "k": 1, "v": 2, "key_mask": 3, "out": 4, "layout": "sequence_first",
+         "heads": 2, "scale": 0.5, "causal": False}], input_dtypes=["float32", "float32", "float32", "bool"])
+    with pytest.raises(SpecError, match=r"key_mask: buffer 3 \(6,\) must have one entry per key: \(7,\)"):
+        Executable.from_spec(spec, {})
+    with pytest.raises(ValueError, match="key_mask"):
+        _native._C.Plan(json.dumps(spec), {})
+    spec["buffers"][3]["shape"] = [7]
+    exe = Executable.from_spec(spec, {})
+    args = [randn(rng, 1, 5, 8), randn(rng, 1, 7, 8), randn(rng, 1, 7, 8)]
+    with pytest.raises(TypeError, match=r"input 3 must be a bool padding mask \(True = padding\), got float32"):
+        exe.run(*args, np.zeros((1, 7), F32))

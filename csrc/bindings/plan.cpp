@@ -314,6 +314,7 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       op.in = id("q");
       op.in2 = id("k");
       op.in3 = id("v");
+      if (o.contains("key_mask")) op.in4 = id("key_mask");
     } else if (op.kind == OpKind::cat) {
       op.ins = int_list_field(o, "inputs", where, 1 << 30);
     } else if (op.kind == OpKind::constant) {

@@ -46,6 +46,12 @@ void attend_group(const AttentionArgs& a, int64_t g, std::vector<float>& kt, std
     const int64_t rows = std::min(kQueryBlock, a.L - l0);
     gemm_panels(w.q + l0 * w.ld_q, w.ld_q, kt.data(), rows, a.S, a.D, a.scale, nullptr, scores.data(), ld_s, 0,
                 s_panels);
+    if (a.key_mask) {  // padding keys: -inf scores, so they get no weight (all masked: NaN, as in torch)
+      const float* mask = a.key_mask + (g / a.groups_per_sample) * a.S;
+      for (int64_t s = 0; s < a.S; ++s)
+        if (mask[s] != 0.0f)
+          for (int64_t r = 0; r < rows; ++r) scores[static_cast<size_t>(r * ld_s + s)] = -INFINITY;
+    }
     softmax_rows(scores.data(), ld_s, scores.data(), ld_s, rows, a.S, a.causal ? l0 : -1, 1);
     gemm_panels(scores.data(), ld_s, vp.data(), rows, a.Dv, a.S, 1.0f, nullptr, w.out + l0 * w.ld_out, w.ld_out, 0,
                 v_panels);

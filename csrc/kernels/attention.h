@@ -19,6 +19,10 @@ struct AttentionArgs {
   bool sequence_first = false;
   float scale = 1.0f;
   bool causal = false;  // query l sees keys s <= l (torch's is_causal: top-left aligned)
+  // key_mask[sample * S + s] != 0: key s of that sample is padding, seen by no query (torch's
+  // key_padding_mask); null for none. Group g belongs to sample g / groups_per_sample.
+  const float* key_mask = nullptr;
+  int64_t groups_per_sample = 1;
   int n_threads = 0;
 };
 

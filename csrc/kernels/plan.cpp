@@ -35,6 +35,7 @@ std::vector<int> reads(const PlanOp& op) {
   std::vector<int> r{op.in};
   if (op.in2 >= 0) r.push_back(op.in2);
   if (op.in3 >= 0) r.push_back(op.in3);
+  if (op.in4 >= 0) r.push_back(op.in4);
   if (op.kind == OpKind::cat) r = op.ins;
   return r;
 }
@@ -227,6 +228,8 @@ void Plan::add_op(PlanOp op) {
         if (so != want) fail(where + ": output must have shape " + shape_str(want) + ", got " + shape_str(so));
       }
       if (!std::isfinite(op.scale)) fail(where + ": scale must be finite");
+      if (op.in4 >= 0 && shapes_[op.in4] != std::vector<int64_t>{op.sequence_first ? sk[0] : sk[sk.size() - 2]})
+        fail(where + ": key_mask must have one entry per key");
       break;
     }
     case OpKind::permute: {
@@ -468,6 +471,10 @@ void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_thre
       }
       a.scale = op.scale;
       a.causal = op.causal;
+      if (op.in4 >= 0) {
+        a.key_mask = buf[op.in4];
+        a.groups_per_sample = op.sequence_first ? op.heads : product(si.begin(), si.end() - 2);
+      }
       a.n_threads = n_threads;
       attention(a);
       break;

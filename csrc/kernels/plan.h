@@ -34,7 +34,8 @@ struct DenseWeights {
 struct PlanOp {
   OpKind kind = OpKind::activation;
   // in2: add/mul/matmul second operand, attention k, conv2d residual (optional); in3: attention v
-  int in = -1, in2 = -1, in3 = -1, out = -1;
+  // in4: attention key mask (optional)
+  int in = -1, in2 = -1, in3 = -1, in4 = -1, out = -1;
   std::vector<int> ins;                       // cat operands
   Activation act = Activation::none;
   std::shared_ptr<const PackedLinear> linear;  // linear: sparse weights, or

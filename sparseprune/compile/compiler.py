@@ -89,9 +89,9 @@ def _as_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
     for k, x in enumerate(example_inputs):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"example_inputs[{k}] must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in (torch.float32, torch.int64, torch.int32) or x.device.type != "cpu":
-            raise TypeError(f"example_inputs[{k}] must be a float32 (or integer token id) CPU tensor, got "
-                            f"{x.dtype} on {x.device}")
+        if x.dtype not in (torch.float32, torch.int64, torch.int32, torch.bool) or x.device.type != "cpu":
+            raise TypeError(f"example_inputs[{k}] must be a float32 CPU tensor (or integer token ids, or a bool "
+                            f"padding mask), got {x.dtype} on {x.device}")
         if x.dim() < 2 or x.shape[0] < 1:
             raise ValueError(f"example_inputs[{k}] must have a batch dimension of at least 1 plus one more "
                              f"dimension, got shape {tuple(x.shape)}")
@@ -109,6 +109,30 @@ def _model_outputs(result) -> List[np.ndarray]:
     return [t.detach().cpu().numpy() for t in items]
 
 
+class _SingleModule(nn.Module):
+    """A module that only calls its one child "0" (so fx records the child as one call)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.add_module("0", module)
+
+
+# fx needs a fixed signature: one wrapper per input count (a MultiheadAttention takes q, k, v, mask).
+_WRAPPERS = {
+    1: type("_Wrap1", (_SingleModule,), {"forward": lambda self, a: self._modules["0"](a)}),
+    2: type("_Wrap2", (_SingleModule,), {"forward": lambda self, a, b: self._modules["0"](a, b)}),
+    3: type("_Wrap3", (_SingleModule,), {"forward": lambda self, a, b, c: self._modules["0"](a, b, c)}),
+    4: type("_Wrap4", (_SingleModule,), {"forward": lambda self, a, b, c, d: self._modules["0"](a, b, c, d)}),
+}
+
+
+def _wrap_single_module(module: nn.Module, n_inputs: int) -> nn.Module:
+    if n_inputs not in _WRAPPERS:
+        raise UnsupportedOperation(f"a bare {type(module).__name__} called with {n_inputs} inputs: wrap it in a "
+                                   f"module of your own. {CONVERT_HINT}")
+    return _WRAPPERS[n_inputs](module)
+
+
 def verify(executable: Executable, example_inputs: Sequence[torch.Tensor], expected: Sequence[np.ndarray]) -> float:
     """Run `executable` on the example inputs; raise VerificationError unless every output is
     within fp32 tolerance of `expected`. Returns the largest absolute difference."""
@@ -118,15 +142,17 @@ def verify(executable: Executable, example_inputs: Sequence[torch.Tensor], expec
     for k, (y, ref) in enumerate(zip(got, expected)):
         if y.shape != ref.shape:
             raise VerificationError(f"output {k} has shape {y.shape}, the model's has {ref.shape}")
-        diff = np.abs(y.astype(np.float64) - ref.astype(np.float64))
-        scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
-        bad = ~(diff <= ATOL_SCALE * scale + RTOL * np.abs(ref))
+        both_nan = np.isnan(y) & np.isnan(ref)  # e.g. a query whose keys are all padding, in both
+        diff = np.where(both_nan, 0.0, np.abs(y.astype(np.float64) - ref.astype(np.float64)))
+        finite = ref[np.isfinite(ref)]
+        scale = max(1.0, float(np.max(np.abs(finite)))) if finite.size else 1.0
+        bad = ~(diff <= ATOL_SCALE * scale + RTOL * np.abs(np.nan_to_num(ref)))
         if bad.any():
             raise VerificationError(
                 f"output {k} differs from the model beyond fp32 tolerance: max |diff| = {float(np.nanmax(diff)):.3g} "
                 f"at {int(bad.sum())} of {bad.size} entries (scale {scale:.3g}); please report this as a bug"
             )
-        worst = max(worst, float(diff.max()) if diff.size else 0.0)
+        worst = max(worst, float(np.nanmax(diff)) if diff.size else 0.0)
     return worst
 
 
@@ -163,7 +189,7 @@ def compile(
     work = _copy_model(model).eval()
     wrapped = _Tracer().is_leaf_module(work, "")
     if wrapped:  # a single layer (or attention module): fx would trace into its forward
-        work = nn.Sequential(work)
+        work = _wrap_single_module(work, len(inputs))
     if is_pruned(work):
         remove(work)  # the effective (masked) weights become the plain weights of the copy
     with torch.no_grad():
@@ -207,7 +233,7 @@ def compile(
         "inputs": ins,
         "outputs": outs,
         "ops": ops,
-        **({"input_dtypes": lowering.input_dtypes} if "int64" in lowering.input_dtypes else {}),
+        **({"input_dtypes": lowering.input_dtypes} if set(lowering.input_dtypes) != {"float32"} else {}),
         "metadata": {
             "producer": f"sparseprune {getattr(sys.modules.get('sparseprune'), '__version__', 'unknown')}",
             "model": type(model).__name__,

@@ -71,6 +71,7 @@ class _Lowering(AttentionLowering, TensorLowering):
         self._conv_fields: Dict[str, Dict[str, Any]] = {}
         self._param_pairs: Dict[Any, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         self.id_buffers: set = set()  # inputs holding integer ids (embedding lookups only)
+        self.mask_buffers: set = set()  # bool inputs (attention padding masks only)
         self.input_dtypes: List[str] = []
         self.transposed: Dict[int, int] = {}  # buffer -> the buffer it is the last-two-dims transpose of
 
@@ -104,7 +105,7 @@ class _Lowering(AttentionLowering, TensorLowering):
         if meta is None or not hasattr(meta, "shape"):
             raise self.fail(node, "its result is not a single tensor")
         shape = tuple(int(d) for d in meta.shape)
-        if allow_ids and meta.dtype in (torch.int64, torch.int32):
+        if allow_ids and meta.dtype in (torch.int64, torch.int32, torch.bool):
             pass
         elif meta.dtype != torch.float32:
             raise self.fail(node, f"it computes a {meta.dtype} tensor (the executor runs float32 only)")
@@ -116,7 +117,8 @@ class _Lowering(AttentionLowering, TensorLowering):
                                   f"({self.batch})")
         return shape[1:]
 
-    def tensor(self, node: fx.Node, value: Any, what: str = "input", allow_ids: bool = False) -> int:
+    def tensor(self, node: fx.Node, value: Any, what: str = "input", allow_ids: bool = False,
+               allow_masks: bool = False) -> int:
         if isinstance(value, fx.Node):
             value = self.env[value]
         if not isinstance(value, _Tensor):
@@ -124,6 +126,9 @@ class _Lowering(AttentionLowering, TensorLowering):
         if value.buffer in self.id_buffers and not allow_ids:
             raise self.fail(node, f"its {what} is an integer (token id) input: the executor only feeds those to "
                                   "embeddings")
+        if value.buffer in self.mask_buffers and not allow_masks:
+            raise self.fail(node, f"its {what} is a bool input: the executor only takes those as attention padding "
+                                  "masks (key_padding_mask / src_key_padding_mask)")
         return value.buffer
 
     @staticmethod
@@ -462,10 +467,13 @@ class _Lowering(AttentionLowering, TensorLowering):
         if node.op == "placeholder":
             buffer = self.new_buffer(self.sample_shape(node, allow_ids=True), node.name)
             self.inputs.append(buffer)
-            is_ids = node.meta["tensor_meta"].dtype != torch.float32
-            self.input_dtypes.append("int64" if is_ids else "float32")
-            if is_ids:
+            dtype = node.meta["tensor_meta"].dtype
+            kind = "bool" if dtype == torch.bool else "float32" if dtype == torch.float32 else "int64"
+            self.input_dtypes.append(kind)
+            if kind == "int64":
                 self.id_buffers.add(buffer)
+            elif kind == "bool":
+                self.mask_buffers.add(buffer)
             return _Tensor(buffer)
         if node.op == "get_attr":
             value = self.gm

@@ -24,9 +24,10 @@ class AttentionLowering:
                                   "(build it with batch_first=True)")
         if m.bias_k is not None or m.add_zero_attn:
             raise self.fail(node, "MultiheadAttention with add_bias_kv or add_zero_attn")
-        if key_padding_mask is not None or attn_mask is not None:
-            raise self.fail(node, "attention masks (attn_mask / key_padding_mask) are not supported; "
-                                  "a causal mask is, through F.scaled_dot_product_attention(is_causal=True)")
+        if attn_mask is not None:
+            raise self.fail(node, "attn_mask is not supported (a bool key_padding_mask input is, and a causal mask "
+                                  "through F.scaled_dot_product_attention(is_causal=True))")
+        mask = self.padding_mask(node, key_padding_mask, self.shape_of(key)[0])
         e = m.embed_dim
         if m._qkv_same_embed_dim:
             w = m.in_proj_weight
@@ -45,14 +46,16 @@ class AttentionLowering:
             projected.append(self.emit_shaped(op, shape, f"{path}.{part}"))
         q, k, v = projected
         head_dim = e // m.num_heads
-        att = self.emit_shaped({"op": "attention", "q": q, "k": k, "v": v, "layout": "sequence_first",
-                                "heads": int(m.num_heads), "scale": 1.0 / math.sqrt(head_dim),
-                                "causal": bool(is_causal), "name": f"{path}.attention"},
-                               self.shape_of(q)[:1] + self.shape_of(v)[1:], f"{path}.attention")
+        op = {"op": "attention", "q": q, "k": k, "v": v, "layout": "sequence_first", "heads": int(m.num_heads),
+              "scale": 1.0 / math.sqrt(head_dim), "causal": bool(is_causal), "name": f"{path}.attention"}
+        if mask is not None:
+            op["key_mask"] = mask
+        att = self.emit_shaped(op, self.shape_of(q)[:1] + self.shape_of(v)[1:], f"{path}.attention")
         op, shape = self.linear_op(node, att, m.out_proj, f"{path}.out_proj")
         return self.emit_shaped(op, shape, f"{path}.out_proj")
 
-    def lower_encoder_layer(self, node: fx.Node, layer: nn.TransformerEncoderLayer, path: str, src: int) -> int:
+    def lower_encoder_layer(self, node: fx.Node, layer: nn.TransformerEncoderLayer, path: str, src: int,
+                            padding: Any = None) -> int:
         """nn.TransformerEncoderLayer (batch_first, no masks): attention and feed-forward blocks with
         their residual adds and layer norms, post- or pre-norm."""
         act = layer.activation
@@ -68,7 +71,7 @@ class AttentionLowering:
                                     self.shape_of(a), name)
 
         def attention_block(x: int) -> int:
-            return self.lower_mha(node, layer.self_attn, f"{path}.self_attn", x, x, x)
+            return self.lower_mha(node, layer.self_attn, f"{path}.self_attn", x, x, x, key_padding_mask=padding)
 
         def feed_forward(x: int) -> int:
             op, shape = self.linear_op(node, x, layer.linear1, f"{path}.linear1", kind)
@@ -102,6 +105,19 @@ class AttentionLowering:
         return self.emit_shaped({"op": "layernorm", "in": x, "weight": name, "eps": float(ln.eps), "name": name},
                                 self.shape_of(x), name)
 
+    def padding_mask(self, node: fx.Node, mask: Any, keys: int):
+        """The buffer of a key padding mask (a bool model input of shape (batch, keys), True =
+        padding), or None."""
+        if mask is None:
+            return None
+        if not (isinstance(mask, _Tensor) and mask.buffer in self.mask_buffers):
+            raise self.fail(node, "a key padding mask must be a bool input of the model (True = padding); float "
+                                  "and computed masks are not supported")
+        if self.shape_of(mask.buffer) != (keys,):
+            raise self.fail(node, f"the key padding mask has per-sample shape {self.shape_of(mask.buffer)}, "
+                                  f"expected ({keys},)")
+        return mask.buffer
+
     def lower_attention_module(self, node: fx.Node, m: nn.Module) -> Any:
         path = node.target
         args = [self.arg(node, i, "") for i in range(len(node.args))]
@@ -117,8 +133,13 @@ class AttentionLowering:
         names = ["src", "mask" if isinstance(m, nn.TransformerEncoder) else "src_mask", "src_key_padding_mask",
                  "is_causal"]
         bound = dict(zip(names, args), **kwargs)
-        if any(bound.get(n) is not None for n in names[1:3]) or bound.get("is_causal"):
-            raise self.fail(node, "encoder masks (mask / src_key_padding_mask / is_causal) are not supported")
+        if bound.get(names[1]) is not None or bound.get("is_causal"):
+            raise self.fail(node, f"encoder attention masks ({names[1]} / is_causal) are not supported (a bool "
+                                  "src_key_padding_mask input is)")
+        padding = bound.get("src_key_padding_mask")
+        if padding is not None and isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
+            raise self.fail(node, "an encoder with a padding mask and nested tensors (torch zeroes padded positions "
+                                  "then): build it with enable_nested_tensor=False")
         x = self.tensor(node, bound.get("src"), "src")
         if isinstance(m, nn.TransformerEncoderLayer):
             layers, final_norm = [("", m)], None
@@ -127,7 +148,7 @@ class AttentionLowering:
         for suffix, layer in layers:
             if not (type(layer) is nn.TransformerEncoderLayer and layer.self_attn.batch_first):
                 raise self.fail(node, "encoder layers must be batch_first nn.TransformerEncoderLayer")
-            x = self.lower_encoder_layer(node, layer, path + suffix, x)
+            x = self.lower_encoder_layer(node, layer, path + suffix, x, padding)
         if final_norm is not None:
             x = self.norm_module(node, x, final_norm, f"{path}.norm")
         return self.reshape(node, x)

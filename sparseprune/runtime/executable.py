@@ -44,7 +44,8 @@ class Executable:
     or sparseprune.runtime.load(path). One Executable may be shared by many threads: each call
     gets its own scratch buffers. Inputs are numpy arrays [batch, *input_shapes[k]], any batch
     size (including 0 and 1): float32, or for an input the spec marks "int64" (input_dtypes; token
-    ids) an array of any integer dtype with values in [0, 2**24).
+    ids) an array of any integer dtype with values in [0, 2**24), or for a "bool" input (an
+    attention padding mask, True = padding) a bool array.
     """
 
     def __init__(self, *args, **kwargs):
@@ -78,9 +79,9 @@ class Executable:
     # --- running -------------------------------------------------------------------------------
 
     def run(self, *inputs: np.ndarray, n_threads: Optional[int] = None):
-        """The outputs for `inputs` (numpy arrays, one per model input: float32, or integer ids for
-        an "int64" input): one array when the model has one output, else a tuple. n_threads
-        overrides the executable's setting."""
+        """The outputs for `inputs` (numpy arrays, one per model input: float32, integer ids for an
+        "int64" input, bool for a "bool" padding mask): one array when the model has one output,
+        else a tuple. n_threads overrides the executable's setting."""
         layout = self._layout
         if len(inputs) != len(layout.input_shapes):
             want = ", ".join(f"{n} {_batch_shape(s)}" for n, s in zip(layout.input_names, layout.input_shapes))
@@ -88,8 +89,8 @@ class Executable:
         arrays = []
         batch = None
         for name, shape, dtype, x in zip(layout.input_names, layout.input_shapes, layout.input_dtypes, inputs):
-            ids = dtype == "int64"
-            kind = "an integer (token id)" if ids else "a float32"
+            ids, mask = dtype == "int64", dtype == "bool"
+            kind = "an integer (token id)" if ids else "a bool (padding mask)" if mask else "a float32"
             if not isinstance(x, np.ndarray):
                 hint = " (call .numpy() on a torch tensor)" if hasattr(x, "numpy") else ""
                 raise TypeError(
@@ -98,7 +99,10 @@ class Executable:
             if ids and not np.issubdtype(x.dtype, np.integer):
                 raise TypeError(f"{name} must hold integer token ids (input dtype int64), got {x.dtype} "
                                 f"(expected shape {_batch_shape(shape)})")
-            if not ids and x.dtype != np.float32:
+            if mask and x.dtype != np.bool_:
+                raise TypeError(f"{name} must be a bool padding mask (True = padding), got {x.dtype} "
+                                f"(expected shape {_batch_shape(shape)})")
+            if dtype == "float32" and x.dtype != np.float32:
                 raise TypeError(f"{name} must be float32, got {x.dtype} (expected shape {_batch_shape(shape)})")
             if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
                 raise ValueError(f"{name} must have shape {_batch_shape(shape)}, got {tuple(x.shape)}")
@@ -113,6 +117,8 @@ class Executable:
                         raise ValueError(f"{name} holds the id {lo if lo < 0 else hi}, out of range "
                                          f"[0, {MAX_INT_INPUT}) for an int64 input")
                 x = x.astype(np.float32)  # exact below 2**24
+            if mask:
+                x = x.astype(np.float32)  # 1.0 = padding
             arrays.append(np.ascontiguousarray(x))
         threads = _check_threads(n_threads) or self._n_threads
         outs = self._plan.run(arrays, resolve_threads(threads))
@@ -143,7 +149,7 @@ class Executable:
 
     @property
     def input_dtypes(self) -> Tuple[str, ...]:
-        """Per input, "float32" or "int64" (integer token ids, see run())."""
+        """Per input, "float32", "int64" (integer token ids) or "bool" (a padding mask), see run()."""
         return self._layout.input_dtypes
 
     @property

@@ -93,14 +93,19 @@ def _pool(x: np.ndarray, op: Mapping, is_max: bool) -> np.ndarray:
     return stacked.max(axis=0) if is_max else stacked.sum(axis=0) / (kh * kw)  # count_include_pad
 
 
-def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, op: Mapping) -> np.ndarray:
-    """q [..., L, D], k [..., S, D], v [..., S, Dv] (leading dims equal) -> [..., L, Dv], in float64."""
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, op: Mapping, key_mask=None) -> np.ndarray:
+    """q [batch, ..., L, D], k [batch, ..., S, D], v [batch, ..., S, Dv] (leading dims equal) ->
+    [batch, ..., L, Dv], in float64. key_mask [batch, S]: nonzero keys get no weight."""
     scores = op["scale"] * (q @ np.swapaxes(k, -1, -2))
     if op["causal"]:
         n_q, n_k = scores.shape[-2:]
         scores = np.where(np.arange(n_k)[None, :] > np.arange(n_q)[:, None], -np.inf, scores)
-    p = np.exp(scores - scores.max(axis=-1, keepdims=True))  # key 0 is never masked: max is finite
-    return (p / p.sum(axis=-1, keepdims=True)) @ v
+    if key_mask is not None:
+        masked = (key_mask != 0).reshape((key_mask.shape[0],) + (1,) * (scores.ndim - 2) + (key_mask.shape[1],))
+        scores = np.where(masked, -np.inf, scores)
+    with np.errstate(invalid="ignore"):  # a row with every key masked is NaN, as in torch
+        p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        return (p / p.sum(axis=-1, keepdims=True)) @ v
 
 
 def _heads(x: np.ndarray, heads: int) -> np.ndarray:
@@ -168,11 +173,12 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
             write(op["out"], op["scale"] * (a @ (np.swapaxes(b, -1, -2) if op["transpose_b"] else b)))
         elif kind == "attention":
             q, k, v = (read(op[key]).astype(np.float64) for key in ("q", "k", "v"))
+            mask = read(op["key_mask"]) if "key_mask" in op else None
             if op["layout"] == "sequence_first":  # (batch, rows, heads * dim), head h at columns h * dim
-                y = _attention(_heads(q, op["heads"]), _heads(k, op["heads"]), _heads(v, op["heads"]), op)
+                y = _attention(_heads(q, op["heads"]), _heads(k, op["heads"]), _heads(v, op["heads"]), op, mask)
                 y = y.transpose(0, 2, 1, 3).reshape(batch, q.shape[1], v.shape[2])
             else:
-                y = _attention(q, k, v, op)
+                y = _attention(q, k, v, op, mask)
             write(op["out"], y)
         elif kind == "permute":
             write(op["out"], np.transpose(read(op["in"]), (0,) + tuple(p + 1 for p in op["perm"])))

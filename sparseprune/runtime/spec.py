@@ -76,7 +76,8 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
     "layernorm": (frozenset({"in", "out", "weight", "eps"}), frozenset()),
     "affine": (frozenset({"in", "out", "scale", "shift"}), frozenset({"activation"})),
     "matmul": (frozenset({"a", "b", "out", "transpose_b", "scale"}), frozenset()),
-    "attention": (frozenset({"q", "k", "v", "out", "layout", "heads", "scale", "causal"}), frozenset()),
+    # key_mask: a buffer of one entry per key; nonzero = a padding key no query attends to
+    "attention": (frozenset({"q", "k", "v", "out", "layout", "heads", "scale", "causal"}), frozenset({"key_mask"})),
     "permute": (frozenset({"in", "out", "perm"}), frozenset()),
     "cat": (frozenset({"inputs", "out", "axis"}), frozenset()),
     "embedding": (frozenset({"in", "out", "weight"}), frozenset()),
@@ -98,7 +99,7 @@ _READS: Dict[str, Tuple[str, ...]] = {
 _ACTIVATED = {"linear", "conv2d", "add", "mul", "affine"}  # ops with an optional "activation"
 LINEAR_FORMATS = ("csr", "bsr", "dense")
 ATTENTION_LAYOUTS = ("sequence_first", "heads_first")
-INPUT_DTYPES = ("float32", "int64")
+INPUT_DTYPES = ("float32", "int64", "bool")
 _TOP_FIELDS = {"format", "version", "buffers", "inputs", "outputs", "ops"}
 # metadata: free-form producer information (a JSON object), not executed; input_dtypes: see above.
 _TOP_OPTIONAL = {"metadata", "input_dtypes"}
@@ -449,7 +450,9 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
             op["inputs"] = [buffer_id(x, f"{where}.inputs[{k}]") for k, x in enumerate(raw_ids)]
             reads = [(f"inputs[{k}]", b) for k, b in enumerate(op["inputs"])]
         else:
-            for key in _READS.get(kind, ("in",)) + (("residual",) if kind == "conv2d" and "residual" in o else ()):
+            optional_reads = {"conv2d": "residual", "attention": "key_mask"}
+            extra = optional_reads.get(kind)
+            for key in _READS.get(kind, ("in",)) + ((extra,) if extra and extra in o else ()):
                 op[key] = buffer_id(o[key], f"{where}.{key}")
                 reads.append((key, op[key]))
         out = op["out"] = buffer_id(o["out"], f"{where}.out")
@@ -663,6 +666,9 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
                 raise SpecError(f"{where}: q and k must have the same last dim, got {qkv}")
             if sk[-2] != sv[-2]:
                 raise SpecError(f"{where}: k and v must have the same number of rows (keys), got {qkv}")
+            if "key_mask" in op and shapes[op["key_mask"]] != (sk[-2],):
+                raise SpecError(f"{where}.key_mask: buffer {op['key_mask']} {_shape_str(shapes[op['key_mask']])} must "
+                                f"have one entry per key: ({sk[-2]},)")
             want_out(sq[:-1] + (sv[-1],))
         elif kind == "slice":
             axis = op["axis"] = _int(o["axis"], f"{where}.axis", 0, MAX_RANK)

@@ -276,8 +276,11 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       dims.push_back(as_int64(d, where + ".shape"));
     }
     int alias = -1;
-    if (b.contains("alias_of") && !b["alias_of"].is_none()) alias = static_cast<int>(int_field(b, "alias_of", where));
-    if (b.contains("alias_of") && !b["alias_of"].is_none() && alias < 0) throw SpecError(where + ".alias_of must be >= 0");
+    if (b.contains("alias_of") && !b["alias_of"].is_none()) {
+      const int64_t a = int_field(b, "alias_of", where);
+      if (a < 0 || a > (1 << 30)) throw SpecError(where + ".alias_of is out of range");
+      alias = static_cast<int>(a);
+    }
     plan->add_buffer(dims, alias);
   }
   auto id_list = [&](const char* key) {
@@ -413,9 +416,7 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
         const auto g = float_vector(arrays, w + ".gamma"), b = float_vector(arrays, w + ".beta");
         op.gamma.assign(g.data(), g.data() + g.shape(0));
         op.beta.assign(b.data(), b.data() + b.shape(0));
-        py::object eps = field(o, "eps", where);
-        if (!py::isinstance<py::float_>(eps) && !py::isinstance<py::int_>(eps)) throw SpecError(where + ".eps must be a number");
-        op.eps = eps.cast<float>();
+        op.eps = number_field(o, "eps", where);  // finite; > 0 is checked with the op
         break;
       }
       default: break;

@@ -68,11 +68,17 @@ std::shared_ptr<const DenseWeights> DenseWeights::make(int64_t rows, int64_t col
 
 int Plan::add_buffer(const std::vector<int64_t>& shape, int alias_of) {
   if (finalized_) fail("the plan is finalized");
+  const std::string where = "buffer " + std::to_string(shapes_.size());
   int64_t n = 1;
   for (int64_t d : shape) {
-    if (d < 1 || d > (int64_t{1} << 31)) fail("buffer " + std::to_string(shapes_.size()) + " has a bad dimension in " + shape_str(shape));
+    if (d < 1 || d > (int64_t{1} << 31)) fail(where + " has a bad dimension in " + shape_str(shape));
+    if (n > kMaxSampleElements / d) fail(where + " " + shape_str(shape) + " is too large");  // checked before n * d can overflow
     n *= d;
-    if (n > (int64_t{1} << 34)) fail("buffer " + std::to_string(shapes_.size()) + " is too large");
+  }
+  if (alias_of < 0) {
+    if (storage_per_sample_ > kMaxSampleElements - n)
+      fail(where + ": the buffers need more than " + std::to_string(kMaxSampleElements) + " elements per sample");
+    storage_per_sample_ += n;
   }
   if (alias_of >= static_cast<int>(shapes_.size()))
     fail("buffer " + std::to_string(shapes_.size()) + ": alias_of must name an earlier buffer");

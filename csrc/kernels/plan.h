@@ -57,6 +57,10 @@ struct PlanOp {
   int64_t table_rows = 0;
 };
 
+// Per-sample float32 elements over all buffers that own storage (the same limit as the Python
+// validator's MAX_SAMPLE_ELEMENTS): 1 GiB per sample; a hostile spec asking for more is refused.
+constexpr int64_t kMaxSampleElements = int64_t{1} << 28;
+
 class Plan {
  public:
   // A buffer of `shape` per sample; alias_of >= 0 shares that buffer's storage (same count).
@@ -93,6 +97,7 @@ class Plan {
   std::vector<PlanOp> ops_;
   std::vector<int64_t> offset_;  // per root buffer, in floats per sample (times batch at run time)
   int64_t arena_per_sample_ = 0;
+  int64_t storage_per_sample_ = 0;  // sum over storage-owning buffers, for the limit above
   bool finalized_ = false;
 };
 

@@ -131,7 +131,8 @@ inline void pool_plane_strided(const float* __restrict src, float* __restrict ds
       for (int dx = 0; dx < kw; ++dx) {
         const int64_t off = dx - pw;
         const int64_t lo = off >= 0 ? 0 : (-off + sw - 1) / sw;
-        const int64_t hi = std::min<int64_t>(OW, (W - 1 - off) / sw + 1);
+        // (W - 1 - off) < 0: no output reads inside the row (division would truncate toward zero).
+        const int64_t hi = W - 1 - off < 0 ? 0 : std::min<int64_t>(OW, (W - 1 - off) / sw + 1);
         const float* __restrict in = row + off;
         if (is_max) {
           for (int64_t ow = lo; ow < hi; ++ow) {

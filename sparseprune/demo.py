@@ -85,8 +85,8 @@ def executable_table(rows) -> str:
     """The demo's last table: each deployed model compiled to one native executable
     (sparseprune.compile), timed at batch 1 against torch dense, and its file size."""
     lines = ["compiled to a native executable (sparseprune.compile; batch 1, same threads as above):",
-             f"{'method':<17} {'schedule':<10} {'dense ms':>9} {'exe ms':>8} {'speedup':>8} {'file KB':>8} "
-             f"{'% of dense file':>15}"]
+             f"{'method':<17} {'schedule':<10} {'accuracy':>8} {'dense ms':>9} {'exe ms':>8} {'speedup':>8} "
+             f"{'file KB':>8} {'% of dense file':>15}"]
     dense_bytes = next((r.extra["executable"]["file_bytes"] for r in rows
                         if r.method == "dense" and "executable" in r.extra), None)
     for r in rows:
@@ -94,7 +94,8 @@ def executable_table(rows) -> str:
         if not e:
             continue
         share = f"{e['file_bytes'] / dense_bytes:.0%}" if dense_bytes else "-"
-        lines.append(f"{r.method:<17} {r.schedule:<10} {e['b1_dense_ms']:>9.3f} {e['b1_exe_ms']:>8.3f} "
+        acc = "-" if e.get("accuracy") is None else f"{e['accuracy']:.1%}"
+        lines.append(f"{r.method:<17} {r.schedule:<10} {acc:>8} {e['b1_dense_ms']:>9.3f} {e['b1_exe_ms']:>8.3f} "
                      f"{e['speedup_b1']:>7.2f}x {e['file_bytes'] / 1024:>8.1f} {share:>15}")
     return "\n".join(lines)
 

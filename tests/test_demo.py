@@ -243,6 +243,7 @@ def test_demo_compiles_every_deployed_model_to_an_executable(demo_run):
         assert e["b1_dense_ms"] > 0 and e["b1_exe_ms"] > 0
         assert e["speedup_b1"] == pytest.approx(e["b1_dense_ms"] / e["b1_exe_ms"], rel=1e-6)
         assert e["max_abs_diff"] < 1e-3  # checked against the deployed model on the whole test set
+        assert e["accuracy"] == pytest.approx(row["acc_converted"], abs=0.002)  # the same predictions
         if key[0] != "dense":  # 90% of the weights gone: the file is a fraction of the dense one
             assert e["file_bytes"] < 0.3 * dense["file_bytes"], key
     table = demo.executable_table([SimpleNamespace(**r) for r in rows.values()])

@@ -149,10 +149,10 @@ def time_against_dense(dense: nn.Module, ours: nn.Module, x: torch.Tensor, *, ba
 
 
 def measure_executable(dense: nn.Module, deployed: nn.Module, x: torch.Tensor, *, threads: int, warmup: int,
-                       repeats: int, min_time_s: float, rtol: float) -> Dict[str, float]:
+                       repeats: int, min_time_s: float, rtol: float, labels: torch.Tensor = None) -> Dict[str, float]:
     """Compile `deployed` to a native executable, check it reproduces `deployed` on all of `x`
-    (within rtol of the largest output), time it at batch 1 against `dense` (round-robin, same
-    threads) and size its saved file."""
+    (within rtol of the largest output), score its accuracy on `labels` (when given), time it at
+    batch 1 against `dense` (round-robin, same threads) and size its saved file."""
     from sparseprune.compile import VerificationError, compile as compile_model
 
     x1 = timing_input(x, 1)
@@ -168,6 +168,7 @@ def measure_executable(dense: nn.Module, deployed: nn.Module, x: torch.Tensor, *
                              repeats=repeats, min_time_s=min_time_s)
     with tempfile.TemporaryDirectory() as tmp:
         file_bytes = exe.save(os.path.join(tmp, "model.safetensors"))
-    return {"b1_dense_ms": t["dense"].median_ms, "b1_exe_ms": t["exe"].median_ms,
+    accuracy = None if labels is None else float((got.argmax(axis=1) == labels.numpy()).mean())
+    return {"accuracy": accuracy, "b1_dense_ms": t["dense"].median_ms, "b1_exe_ms": t["exe"].median_ms,
             "speedup_b1": t["dense"].median_s / t["exe"].median_s, "file_bytes": file_bytes,
             "max_abs_diff": diff, "ops": exe.n_ops}

@@ -123,7 +123,8 @@ class ModelRun:
         if cfg.executable:
             row.extra["executable"] = measure_executable(
                 self.dense, dep.model, x_te, threads=self.threads, warmup=cfg.timing_warmup,
-                repeats=cfg.timing_repeats, min_time_s=cfg.timing_min_time_s, rtol=OUTPUT_RTOL)
+                repeats=cfg.timing_repeats, min_time_s=cfg.timing_min_time_s, rtol=OUTPUT_RTOL,
+                labels=self.data.y_test)
 
     def train_dense(self) -> Row:
         seed_everything(row_seed(self.seed, self.name, "dense"))

@@ -1071,3 +1071,18 @@ def test_attention_key_mask_checks(rng):
     args = [randn(rng, 1, 5, 8), randn(rng, 1, 7, 8), randn(rng, 1, 7, 8)]
     with pytest.raises(TypeError, match=r"input 3 must be a bool padding mask \(True = padding\), got float32"):
         exe.run(*args, np.zeros((1, 7), F32))
+
+
+@pytest.mark.parametrize("kind", ["relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish"])
+@pytest.mark.parametrize("isa", ["active", "generic"])
+def test_activations_keep_nan_like_torch(kind, isa, request):
+    if isa == "generic":
+        request.getfixturevalue("generic_isa")
+    spec = make_spec([(11,), (11,)], [0], [1], [{"op": "activation", "kind": kind, "in": 0, "out": 1}])
+    x = np.array([[np.nan, 1.0, -1.0, 0.0, 7.0, -7.0, 3.0, -3.0, 0.5, np.nan, 100.0]], F32)
+    got = Executable.from_spec(spec, {}).run(x)
+    fn = {"relu": torch.relu, "relu6": F.relu6, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid,
+          "tanh": torch.tanh, "hardswish": F.hardswish}[kind]
+    ref = fn(torch64(x)).numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))  # relu6's clamp used to turn NaN into 6
+    assert_close(got[~np.isnan(ref)], ref[~np.isnan(ref)])

@@ -18,7 +18,10 @@ template <Activation A>
 inline vf8 activate8(vf8 x) {
   const vf8 one = splat8(1.0f);
   if constexpr (A == Activation::relu) return relu8(x);
-  if constexpr (A == Activation::relu6) return min8(relu8(x), splat8(6.0f));
+  if constexpr (A == Activation::relu6) {
+    const vf8 r = min8(relu8(x), splat8(6.0f));  // min8(NaN, 6) would give 6: keep NaN, as torch does
+    return x != x ? x : r;
+  }
   if constexpr (A == Activation::gelu) return splat8(0.5f) * x * (one + erf8(x * splat8(0.70710678118654752f)));
   if constexpr (A == Activation::silu) return x / (one + exp8(-x));
   if constexpr (A == Activation::sigmoid) return one / (one + exp8(-x));

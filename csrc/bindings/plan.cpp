@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -74,7 +75,8 @@ float number_field(const py::dict& d, const char* key, const std::string& where)
     PyErr_Clear();
     throw SpecError(where + "." + key + " is out of range");
   }
-  if (!std::isfinite(x) || std::abs(x) > 3.0e38) throw SpecError(where + "." + key + " must be a finite float32");
+  if (!std::isfinite(x) || std::abs(x) > static_cast<double>(std::numeric_limits<float>::max()))
+    throw SpecError(where + "." + key + " must be a finite float32");
   return static_cast<float>(x);
 }
 

@@ -44,7 +44,7 @@ MAX_PAIR = 1 << 20  # kernel/stride/padding/dilation entries
 INT32_MAX = (1 << 31) - 1  # linear cols and conv taps per filter are stored as 32-bit offsets
 MAX_LIST = 64  # entries of a cat's "inputs" (and of a permute's "perm"; ranks stop at MAX_RANK anyway)
 MAX_HEADS = 1 << 20  # attention heads
-MAX_SCALAR = 3.0e38  # |scale|, |shift|: finite and representable as float32 (the native bound)
+MAX_SCALAR = float(np.finfo(np.float32).max)  # |scale|, |shift|, eps: finite as float32 (the native bound too)
 # Per-sample float32 elements over all buffers that own storage (the plan keeps every buffer for
 # the whole run). 2**28 floats = 1 GiB per sample: a ResNet-50 at 224x224 needs ~2.5e7 and a
 # BERT-base encoder at sequence 512 ~1e8, so real models fit; a hostile file asking for more is

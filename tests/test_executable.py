@@ -16,6 +16,7 @@ from torch import nn
 from sparseprune import formats
 from sparseprune.compile import UnsupportedOperation, VerificationError, compile, verify
 from sparseprune.runtime import Executable, SpecError, load, run_reference, validate
+from spec_edits import drop_field, set_field  # tests/spec_edits.py
 
 # --- a hand-written spec using every op ------------------------------------------------------
 
@@ -94,69 +95,52 @@ def _bad(spec_edit=None, array_edit=None):
     return apply
 
 
-def _set(path, value):
-    """spec edit: set spec[path...] = value."""
-    def edit(spec):
-        obj = spec
-        for key in path[:-1]:
-            obj = obj[key]
-        obj[path[-1]] = value
-    return edit
-
-
-def _drop(path):
-    def edit(spec):
-        obj = spec
-        for key in path[:-1]:
-            obj = obj[key]
-        del obj[path[-1]]
-    return edit
 
 
 BAD_SPECS = [
     # (mutation, exception, message fragment naming the field)
-    (_bad(_set(["version"], 2)), SpecError, r"spec\.version must be 1"),
-    (_bad(_set(["version"], "1")), SpecError, r"spec\.version"),
-    (_bad(_set(["format"], "onnx")), SpecError, r"spec\.format"),
-    (_bad(_set(["extra"], 1)), SpecError, r"spec has unknown field 'extra'"),
-    (_bad(_drop(["ops"])), SpecError, r"spec has no field 'ops'"),
-    (_bad(_set(["ops"], [])), SpecError, r"spec\.ops must be a non-empty list"),
-    (_bad(_set(["buffers"], {})), SpecError, r"spec\.buffers must be a non-empty list"),
-    (_bad(_set(["inputs"], [99])), SpecError, r"spec\.inputs\[0\] = 99 is not a buffer id"),
-    (_bad(_set(["outputs"], [-1])), SpecError, r"spec\.outputs\[0\] = -1 is not a buffer id"),
-    (_bad(_set(["outputs"], [True])), SpecError, r"spec\.outputs\[0\] must be a buffer id"),
-    (_bad(_set(["ops", 0, "out"], 14)), SpecError, r"spec\.ops\[0\]\.out = 14 is not a buffer id \(0\.\.13\)"),
-    (_bad(_set(["ops", 3, "b"], -2)), SpecError, r"spec\.ops\[3\]\.b = -2"),
-    (_bad(_set(["ops", 0, "op"], "fft")), SpecError, r"spec\.ops\[0\]\.op must be one of"),
-    (_bad(_set(["ops", 0, "ceil_mode"], True)), SpecError, r"spec\.ops\[0\] has unknown field 'ceil_mode'"),
-    (_bad(_drop(["ops", 1, "stride"])), SpecError, r"spec\.ops\[1\] has no field 'stride'"),
-    (_bad(_set(["ops", 0, "activation"], "swish2")), SpecError, r"spec\.ops\[0\]\.activation"),
-    (_bad(_set(["ops", 7, "kind"], None)), SpecError, r"spec\.ops\[7\]\.kind"),
-    (_bad(_set(["ops", 9, "weight"], 3)), SpecError, r"spec\.ops\[9\] \(head\.fc2\)\.weight must be a string"),
-    (_bad(_set(["ops", 9, "rows"], 7)), SpecError, r"output buffer 11 must have shape \(7,\)"),
-    (_bad(_set(["ops", 9, "cols"], 15)), SpecError, r"input buffer 10 \(16,\) must end in cols = 15"),
-    (_bad(_set(["ops", 9, "block"], [4, 1])), SpecError, r"block must be \[1, 1\] for format 'csr'"),
-    (_bad(_set(["ops", 6, "block"], [2, 2])), SpecError, r"spec\.ops\[6\]\.block \[2, 2\] is not one of"),
-    (_bad(_set(["ops", 6, "format"], "coo")), SpecError, r"spec\.ops\[6\]\.format must be 'csr' or 'bsr'"),
-    (_bad(_set(["ops", 0, "kernel"], [0, 3])), SpecError, r"spec\.ops\[0\]\.kernel\[0\] = 0 is out of range"),
-    (_bad(_set(["ops", 0, "kernel"], [3, 3, 3])), SpecError, r"spec\.ops\[0\]\.kernel must be a list of 2 ints"),
-    (_bad(_set(["ops", 0, "stride"], [2, 2])), SpecError, r"output buffer 1 must have shape \(8, 5, 5\)"),
-    (_bad(_set(["ops", 2, "groups"], 3)), SpecError, r"groups = 3 must divide"),
-    (_bad(_set(["ops", 0, "in_channels"], 4)), SpecError, r"input buffer 0 must be \(4, H, W\)"),
-    (_bad(_set(["ops", 1, "padding"], [2, 0])), SpecError, r"padding \[2, 0\] must be at most half the kernel"),
-    (_bad(_set(["ops", 10, "eps"], -1.0)), SpecError, r"spec\.ops\[10\]\.eps must be a finite number > 0"),
-    (_bad(_set(["ops", 10, "eps"], float("nan"))), SpecError, r"eps must be a finite number"),
-    (_bad(_set(["ops", 3, "b"], 1)), SpecError, r"a \(8, 5, 5\) and b \(8, 10, 10\) must have the same shape"),
-    (_bad(_set(["ops", 5, "out"], 5)), SpecError, r"out must not share storage with in"),
-    (_bad(_set(["ops", 1, "in"], 12)), SpecError, r"reads a buffer that no input or earlier op writes"),
-    (_bad(_set(["buffers", 3, "shape"], [-8, 5, 5])), SpecError, r"spec\.buffers\[3\]\.shape\[0\] = -8"),
-    (_bad(_set(["buffers", 3, "shape"], [8, 0, 5])), SpecError, r"spec\.buffers\[3\]\.shape\[1\] = 0"),
-    (_bad(_set(["buffers", 3, "shape"], [1 << 20, 1 << 20])), SpecError, r"more than \d+ elements per sample"),
-    (_bad(_set(["buffers", 3, "shape"], [1] * 9)), SpecError, r"spec\.buffers\[3\]\.shape must be a list of 1 to 8"),
-    (_bad(_set(["buffers", 3, "shape"], [8.0, 5, 5])), SpecError, r"spec\.buffers\[3\]\.shape\[0\] must be an int"),
-    (_bad(_set(["buffers", 7, "alias_of"], 8)), SpecError, r"alias_of = 8 must name an earlier buffer"),
-    (_bad(_set(["buffers", 7, "alias_of"], 5)), SpecError, r"must have the element count of buffer 5"),
-    (_bad(_set(["buffers", 7, "dtype"], "f16")), SpecError, r"spec\.buffers\[7\] has unknown field 'dtype'"),
+    (_bad(set_field(["version"], 2)), SpecError, r"spec\.version must be 1"),
+    (_bad(set_field(["version"], "1")), SpecError, r"spec\.version"),
+    (_bad(set_field(["format"], "onnx")), SpecError, r"spec\.format"),
+    (_bad(set_field(["extra"], 1)), SpecError, r"spec has unknown field 'extra'"),
+    (_bad(drop_field(["ops"])), SpecError, r"spec has no field 'ops'"),
+    (_bad(set_field(["ops"], [])), SpecError, r"spec\.ops must be a non-empty list"),
+    (_bad(set_field(["buffers"], {})), SpecError, r"spec\.buffers must be a non-empty list"),
+    (_bad(set_field(["inputs"], [99])), SpecError, r"spec\.inputs\[0\] = 99 is not a buffer id"),
+    (_bad(set_field(["outputs"], [-1])), SpecError, r"spec\.outputs\[0\] = -1 is not a buffer id"),
+    (_bad(set_field(["outputs"], [True])), SpecError, r"spec\.outputs\[0\] must be a buffer id"),
+    (_bad(set_field(["ops", 0, "out"], 14)), SpecError, r"spec\.ops\[0\]\.out = 14 is not a buffer id \(0\.\.13\)"),
+    (_bad(set_field(["ops", 3, "b"], -2)), SpecError, r"spec\.ops\[3\]\.b = -2"),
+    (_bad(set_field(["ops", 0, "op"], "fft")), SpecError, r"spec\.ops\[0\]\.op must be one of"),
+    (_bad(set_field(["ops", 0, "ceil_mode"], True)), SpecError, r"spec\.ops\[0\] has unknown field 'ceil_mode'"),
+    (_bad(drop_field(["ops", 1, "stride"])), SpecError, r"spec\.ops\[1\] has no field 'stride'"),
+    (_bad(set_field(["ops", 0, "activation"], "swish2")), SpecError, r"spec\.ops\[0\]\.activation"),
+    (_bad(set_field(["ops", 7, "kind"], None)), SpecError, r"spec\.ops\[7\]\.kind"),
+    (_bad(set_field(["ops", 9, "weight"], 3)), SpecError, r"spec\.ops\[9\] \(head\.fc2\)\.weight must be a string"),
+    (_bad(set_field(["ops", 9, "rows"], 7)), SpecError, r"output buffer 11 must have shape \(7,\)"),
+    (_bad(set_field(["ops", 9, "cols"], 15)), SpecError, r"input buffer 10 \(16,\) must end in cols = 15"),
+    (_bad(set_field(["ops", 9, "block"], [4, 1])), SpecError, r"block must be \[1, 1\] for format 'csr'"),
+    (_bad(set_field(["ops", 6, "block"], [2, 2])), SpecError, r"spec\.ops\[6\]\.block \[2, 2\] is not one of"),
+    (_bad(set_field(["ops", 6, "format"], "coo")), SpecError, r"spec\.ops\[6\]\.format must be 'csr' or 'bsr'"),
+    (_bad(set_field(["ops", 0, "kernel"], [0, 3])), SpecError, r"spec\.ops\[0\]\.kernel\[0\] = 0 is out of range"),
+    (_bad(set_field(["ops", 0, "kernel"], [3, 3, 3])), SpecError, r"spec\.ops\[0\]\.kernel must be a list of 2 ints"),
+    (_bad(set_field(["ops", 0, "stride"], [2, 2])), SpecError, r"output buffer 1 must have shape \(8, 5, 5\)"),
+    (_bad(set_field(["ops", 2, "groups"], 3)), SpecError, r"groups = 3 must divide"),
+    (_bad(set_field(["ops", 0, "in_channels"], 4)), SpecError, r"input buffer 0 must be \(4, H, W\)"),
+    (_bad(set_field(["ops", 1, "padding"], [2, 0])), SpecError, r"padding \[2, 0\] must be at most half the kernel"),
+    (_bad(set_field(["ops", 10, "eps"], -1.0)), SpecError, r"spec\.ops\[10\]\.eps must be a finite number > 0"),
+    (_bad(set_field(["ops", 10, "eps"], float("nan"))), SpecError, r"eps must be a finite number"),
+    (_bad(set_field(["ops", 3, "b"], 1)), SpecError, r"a \(8, 5, 5\) and b \(8, 10, 10\) must have the same shape"),
+    (_bad(set_field(["ops", 5, "out"], 5)), SpecError, r"out must not share storage with in"),
+    (_bad(set_field(["ops", 1, "in"], 12)), SpecError, r"reads a buffer that no input or earlier op writes"),
+    (_bad(set_field(["buffers", 3, "shape"], [-8, 5, 5])), SpecError, r"spec\.buffers\[3\]\.shape\[0\] = -8"),
+    (_bad(set_field(["buffers", 3, "shape"], [8, 0, 5])), SpecError, r"spec\.buffers\[3\]\.shape\[1\] = 0"),
+    (_bad(set_field(["buffers", 3, "shape"], [1 << 20, 1 << 20])), SpecError, r"more than \d+ elements per sample"),
+    (_bad(set_field(["buffers", 3, "shape"], [1] * 9)), SpecError, r"spec\.buffers\[3\]\.shape must be a list of 1 to 8"),
+    (_bad(set_field(["buffers", 3, "shape"], [8.0, 5, 5])), SpecError, r"spec\.buffers\[3\]\.shape\[0\] must be an int"),
+    (_bad(set_field(["buffers", 7, "alias_of"], 8)), SpecError, r"alias_of = 8 must name an earlier buffer"),
+    (_bad(set_field(["buffers", 7, "alias_of"], 5)), SpecError, r"must have the element count of buffer 5"),
+    (_bad(set_field(["buffers", 7, "dtype"], "f16")), SpecError, r"spec\.buffers\[7\] has unknown field 'dtype'"),
     (_bad(array_edit=lambda a: a.pop("fc2.values")), SpecError, r"array 'fc2\.values' \(float32 values\) is missing"),
     (_bad(array_edit=lambda a: a.update({"fc2.bais": a.pop("fc2.bias")})), SpecError,
      r"array 'fc2\.bais' is not used by any op"),

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from sparseprune import _native
 from sparseprune.runtime import Executable, SpecError, load, run_reference, validate
+from spec_edits import drop_field, set_field  # tests/spec_edits.py
 
 _C = _native._C
 
@@ -498,22 +499,6 @@ def test_validate_reports_input_dtypes(rng):
 # --- validation: each malformed field is refused, naming it -------------------------------------------
 
 
-def _set(path, value):
-    def edit(spec, arrays):
-        obj = spec
-        for key in path[:-1]:
-            obj = obj[key]
-        obj[path[-1]] = value
-    return edit
-
-
-def _drop(path):
-    def edit(spec, arrays):
-        obj = spec
-        for key in path[:-1]:
-            obj = obj[key]
-        del obj[path[-1]]
-    return edit
 
 
 def _array(name, value):
@@ -528,90 +513,90 @@ def _array(name, value):
 # (edit, Python exception, Python message, native message or None when only Python checks it)
 BAD = [
     # permute
-    (_set(["ops", 6, "perm"], [0]), SpecError, r"spec\.ops\[6\]\.perm must be a list of 2 ints", r"perm must list"),
-    (_set(["ops", 6, "perm"], [1, 1]), SpecError, r"spec\.ops\[6\]\.perm = \[1, 1\] is not a permutation of range\(2\)",
+    (set_field(["ops", 6, "perm"], [0]), SpecError, r"spec\.ops\[6\]\.perm must be a list of 2 ints", r"perm must list"),
+    (set_field(["ops", 6, "perm"], [1, 1]), SpecError, r"spec\.ops\[6\]\.perm = \[1, 1\] is not a permutation of range\(2\)",
      r"perm is not a permutation"),
-    (_set(["ops", 6, "perm"], [0, 2]), SpecError, r"spec\.ops\[6\]\.perm = \[0, 2\] is not a permutation",
+    (set_field(["ops", 6, "perm"], [0, 2]), SpecError, r"spec\.ops\[6\]\.perm = \[0, 2\] is not a permutation",
      r"perm is not a permutation"),
-    (_set(["ops", 6, "perm"], [True, 0]), SpecError, r"spec\.ops\[6\]\.perm must be a list of 2 ints", r"perm"),
-    (_set(["ops", 6, "perm"], [0, 1]), SpecError, r"spec\.ops\[6\]: output buffer 6 must have shape \(5, 6\)",
+    (set_field(["ops", 6, "perm"], [True, 0]), SpecError, r"spec\.ops\[6\]\.perm must be a list of 2 ints", r"perm"),
+    (set_field(["ops", 6, "perm"], [0, 1]), SpecError, r"spec\.ops\[6\]: output buffer 6 must have shape \(5, 6\)",
      r"output must have shape"),
-    (_set(["ops", 6, "out"], 5), SpecError, r"spec\.ops\[6\]: out must not share storage with in",
+    (set_field(["ops", 6, "out"], 5), SpecError, r"spec\.ops\[6\]: out must not share storage with in",
      r"must not share storage"),
     # cat
-    (_set(["ops", 9, "inputs"], [8, 4]), SpecError,
+    (set_field(["ops", 9, "inputs"], [8, 4]), SpecError,
      r"spec\.ops\[9\]\.inputs\[1\]: buffer 4 \(5, 6\) must have the shape of inputs\[0\] \(2, 3, 3\) "
      r"except along axis 2",
      r"cat operands need the same rank"),
-    (_set(["buffers", 8, "shape"], [2, 4, 3]), SpecError, r"spec\.ops\[7\]: output buffer 8", None),
-    (_set(["ops", 9, "axis"], 3), SpecError, r"spec\.ops\[9\]\.axis = 3 is out of range for inputs of rank 3",
+    (set_field(["buffers", 8, "shape"], [2, 4, 3]), SpecError, r"spec\.ops\[7\]: output buffer 8", None),
+    (set_field(["ops", 9, "axis"], 3), SpecError, r"spec\.ops\[9\]\.axis = 3 is out of range for inputs of rank 3",
      r"axis out of range"),
-    (_set(["ops", 9, "axis"], 1), SpecError, r"spec\.ops\[9\]\.inputs\[1\]: buffer 9", r"differ outside the axis"),
-    (_set(["ops", 9, "inputs"], []), SpecError, r"spec\.ops\[9\]\.inputs must be a list of 1 to 64 buffer ids",
+    (set_field(["ops", 9, "axis"], 1), SpecError, r"spec\.ops\[9\]\.inputs\[1\]: buffer 9", r"differ outside the axis"),
+    (set_field(["ops", 9, "inputs"], []), SpecError, r"spec\.ops\[9\]\.inputs must be a list of 1 to 64 buffer ids",
      r"cat needs at least one input"),
-    (_set(["ops", 9, "inputs"], [8, 99]), SpecError, r"spec\.ops\[9\]\.inputs\[1\] = 99 is not a buffer id",
+    (set_field(["ops", 9, "inputs"], [8, 99]), SpecError, r"spec\.ops\[9\]\.inputs\[1\] = 99 is not a buffer id",
      r"not a buffer id"),
-    (_set(["ops", 9, "inputs"], [8, 10]), SpecError, r"spec\.ops\[9\]\.inputs\[1\] = 10 reads a buffer that no input",
+    (set_field(["ops", 9, "inputs"], [8, 10]), SpecError, r"spec\.ops\[9\]\.inputs\[1\] = 10 reads a buffer that no input",
      None),
-    (_set(["ops", 9, "out"], 9), SpecError, r"spec\.ops\[9\]: out must not share storage with inputs\[1\]",
+    (set_field(["ops", 9, "out"], 9), SpecError, r"spec\.ops\[9\]: out must not share storage with inputs\[1\]",
      r"must not share storage"),
     # attention
-    (_set(["ops", 4, "heads"], 3), SpecError,
+    (set_field(["ops", 4, "heads"], 3), SpecError,
      r"spec\.ops\[4\]\.heads = 3 must divide the last dims of q \(8\) and v \(6\)",
      r"do not fit 3 heads"),
-    (_set(["ops", 4, "heads"], 4), SpecError, r"spec\.ops\[4\]\.heads = 4 must divide", r"do not fit 4 heads"),
-    (_set(["ops", 4, "heads"], 0), SpecError, r"spec\.ops\[4\]\.heads = 0 is out of range", r"heads is out of range"),
-    (_set(["ops", 4, "heads"], 2.0), SpecError, r"spec\.ops\[4\]\.heads must be an int", r"heads must be an int"),
-    (_set(["ops", 4, "layout"], "batch_first"), SpecError, r"spec\.ops\[4\]\.layout must be one of",
+    (set_field(["ops", 4, "heads"], 4), SpecError, r"spec\.ops\[4\]\.heads = 4 must divide", r"do not fit 4 heads"),
+    (set_field(["ops", 4, "heads"], 0), SpecError, r"spec\.ops\[4\]\.heads = 0 is out of range", r"heads is out of range"),
+    (set_field(["ops", 4, "heads"], 2.0), SpecError, r"spec\.ops\[4\]\.heads must be an int", r"heads must be an int"),
+    (set_field(["ops", 4, "layout"], "batch_first"), SpecError, r"spec\.ops\[4\]\.layout must be one of",
      r"layout must be"),
-    (_set(["ops", 4, "causal"], 1), SpecError, r"spec\.ops\[4\]\.causal must be true or false",
+    (set_field(["ops", 4, "causal"], 1), SpecError, r"spec\.ops\[4\]\.causal must be true or false",
      r"causal must be true or false"),
-    (_set(["ops", 4, "scale"], True), SpecError, r"spec\.ops\[4\]\.scale must be a finite number",
+    (set_field(["ops", 4, "scale"], True), SpecError, r"spec\.ops\[4\]\.scale must be a finite number",
      r"scale must be a number"),
-    (_set(["ops", 4, "v"], 2), SpecError, r"spec\.ops\[4\]: output buffer 5 must have shape \(5, 8\)",
+    (set_field(["ops", 4, "v"], 2), SpecError, r"spec\.ops\[4\]: output buffer 5 must have shape \(5, 8\)",
      r"output must be"),
-    (_set(["ops", 4, "k"], 4), SpecError, r"spec\.ops\[4\]: q and k must have the same last dim", r"do not fit"),
-    (_set(["ops", 4, "out"], 4), SpecError, r"spec\.ops\[4\]: out must not share storage with v",
+    (set_field(["ops", 4, "k"], 4), SpecError, r"spec\.ops\[4\]: q and k must have the same last dim", r"do not fit"),
+    (set_field(["ops", 4, "out"], 4), SpecError, r"spec\.ops\[4\]: out must not share storage with v",
      r"must not share storage"),
-    (_set(["ops", 8, "v"], 10), SpecError, r"spec\.ops\[8\]\.v = 10 reads a buffer that no input or earlier op writes",
+    (set_field(["ops", 8, "v"], 10), SpecError, r"spec\.ops\[8\]\.v = 10 reads a buffer that no input or earlier op writes",
      r"output must have shape"),
-    (_set(["ops", 8, "layout"], "sequence_first"), SpecError, r"layout 'sequence_first' needs q, k, v of rank 2",
+    (set_field(["ops", 8, "layout"], "sequence_first"), SpecError, r"layout 'sequence_first' needs q, k, v of rank 2",
      r"sequence_first q, k, v must be"),
-    (_set(["ops", 8, "k"], 6), SpecError, r"spec\.ops\[8\]: layout 'heads_first' needs q, k, v of the same rank",
+    (set_field(["ops", 8, "k"], 6), SpecError, r"spec\.ops\[8\]: layout 'heads_first' needs q, k, v of the same rank",
      r"same rank"),
     # matmul
-    (_set(["ops", 7, "transpose_b"], False), SpecError,
+    (set_field(["ops", 7, "transpose_b"], False), SpecError,
      r"spec\.ops\[7\]: inner dims of a \(2, 3, 5\) and b \(2, 3, 5\) differ: a has K = 5, b's second-to-last dim is 3",
      r"matmul inner dimensions differ"),
-    (_set(["ops", 7, "b"], 5), SpecError, r"spec\.ops\[7\]: a \(2, 3, 5\) and b \(5, 6\) must have the same rank",
+    (set_field(["ops", 7, "b"], 5), SpecError, r"spec\.ops\[7\]: a \(2, 3, 5\) and b \(5, 6\) must have the same rank",
      r"same rank"),
-    (_set(["ops", 7, "transpose_b"], "yes"), SpecError, r"spec\.ops\[7\]\.transpose_b must be true or false",
+    (set_field(["ops", 7, "transpose_b"], "yes"), SpecError, r"spec\.ops\[7\]\.transpose_b must be true or false",
      r"transpose_b must be true or false"),
-    (_set(["ops", 7, "scale"], True), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
+    (set_field(["ops", 7, "scale"], True), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
      r"scale must be a number"),
-    (_set(["ops", 7, "scale"], float("nan")), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
+    (set_field(["ops", 7, "scale"], float("nan")), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
      r"scale must be a finite float32"),
-    (_set(["ops", 7, "scale"], float("-inf")), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
+    (set_field(["ops", 7, "scale"], float("-inf")), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
      r"scale must be a finite float32"),
-    (_set(["ops", 7, "scale"], 1e39), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
+    (set_field(["ops", 7, "scale"], 1e39), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
      r"scale must be a finite float32"),
-    (_set(["ops", 7, "scale"], 10**400), SpecError, r"spec\.ops\[7\]\.scale must be a finite number", None),
-    (_set(["ops", 7, "scale"], "0.5"), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
+    (set_field(["ops", 7, "scale"], 10**400), SpecError, r"spec\.ops\[7\]\.scale must be a finite number", None),
+    (set_field(["ops", 7, "scale"], "0.5"), SpecError, r"spec\.ops\[7\]\.scale must be a finite number",
      r"scale must be a number"),
-    (_set(["ops", 7, "out"], 6), SpecError, r"spec\.ops\[7\]: out must not share storage with a",
+    (set_field(["ops", 7, "out"], 6), SpecError, r"spec\.ops\[7\]: out must not share storage with a",
      r"must not share storage"),
-    (_set(["ops", 7, "out"], 7), SpecError, r"spec\.ops\[7\]: out must not share storage with a",
+    (set_field(["ops", 7, "out"], 7), SpecError, r"spec\.ops\[7\]: out must not share storage with a",
      r"must not share storage"),
-    (_drop(["ops", 7, "scale"]), SpecError, r"spec\.ops\[7\] has no field 'scale'", r"has no field 'scale'"),
-    (_set(["ops", 7, "in"], 7), SpecError, r"spec\.ops\[7\] has unknown field 'in'", None),
+    (drop_field(["ops", 7, "scale"]), SpecError, r"spec\.ops\[7\] has no field 'scale'", r"has no field 'scale'"),
+    (set_field(["ops", 7, "in"], 7), SpecError, r"spec\.ops\[7\] has unknown field 'in'", None),
     # affine
-    (_set(["ops", 5, "shift"], float("nan")), SpecError, r"spec\.ops\[5\]\.shift must be a finite number",
+    (set_field(["ops", 5, "shift"], float("nan")), SpecError, r"spec\.ops\[5\]\.shift must be a finite number",
      r"shift must be a finite float32"),
-    (_set(["ops", 5, "scale"], None), SpecError, r"spec\.ops\[5\]\.scale must be a finite number",
+    (set_field(["ops", 5, "scale"], None), SpecError, r"spec\.ops\[5\]\.scale must be a finite number",
      r"scale must be a number"),
-    (_set(["ops", 5, "out"], 3), SpecError, r"spec\.ops\[5\]: output buffer 3 must have shape \(5, 6\)",
+    (set_field(["ops", 5, "out"], 3), SpecError, r"spec\.ops\[5\]: output buffer 3 must have shape \(5, 6\)",
      r"input and output sizes differ"),
-    (_set(["ops", 5, "activation"], "swish"), SpecError, r"spec\.ops\[5\]\.activation", r"activation"),
+    (set_field(["ops", 5, "activation"], "swish"), SpecError, r"spec\.ops\[5\]\.activation", r"activation"),
     # embedding
     (_array("emb.table", None), SpecError, r"array 'emb\.table' \(float32 embedding table\) is missing",
      r"emb\.table"),
@@ -622,7 +607,7 @@ BAD = [
      r"emb\.table"),
     (_array("emb.table", lambda t: t[:, :7].copy()), SpecError,
      r"spec\.ops\[0\] \(embed\): output buffer 1 must have shape \(5, 7\)", r"output must have shape"),
-    (_set(["ops", 0, "weight"], "emb2"), SpecError, r"array 'emb2\.table' \(float32 embedding table\) is missing",
+    (set_field(["ops", 0, "weight"], "emb2"), SpecError, r"array 'emb2\.table' \(float32 embedding table\) is missing",
      r"emb2\.table"),
     # dense linear
     (_array("wq.weight", None), SpecError, r"array 'wq\.weight' \(float32 dense weight\) is missing", r"wq\.weight"),
@@ -635,19 +620,19 @@ BAD = [
      r"wv\.bias"),
     (_array("wv.indptr", np.zeros(7, np.int64)), SpecError,
      r"array 'wv\.indptr' is not used: format 'dense' reads 'wv\.weight'", None),
-    (_set(["ops", 3, "block"], [4, 1]), SpecError, r"spec\.ops\[3\]\.block must be \[1, 1\] for format 'dense'", None),
-    (_set(["ops", 3, "format"], "Dense"), SpecError,
+    (set_field(["ops", 3, "block"], [4, 1]), SpecError, r"spec\.ops\[3\]\.block must be \[1, 1\] for format 'dense'", None),
+    (set_field(["ops", 3, "format"], "Dense"), SpecError,
      r"spec\.ops\[3\]\.format must be 'csr' or 'bsr' \(sparse\) or 'dense'",
      None),
-    (_set(["ops", 3, "rows"], 7), SpecError, r"spec\.ops\[3\]: output buffer 4 must have shape \(5, 7\)",
+    (set_field(["ops", 3, "rows"], 7), SpecError, r"spec\.ops\[3\]: output buffer 4 must have shape \(5, 7\)",
      r"wv\.weight' must have shape \(7, 8\)"),
     # input_dtypes
-    (_set(["input_dtypes"], ["int32"]), SpecError, r"spec\.input_dtypes\[0\] must be one of \('float32', 'int64', 'bool'\)",
+    (set_field(["input_dtypes"], ["int32"]), SpecError, r"spec\.input_dtypes\[0\] must be one of \('float32', 'int64', 'bool'\)",
      None),
-    (_set(["input_dtypes"], ["int64", "int64"]), SpecError,
+    (set_field(["input_dtypes"], ["int64", "int64"]), SpecError,
      r"spec\.input_dtypes must be a list with one entry per input",
      None),
-    (_set(["input_dtypes"], "int64"), SpecError, r"spec\.input_dtypes must be a list", None),
+    (set_field(["input_dtypes"], "int64"), SpecError, r"spec\.input_dtypes must be a list", None),
 ]
 
 

@@ -5,18 +5,18 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from concurrency import run_in_threads  # tests/concurrency.py
+from spec_edits import drop_field, set_field  # tests/spec_edits.py
 from torch import nn
 
 from sparseprune import formats
 from sparseprune.compile import UnsupportedOperation, VerificationError, compile, verify
 from sparseprune.runtime import Executable, SpecError, load, run_reference, validate
-from spec_edits import drop_field, set_field  # tests/spec_edits.py
 
 # --- a hand-written spec using every op ------------------------------------------------------
 
@@ -813,21 +813,12 @@ def test_one_executable_shared_by_threads_matches_serial(saved, rng, request):
         xs = [rng.integers(0, 30, (int(rng.integers(1, 4)),) + x0.shape[1:]) for _ in range(80)]
     serial = [exe.run(x) for x in xs]
     results = [None] * len(xs)
-    errors = []
 
     def worker(t):
-        try:
-            for i in range(t, len(xs), 4):  # 4 threads x 20 calls
-                results[i] = exe.run(xs[i])
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(t, len(xs), 4):  # 4 threads x 20 calls
+            results[i] = exe.run(xs[i])
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_in_threads(worker, 4)
     for got, want in zip(results, serial):
         np.testing.assert_array_equal(got, want)
 

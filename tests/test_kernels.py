@@ -5,15 +5,14 @@ Every numerical test runs once per SIMD path (baseline and AVX2/FMA). Speed is n
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import scipy.sparse
 import torch
+from concurrency import run_in_threads  # tests/concurrency.py
 
 from sparseprune import _native, formats
-from sparseprune._native import PackedLinear, _C
+from sparseprune._native import _C, PackedLinear
 
 # ("csr", (1, 1)) and ("bsr", shape) for every compiled block shape.
 FORMATS = [("csr", (1, 1))] + [("bsr", shape) for shape in formats.BLOCK_SHAPES]
@@ -576,22 +575,13 @@ def test_concurrent_calls_from_python_threads(rng, fmt, block):
     p = formats.pack(w, b, fmt, block)
     inputs = [random_x(rng, batch, n_cols) for batch in (1, 3, 9, 17, 40, 65, 2, 33)]
     expected = [run(p, x, n_threads=1) for x in inputs]
-    errors = []
 
     def worker(k):
-        try:
-            for rep in range(15):
-                i = (k + rep) % len(inputs)
-                np.testing.assert_array_equal(run(p, inputs[i], n_threads=1), expected[i])
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for rep in range(15):
+            i = (k + rep) % len(inputs)
+            np.testing.assert_array_equal(run(p, inputs[i], n_threads=1), expected[i])
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_in_threads(worker, 4)
 
 
 @pytest.mark.parametrize("fmt,block", FORMATS, ids=FORMAT_IDS)

@@ -209,6 +209,10 @@ class _Lowering(AttentionLowering, TensorLowering):
         """dense, csr or a block format: with policy="measure" the fastest on this machine, timed as
         the executor runs it (a one-op plan) at the row count the layer sees on the example inputs;
         with "threshold", csr from CSR_SPARSITY_THRESHOLD sparsity, else dense."""
+        if self.policy == "threshold":  # no timing: pack only the chosen format
+            best = "csr" if sparsity >= CSR_SPARSITY_THRESHOLD else "dense"
+            why = f"policy='threshold': sparsity {sparsity:.2f} {'>=' if best == 'csr' else '<'} {CSR_SPARSITY_THRESHOLD}"
+            return best, best, (1, 1), _linear_format_arrays(name, weight, bias, best, (1, 1)), why
         candidates = {"dense": ("dense", (1, 1))}
         if sparsity > 0.0:
             candidates["csr"] = ("csr", (1, 1))
@@ -216,20 +220,15 @@ class _Lowering(AttentionLowering, TensorLowering):
                 if formats.block_fill(weight, r, c) >= MIN_BLOCK_FILL:
                     candidates[f"bsr{r}x{c}"] = ("bsr", (r, c))
         arrays = {k: _linear_format_arrays(name, weight, bias, fmt, block) for k, (fmt, block) in candidates.items()}
-        if self.policy == "threshold":
-            best = "csr" if sparsity >= CSR_SPARSITY_THRESHOLD else "dense"
-            why = f"policy='threshold': sparsity {sparsity:.2f} {'>=' if best == 'csr' else '<'} {CSR_SPARSITY_THRESHOLD}"
-        else:
-            rows, cols = weight.shape
-            x = np.random.default_rng(0).standard_normal((max(x_rows, 1), cols)).astype(np.float32)
-            plans = {k: _one_linear_plan(arrays[k], name, fmt, block, rows, cols, bias is not None)
-                     for k, (fmt, block) in candidates.items()}
-            fns = {k: (lambda p=p: p.run([x], self.threads)) for k, p in plans.items()}
-            times = time_interleaved(fns, warmup=1, repeats=5, min_time_s=0.005)
-            best = min(times, key=lambda k: times[k].min_s)
-            why = f"fastest measured of {sorted(candidates)} at {x_rows} rows"
+        rows, cols = weight.shape
+        x = np.random.default_rng(0).standard_normal((max(x_rows, 1), cols)).astype(np.float32)
+        plans = {k: _one_linear_plan(arrays[k], name, fmt, block, rows, cols, bias is not None)
+                 for k, (fmt, block) in candidates.items()}
+        times = time_interleaved({k: (lambda p=p: p.run([x], self.threads)) for k, p in plans.items()},
+                                 warmup=1, repeats=5, min_time_s=0.005)
+        best = min(times, key=lambda k: times[k].min_s)
         fmt, block = candidates[best]
-        return best, fmt, block, arrays[best], why
+        return best, fmt, block, arrays[best], f"fastest measured of {sorted(candidates)} at {x_rows} rows"
 
     def linear_op(self, node: fx.Node, src: int, layer: Any, path: str, activation: Optional[str] = None) -> Tuple[Dict[str, Any], Tuple[int, ...]]:
         """The spec op applying `layer` to buffer `src`, and its output's per-sample shape."""

@@ -619,14 +619,14 @@ _FLOAT = torch.float32
     (_SequenceFirstMHA, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\).*batch_first=False"),
     (_MHAWithMask, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\).*attn_mask is not supported"),
     (_SDPAWithMask, (2, 4, 8), _FLOAT, r"'torch\.nn\.functional\.scaled_dot_product_attention'.*attn_mask"),
-    (_SDPADropout, (2, 4, 8), _FLOAT, r"'torch\.nn\.functional\.scaled_dot_product_attention'.*dropout_p=0\.1"),
-    (_CatBatch, (2, 4, 8), _FLOAT, r"'torch\.cat'.*the batch dimension"),
-    (_EmbeddingOfComputedIds, (2, 4), _FLOAT, r"'Tensor\.long'"),
-    (_EmbeddingOfShiftedIds, (2, 4), torch.int64, r"'operator\.add'.*integer \(token id\) input"),
-    (_NumberOverTensor, (2, 4), _FLOAT, r"'operator\.truediv'.*number / tensor"),
-    (_BroadcastMatmul, (2, 5, 8), _FLOAT, r"'operator\.matmul'.*no broadcasting"),
+    (_SDPADropout, (2, 4, 8), _FLOAT, r"aten\.scaled_dot_product_attention.*dropout_p"),
+    (_CatBatch, (2, 4, 8), _FLOAT, r"aten\.cat.*the batch dimension"),
+    (_EmbeddingOfComputedIds, (2, 4), _FLOAT, r"conversion to torch\.int64"),
+    (_EmbeddingOfShiftedIds, (2, 4), torch.int64, r"aten\.add\.Tensor.*integer \(token id\) input"),
+    (_NumberOverTensor, (2, 4), _FLOAT, r"aten\.reciprocal.*a number divided by an activation"),
+    (_BroadcastMatmul, (2, 5, 8), _FLOAT, r"aten\.matmul.*no broadcasting"),
     (_EncoderWithPaddingMask, (2, 5, 8), _FLOAT,  # a mask held by the model, not a bool input
-     r"module 'encoder' \(TransformerEncoder\).*a key padding mask must be a bool input of the model"),
+     r"depends on the batch size"),
     (_encoder_with_wide_norm, (2, 5, 8), _FLOAT, r"encoder norm '0\.norm' over \(5, 8\)"),
     (lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=nn.GELU(approximate="tanh"),
                                         batch_first=True), (2, 5, 8), _FLOAT,
@@ -827,7 +827,7 @@ class _ConstantOverActivation(nn.Module):
 
 @pytest.mark.parametrize("model, shape, match", [
     (_ConstantOverActivation(), (2, 4), r"a constant divided by an activation"),
-    (_ConstantOverBatch(), (2, 5, 4), r"constant of shape \(2, 5, 4\) does not broadcast to one sample"),
+    (_ConstantOverBatch(), (2, 5, 4), r"depends on the batch size"),
 ])
 def test_constants_that_cannot_be_per_sample_are_refused(model, shape, match, gen):
     with pytest.raises(UnsupportedOperation, match=match):
@@ -881,10 +881,9 @@ class _Index(nn.Module):
 
 
 @pytest.mark.parametrize("index, match", [
-    ((0,), r"indexes the batch dimension"),
-    ((slice(None), torch.tensor([0, 2])), r"indexing with a tensor"),
+    ((0,), r"(slices|indexes) the batch dimension"),
+    ((slice(None), torch.tensor([0, 2])), r"advanced indexing"),
     ((slice(None), slice(3, 3)), r"an empty slice"),
-    ((slice(None), None), r"indexing with NoneType"),
 ])
 def test_unsupported_indexing_is_refused(index, match, gen):
     with pytest.raises(UnsupportedOperation, match=match):
@@ -1055,8 +1054,10 @@ def test_padding_mask_errors(gen):
     x = _randn(gen, 2, 5, 8)
     with pytest.raises(UnsupportedOperation, match="a key padding mask must be a bool input"):
         compile(_FloatMask().eval(), (x, torch.zeros(2, 5)))
-    with pytest.raises(UnsupportedOperation, match="is a bool input: the executor only takes those as attention"):
-        compile(_MaskAsData().eval(), (x, torch.zeros(2, 5, 8, dtype=torch.bool)))
+    # A bool input used as data is 0/1, as torch promotes it (the ATen lowering runs it).
+    data = torch.rand(2, 5, 8, generator=gen) > 0.5
+    exe = compile(_MaskAsData().eval(), (x, data))
+    np.testing.assert_allclose(exe.run(x.numpy(), data.numpy()), (x + data).numpy(), rtol=1e-6)
     nested = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2,
                                    enable_nested_tensor=True).eval()
     if getattr(nested, "use_nested_tensor", False):

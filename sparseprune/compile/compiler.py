@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -33,6 +33,8 @@ from sparseprune.compile.errors import (
     UnsupportedOperation,
     VerificationError,
 )
+from sparseprune.compile.aten_lowering import AtenLowering
+from sparseprune.compile.capture import capture
 from sparseprune.compile.lowering import _Lowering
 from sparseprune.compile.passes import (
     _compact,
@@ -51,6 +53,8 @@ from sparseprune.runtime import Executable
 from sparseprune.runtime.spec import SPEC_FORMAT, SPEC_VERSION
 
 POLICIES = ("measure", "threshold")
+# An ATen lowering error inside torch's attention modules, which the fx lowering handles whole.
+_FX_TERRITORY = "(torch.nn.modules."
 
 
 # The executable must reproduce the model within fp32 rounding: |y - ref| <= ATOL_SCALE *
@@ -156,42 +160,16 @@ def verify(executable: Executable, example_inputs: Sequence[torch.Tensor], expec
     return worst
 
 
-def compile(
-    model: nn.Module,
-    example_inputs,
-    *,
-    policy: str = "measure",
-    num_threads: Optional[int] = None,
-    check: bool = True,
-) -> Executable:
-    """Lower `model` to one native Executable that runs the whole network in a single call.
-
-    example_inputs: a tensor or tuple of float32 tensors [batch, ...] (batch >= 1) used to trace
-    shapes and to check the result; the executable then takes any batch size. BatchNorm2d after a
-    Conv2d is folded in, activations are fused into the layer producing their input, pruned
-    layers are read through their effective (masked) weights, and every Linear/Conv2d is packed
-    sparse (a dense layer is stored with all its entries). policy="measure" (default) times CSR
-    against the block-sparse formats that fit each Linear on this machine; "threshold" packs CSR
-    without timing. num_threads: the executable's intra-op threads (default: torch's count).
-
-    Raises UnsupportedOperation (a ValueError) naming the op and the module path when the model
-    uses something the executor does not run (sparseprune.convert still works then), and
-    VerificationError when check=True and the executable does not reproduce the model.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    threads = resolve_threads(num_threads)  # validates num_threads
-    inputs = _as_inputs(example_inputs)
+def _lower_with_fx(model: nn.Module, example_inputs, policy: str, threads: int):
+    """The torch.fx lowering of module-level graphs: (lowering, inputs, expected outputs)."""
+    inputs = _as_inputs(tuple(example_inputs))
     batch = int(inputs[0].shape[0])
-
     work = _copy_model(model).eval()
     wrapped = _Tracer().is_leaf_module(work, "")
     if wrapped:  # a single layer (or attention module): fx would trace into its forward
         work = _wrap_single_module(work, len(inputs))
     if is_pruned(work):
-        remove(work)  # the effective (masked) weights become the plain weights of the copy
+        remove(work)
     with torch.no_grad():
         expected = _model_outputs(work(*inputs))
         prepare_fusions(work)
@@ -211,14 +189,89 @@ def compile(
                 f"the torch.fx trace of {type(model).__name__} does not run on example_inputs "
                 f"({type(exc).__name__}: {exc}). {CONVERT_HINT}"
             ) from exc
-
     lowering = _Lowering(gm, batch, policy, threads)
     lowering.lower()
     if wrapped:  # name layers as in the caller's module ("linear1", not "0.linear1")
         _strip_name_prefix(lowering, "0.")
+    return lowering, inputs, expected
+
+
+def compile(
+    model: nn.Module,
+    example_inputs=(),
+    *,
+    kwargs: Optional[Mapping[str, torch.Tensor]] = None,
+    dynamic_shapes: Optional[Mapping[str, Any]] = None,
+    policy: str = "measure",
+    num_threads: Optional[int] = None,
+    check: bool = True,
+) -> Executable:
+    """Lower `model` to one native Executable that runs the whole network in a single call.
+
+    example_inputs: a tensor or tuple of positional example tensors [batch, ...] (batch >= 1);
+    kwargs: keyword example tensors (e.g. {"input_ids": ids, "attention_mask": mask}). Inputs are
+    float32, int64 token ids or bool masks (an integer mask the model only converts to bool is
+    taken as a mask too). The model is captured with torch.export: the batch is always dynamic;
+    dynamic_shapes adds per-sample dynamic dims in torch.export's form, e.g.
+    {"input_ids": {1: torch.export.Dim("seq", max=512)}} — one executable then serves every
+    sequence length up to the maximum. The executable takes the inputs in the order positional,
+    then keyword, and returns the model's output structure (a tensor, a tuple, or for a dict /
+    transformers ModelOutput a dict of arrays by name).
+
+    BatchNorm after a convolution is folded in, activations and shortcut adds are fused, pruned
+    layers are read through their effective (masked) weights, and every Linear/Conv2d gets the
+    kernel that is fastest on this machine (policy="measure", timed as the executor runs it) or
+    the one its sparsity picks (policy="threshold"). num_threads: the threads used to time and
+    check (default: torch's count); the executable's own count is set at load.
+
+    Raises UnsupportedOperation (a ValueError) naming the ATen op and the module path when the
+    model uses something the executor does not run (sparseprune.convert still works then), and
+    VerificationError when check=True and the executable does not reproduce the model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    threads = resolve_threads(num_threads)  # validates num_threads
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(args, (tuple, list)):
+        raise TypeError("example_inputs must be a tensor or a tuple of input tensors, e.g. (x,)")
+    kwargs = dict(kwargs or {})
+    if not args and not kwargs:
+        raise TypeError("compile needs example inputs: example_inputs=(x,) and/or kwargs={'name': x}")
+
+    work = _copy_model(model).eval()
+    if is_pruned(work):
+        remove(work)  # the effective (masked) weights become the plain weights of the copy
+    try:
+        with torch.no_grad():
+            captured = capture(work, tuple(args), kwargs, dynamic_shapes)
+        lowering = AtenLowering(captured, policy, threads)
+        lowering.lower()
+        inputs, expected, output_kind, output_names = captured.example_inputs, captured.expected, \
+            captured.output_kind, captured.output_names
+        dims = {name: {"min": lo, "max": hi} for name, lo, hi, _ in captured.dims.values()}
+        frontend = "torch.export"
+    except UnsupportedOperation as primary:
+        if kwargs or dynamic_shapes:
+            raise
+        # Transitional: torch.fx still lowers nn.MultiheadAttention / nn.TransformerEncoder(Layer)
+        # (batch_first) as whole modules, which the ATen lowering cannot yet (their ATen graph
+        # moves the batch axis). Its error is not shown: the ATen one is the one to act on.
+        try:
+            lowering, inputs, expected = _lower_with_fx(model, args, policy, threads)
+        except UnsupportedOperation as legacy:
+            if _FX_TERRITORY in str(primary):
+                raise legacy from None  # the attention modules fx handles: its message is the precise one
+            raise primary from None
+        output_kind = "tensor" if len(expected) == 1 else "tuple"
+        output_names = [f"output_{k}" for k in range(len(expected))] if len(expected) > 1 else ["output"]
+        dims, frontend = {}, "torch.fx"
     if not lowering.ops:
         raise UnsupportedOperation(
             f"{type(model).__name__} computes nothing the executor runs (no ops). {CONVERT_HINT}")
+    for buffer, name in zip(lowering.outputs, output_names):
+        lowering.buffers[buffer]["name"] = name
     ops = _drop_dead_ops(lowering.buffers, lowering.ops, lowering.outputs)
     ops = _fuse_activations(lowering.buffers, ops, lowering.outputs)
     ops = _fuse_residual_adds(lowering.buffers, ops, lowering.outputs)
@@ -233,16 +286,19 @@ def compile(
         "inputs": ins,
         "outputs": outs,
         "ops": ops,
+        **({"dims": dims} if dims else {}),
         **({"input_dtypes": lowering.input_dtypes} if set(lowering.input_dtypes) != {"float32"} else {}),
         "metadata": {
             "producer": f"sparseprune {getattr(sys.modules.get('sparseprune'), '__version__', 'unknown')}",
             "model": type(model).__name__,
             "policy": policy,
-            "example_batch": batch,
+            "example_batch": int(inputs[0].shape[0]),
+            "frontend": frontend,
+            "output_kind": output_kind,
             "layers": lowering.layers,
         },
     }
     executable = Executable.from_spec(spec, lowering.arrays, n_threads=num_threads)
     if check:
-        verify(executable, inputs, expected)
+        verify(executable, inputs, [t.detach().numpy() if isinstance(t, torch.Tensor) else t for t in expected])
     return executable

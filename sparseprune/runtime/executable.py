@@ -99,8 +99,8 @@ class Executable:
             if ids and not np.issubdtype(x.dtype, np.integer):
                 raise TypeError(f"{name} must hold integer token ids (input dtype int64), got {x.dtype} "
                                 f"(expected shape {_batch_shape(shape)})")
-            if mask and x.dtype != np.bool_:
-                raise TypeError(f"{name} must be a bool padding mask (True = padding), got {x.dtype} "
+            if mask and not (x.dtype == np.bool_ or np.issubdtype(x.dtype, np.integer)):
+                raise TypeError(f"{name} must be a bool (or integer 0/1) mask, got {x.dtype} "
                                 f"(expected shape {_batch_shape(shape)})")
             if dtype == "float32" and x.dtype != np.float32:
                 raise TypeError(f"{name} must be float32, got {x.dtype} (expected shape {_batch_shape(shape)})")
@@ -118,7 +118,7 @@ class Executable:
                                          f"[0, {MAX_INT_INPUT}) for an int64 input")
                 x = x.astype(np.float32)  # exact below 2**24
             if mask:
-                x = x.astype(np.float32)  # 1.0 = padding
+                x = (x != 0).astype(np.float32)  # nonzero -> 1.0
             arrays.append(np.ascontiguousarray(x))
         threads = _check_threads(n_threads) or self._n_threads
         outs = self._plan.run(arrays, resolve_threads(threads))

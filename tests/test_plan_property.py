@@ -64,6 +64,13 @@ def _pool_out(size, k, s, p):
     return (size + 2 * p - k) // s + 1 if size + 2 * p >= k else 0
 
 
+def _broadcast(a, b):
+    try:
+        return tuple(np.broadcast_shapes(tuple(a), tuple(b)))
+    except ValueError:
+        return None
+
+
 class _Graph:
     """Builds a spec op by op: every op reads buffers already written (by an input or an earlier
     op) whose shapes fit it, and writes a new buffer, an earlier one of the right shape, an alias
@@ -254,19 +261,32 @@ class _Graph:
 
     def op_binary(self, kind):
         a = self.choice(self.readable())
-        b = self.choice(self.readable(lambda s: s == self.shapes[a]))
+        b = self.choice(self.readable(lambda s: _broadcast(s, self.shapes[a]) is not None))
+        if self.coin(0.3):  # a fresh operand of a shape that broadcasts against a's (1s and a shorter rank)
+            sa = self.shapes[a][self.dim(0, len(self.shapes[a]) - 1):]
+            b = self.add_buffer(tuple(d if self.coin() else 1 for d in sa))
+            self.ops.append({"op": "constant", "out": b, "weight": self.weight_name()})
+            self.arrays[self.ops[-1]["weight"] + ".value"] = self.values(math.prod(self.shapes[b]))
+            self.written.add(self.roots[b])
+        out = _broadcast(self.shapes[a], self.shapes[b])
         op = {"op": kind, "a": a, "b": b}
         if kind == "add" or self.coin(0.3):
             self.activation(op)
-        op["out"] = self.target(self.shapes[a], [a, b], in_place=[a, b])
+        op["out"] = self.target(out, [a, b], in_place=[x for x in (a, b) if self.shapes[x] == out])
         self.ops.append(op)
         return True
 
     def op_add(self):
         return self.op_binary("add")
 
+    def op_sub(self):
+        return self.op_binary("sub")
+
     def op_mul(self):
         return self.op_binary("mul")
+
+    def op_div(self):
+        return self.op_binary("div")
 
     def op_affine(self):
         src = self.choice(self.readable())

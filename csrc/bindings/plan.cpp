@@ -245,6 +245,8 @@ OpKind parse_kind(const std::string& name, const std::string& where) {
   if (name == "embedding") return OpKind::embedding;
   if (name == "constant") return OpKind::constant;
   if (name == "slice") return OpKind::slice;
+  if (name == "sub") return OpKind::sub;
+  if (name == "div") return OpKind::div;
   throw SpecError(where + ".op '" + name + "' is not a known op");
 }
 
@@ -312,7 +314,8 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       if (x < 0 || x > (1 << 30)) throw SpecError(where + "." + key + " is out of range");
       return static_cast<int>(x);
     };
-    if (op.kind == OpKind::add || op.kind == OpKind::mul || op.kind == OpKind::matmul) {
+    const bool binary = op.kind == OpKind::add || op.kind == OpKind::sub || op.kind == OpKind::mul || op.kind == OpKind::div;
+    if (binary || op.kind == OpKind::matmul) {
       op.in = id("a");
       op.in2 = id("b");
     } else if (op.kind == OpKind::attention) {
@@ -320,6 +323,13 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       op.in2 = id("k");
       op.in3 = id("v");
       if (o.contains("key_mask")) op.in4 = id("key_mask");
+      if (o.contains("mask") != o.contains("mask_kind")) throw SpecError(where + ": mask and mask_kind come together");
+      if (o.contains("mask")) {
+        op.in5 = id("mask");
+        const std::string kind = str_field(o, "mask_kind", where);
+        if (kind != "bool" && kind != "additive") throw SpecError(where + ".mask_kind must be 'bool' or 'additive'");
+        op.mask_additive = kind == "additive";
+      }
     } else if (op.kind == OpKind::cat) {
       op.ins = int_list_field(o, "inputs", where, 1 << 30);
     } else if (op.kind == OpKind::constant) {
@@ -330,8 +340,8 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
     }
     op.out = id("out");
     try {
-      const bool takes_activation = op.kind == OpKind::linear || op.kind == OpKind::conv2d || op.kind == OpKind::add ||
-                                  op.kind == OpKind::mul || op.kind == OpKind::affine || op.kind == OpKind::activation;
+      const bool takes_activation = op.kind == OpKind::linear || op.kind == OpKind::conv2d || binary ||
+                                  op.kind == OpKind::affine || op.kind == OpKind::activation;
     if (takes_activation) op.act = parse_activation(op.kind == OpKind::activation ? str_field(o, "kind", where)
                                                               : activation_field(o, where));
     } catch (const SpecError&) {

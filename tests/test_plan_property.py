@@ -393,7 +393,53 @@ class _Graph:
             bools = [b for b in masks if b in self.mask_inputs]
             op["key_mask"] = self.choice(bools if bools and self.coin(0.8) else masks)
             reads.append(op["key_mask"])
+        if self.coin(0.4):  # a mask broadcasting to (heads, L, S): any buffer of a fitting shape
+            groups = (heads,) if layout == "sequence_first" else sq[:-2]
+            full = groups + (sq[-2], sk[-2])
+
+            def fits(s):
+                if len(s) > len(full):
+                    return False
+                m = (1,) * (len(full) - len(s)) + s
+                lead = m[:len(groups)]
+                return all(x in (1, t) for x, t in zip(m, full)) and (set(lead) <= {1} or lead == groups)
+            mask_bufs = self.readable(fits)
+            if mask_bufs:
+                op["mask"] = self.choice(mask_bufs)
+                op["mask_kind"] = self.choice(["bool", "additive"])
+                reads.append(op["mask"])
         op["out"] = self.target(sq[:-1] + (sv[-1],), reads)
+        self.ops.append(op)
+        return True
+
+    def op_reduce(self):
+        src = self.choice(self.readable())
+        si = self.shapes[src]
+        axes = sorted(self.draw(st.sets(st.integers(0, len(si) - 1), min_size=1)))
+        op = {"op": "reduce", "kind": self.choice(["mean", "sum"]), "in": src, "axes": axes}
+        op["out"] = self.target(tuple(1 if d in axes else n for d, n in enumerate(si)), [src])
+        self.ops.append(op)
+        return True
+
+    def op_pad(self):
+        src = self.choice(self.readable())
+        si = self.shapes[src]
+        pads = [[self.dim(0, 2), self.dim(0, 2)] for _ in si]
+        op = {"op": "pad", "in": src, "pads": pads, "value": self.choice([0, 0.0, -1.5, float(self.rng.normal())])}
+        op["out"] = self.target(tuple(n + b + a for n, (b, a) in zip(si, pads)), [src])
+        self.ops.append(op)
+        return True
+
+    def op_expand(self):
+        srcs = self.readable(lambda s: math.prod(s) <= 64 and len(s) < 8)
+        if not srcs:
+            return False
+        src = self.choice(srcs)
+        si = self.shapes[src]
+        out = tuple(self.dim(1, 4) if d == 1 else d for d in si)
+        out = tuple(self.dim(1, 3) for _ in range(self.dim(0, 1))) + out
+        op = {"op": "expand", "in": src}
+        op["out"] = self.target(out, [src])
         self.ops.append(op)
         return True
 

@@ -432,3 +432,205 @@ def test_attention_mask_group_dims_all_or_nothing():
         _C.Plan(json.dumps(spec_with(ok)), {})
     for bad in [(3, 5, 7), (2, 1, 5, 7), (1, 3, 1, 7)]:
         refused(spec_with(bad), {}, "must broadcast", "must broadcast")
+
+
+# --- reduce ------------------------------------------------------------------------------------------
+
+REDUCE_CASES = [  # (per-sample shape, axes)
+    ((9, 17), [1]),              # LayerNorm-style mean over the last dim
+    ((5, 7, 9), [0]),            # over channels of [C, H, W] (ConvNeXt's channels-first norm)
+    ((5, 7, 9), [1, 2]),         # global pooling as a mean
+    ((33,), [0]),
+    ((1, 1, 8), [0, 1]),         # only size-1 axes: a copy
+    ((4, 1, 6), [1, 2]),
+    ((2, 3, 4, 5), [0, 2]),      # two groups apart
+    ((2, 3, 4, 5), [1, 3]),
+    ((2, 3, 4, 5), [0, 1, 2, 3]),
+    ((3, 40, 1, 50), [1, 3]),
+    ((6, 5, 4), [0, 1]),
+]
+
+
+@pytest.mark.parametrize("shape, axes", REDUCE_CASES)
+@pytest.mark.parametrize("kind", ["mean", "sum"])
+def test_reduce_matches_reference_and_torch(rng, shape, axes, kind):
+    out = tuple(1 if d in axes else n for d, n in enumerate(shape))
+    spec = make_spec([shape, out], [0], [1], [{"op": "reduce", "kind": kind, "in": 0, "out": 1, "axes": axes}])
+    fn = torch.mean if kind == "mean" else torch.sum
+    for batch in BATCHES:
+        x = randn(rng, batch, *shape)
+        (got,) = check(spec, {}, [x])
+        if batch:
+            assert_close(got, fn(torch64(x), dim=[a + 1 for a in axes], keepdim=True).numpy())
+
+
+@pytest.mark.parametrize("shape, axes", [((768, 56, 56), [0]), ((197, 768), [1]), ((3, 64, 70000), [0]),
+                                         ((96, 56, 56), [1, 2]), ((4, 30, 5, 300), [1, 3]), ((2, 70000), [0])])
+def test_reduce_threads_and_simd_paths(rng, shape, axes, isa):
+    out = tuple(1 if d in axes else n for d, n in enumerate(shape))
+    spec = make_spec([shape, out], [0], [1], [{"op": "reduce", "kind": "mean", "in": 0, "out": 1, "axes": axes}])
+    x = randn(rng, 2, *shape)
+    one = check(spec, {}, [x], n_threads=1)[0]
+    np.testing.assert_array_equal(one, run_native(spec, {}, [x], n_threads=2)[0])
+
+
+def test_reduce_nan_and_inf_as_torch(rng, isa):
+    for shape, axes, partner in [((4, 9), [1], 1), ((4, 9), [0], 9), ((4, 3, 9), [0, 2], 1)]:
+        out = tuple(1 if d in axes else n for d, n in enumerate(shape))
+        spec = make_spec([shape, out], [0], [1], [{"op": "reduce", "kind": "sum", "in": 0, "out": 1, "axes": axes}])
+        x = randn(rng, 3, *shape)
+        x.reshape(3, -1)[0, 5] = np.nan
+        x.reshape(3, -1)[1, 2] = np.inf
+        x.reshape(3, -1)[2, 0], x.reshape(3, -1)[2, partner] = np.inf, -np.inf  # one sum: inf - inf = NaN
+        (got,) = check(spec, {}, [x])
+        want = torch.sum(torch.from_numpy(x), dim=[a + 1 for a in axes], keepdim=True).numpy()
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+        assert np.isnan(got).sum() >= 2 and np.isinf(got).any()
+
+
+REDUCE_BAD = [
+    (dict(kind="max"), r"ops\[0\]\.kind must be one of \('mean', 'sum'\)", "kind must be 'mean' or 'sum'"),
+    (dict(axes=[]), r"ops\[0\]\.axes must be a list of 1 to 3 ints", "1 to rank axes"),
+    (dict(axes=2), r"ops\[0\]\.axes must be a list", "axes must be a list"),
+    (dict(axes=[3]), r"ops\[0\]\.axes = \[3\] holds an axis out of range \[0, 3\)", "in range"),
+    (dict(axes=[2, 1]), r"must be sorted and unique", "sorted, unique"),
+    (dict(axes=[1, 1]), r"must be sorted and unique", "sorted, unique"),
+    (dict(axes=[True]), r"ops\[0\]\.axes must be a list of 1 to 3 ints", "must hold ints"),
+    (dict(axes=[0, 1]), r"output buffer 1 must have shape \(1, 1, 6\)", r"output must have shape \(1, 1, 6\)"),
+]
+
+
+@pytest.mark.parametrize("edit, match, native", REDUCE_BAD)
+def test_reduce_bad_specs(edit, match, native):
+    spec = make_spec([(4, 5, 6), (4, 1, 6)], [0], [1], [{"op": "reduce", "kind": "mean", "in": 0, "out": 1, "axes": [1]}])
+    validate(spec, {})
+    spec["ops"][0].update(edit)
+    refused(spec, {}, match, native)
+
+
+# --- pad ---------------------------------------------------------------------------------------------
+
+PAD_CASES = [  # (per-sample shape, pads)
+    ((3, 5, 7), [[0, 0], [0, 1], [0, 1]]),   # TF "same" padding: more after
+    ((3, 5, 7), [[0, 0], [2, 2], [1, 3]]),
+    ((7,), [[3, 0]]),
+    ((4, 6), [[0, 0], [0, 0]]),              # nothing: a copy
+    ((1, 1), [[1, 1], [2, 0]]),
+    ((2, 3, 4, 5), [[1, 0], [0, 2], [1, 1], [0, 0]]),
+]
+
+
+@pytest.mark.parametrize("shape, pads", PAD_CASES)
+@pytest.mark.parametrize("value", [0.0, -1.5])
+def test_pad_matches_reference_and_torch(rng, shape, pads, value):
+    out = tuple(n + b + a for n, (b, a) in zip(shape, pads))
+    spec = make_spec([shape, out], [0], [1], [{"op": "pad", "in": 0, "out": 1, "pads": pads, "value": value}])
+    torch_pad = [p for pair in reversed(pads) for p in pair]  # F.pad lists the last dim first
+    for batch in BATCHES:
+        x = randn(rng, batch, *shape)
+        x.reshape(-1)[:1] = np.nan  # copied as is
+        (got,) = check(spec, {}, [x])
+        np.testing.assert_array_equal(got, F.pad(torch.from_numpy(x), torch_pad, value=value).numpy())
+
+
+def test_pad_threads(rng):
+    spec = make_spec([(16, 112, 112), (16, 113, 113)], [0], [1], [
+        {"op": "pad", "in": 0, "out": 1, "pads": [[0, 0], [0, 1], [0, 1]], "value": 0}])
+    x = randn(rng, 3, 16, 112, 112)
+    one = check(spec, {}, [x], n_threads=1)[0]
+    np.testing.assert_array_equal(one, run_native(spec, {}, [x], n_threads=2)[0])
+
+
+PAD_BAD = [
+    (dict(pads=[[0, 0], [1, 1]]), r"ops\[0\]\.pads must be a list of 3 \[before, after\] pairs",
+     "one pair per dim"),
+    (dict(pads=[[0, 0], [1, 1], [0]]), r"ops\[0\]\.pads\[2\] must be a list of 2 ints", "pairs"),
+    (dict(pads=[[0, 0], [1, -1], [0, 0]]), r"ops\[0\]\.pads\[1\]\[1\] = -1 is out of range", "out-of-range"),
+    (dict(pads=[[0, 0], [1, 1.5], [0, 0]]), r"ops\[0\]\.pads\[1\]\[1\] must be an int", "must hold ints"),
+    (dict(pads="same"), r"ops\[0\]\.pads must be a list", "pads must be a list"),
+    (dict(value=float("nan")), r"ops\[0\]\.value must be a finite number", "value must be a finite"),
+    (dict(value=True), r"ops\[0\]\.value must be a finite number", "value must be a number"),
+    (dict(pads=[[0, 0], [1, 1], [0, 0]]), r"output buffer 1 must have shape \(4, 7, 6\)", r"must have shape \(4, 7, 6\)"),
+]
+
+
+@pytest.mark.parametrize("edit, match, native", PAD_BAD)
+def test_pad_bad_specs(edit, match, native):
+    spec = make_spec([(4, 5, 6), (4, 6, 7)], [0], [1], [
+        {"op": "pad", "in": 0, "out": 1, "pads": [[0, 0], [0, 1], [1, 0]], "value": 0.0}])
+    validate(spec, {})
+    spec["ops"][0].update(edit)
+    refused(spec, {}, match, native)
+
+
+# --- expand ------------------------------------------------------------------------------------------
+
+EXPAND_CASES = [((1, 7), (3, 7)), ((5, 1, 1), (5, 6, 7)), ((9,), (4, 9)), ((1,), (3, 4)), ((2, 5), (2, 5)),
+                ((4, 1, 6), (2, 4, 3, 6)), ((1, 1), (1, 1))]
+
+
+@pytest.mark.parametrize("shape, out", EXPAND_CASES)
+def test_expand_matches_reference_and_torch(rng, shape, out):
+    spec = make_spec([shape, out], [0], [1], [{"op": "expand", "in": 0, "out": 1}])
+    for batch in BATCHES:
+        x = randn(rng, batch, *shape)
+        (got,) = check(spec, {}, [x])
+        t = torch.from_numpy(x).reshape((batch,) + (1,) * (len(out) - len(shape)) + shape)
+        np.testing.assert_array_equal(got, t.expand((batch,) + out).numpy())
+
+
+def test_expand_threads(rng):
+    spec = make_spec([(64, 1), (64, 4000)], [0], [1], [{"op": "expand", "in": 0, "out": 1}])
+    x = randn(rng, 3, 64, 1)
+    np.testing.assert_array_equal(check(spec, {}, [x], n_threads=2)[0], np.broadcast_to(x, (3, 64, 4000)))
+
+
+@pytest.mark.parametrize("shape, out", [((3, 7), (2, 7)), ((2, 3), (3,)), ((3, 1), (3, 2, 1)), ((1, 1, 4), (1, 4))])
+def test_expand_bad_specs(shape, out):
+    spec = make_spec([shape, out], [0], [1], [{"op": "expand", "in": 0, "out": 1}])
+    refused(spec, {}, r"ops\[0\]: input .* does not broadcast to output buffer 1", "does not broadcast to the output")
+
+
+def test_shape_ops_do_not_run_in_place():
+    for op in ({"op": "expand", "in": 0, "out": 1}, {"op": "reduce", "kind": "sum", "in": 0, "out": 1, "axes": [0]},
+               {"op": "pad", "in": 0, "out": 1, "pads": [[0, 0]], "value": 0}):
+        spec = make_spec([(1,), {"shape": [1], "alias_of": 0}], [0], [1], [op])
+        refused(spec, {}, "out must not share storage with in", "must not share storage")
+
+
+def test_a_block_of_the_new_ops_matches_torch(rng):
+    # squeeze-excitation by mean + mul, a manual layer norm (mean, sub, mul, mean, add eps, rsqrt),
+    # TF-same padding, an expand, and a masked attention, chained in one plan.
+    C, H, W, S, D = 6, 5, 7, 4, 6
+    spec = make_spec([
+        (C, H, W), (C, 1, 1), (C, 1, 1), (C, H, W),          # 0-3
+        (C, H + 1, W + 1),                                   # 4
+        {"shape": [C * (H + 1) * (W + 1) // D, D], "alias_of": 4},  # 5: rows of D (8 x 6 = 48 x 6)
+        (48, 1), (48, D), (48, D), (48, 1), (48, 1), (48, D),  # 6-11
+        (D,), (48, D),                                        # 12-13
+        (1, 1, 48), (48, D),                                  # 14-15
+    ], [0, 12, 14], [15], [
+        {"op": "reduce", "kind": "mean", "in": 0, "out": 1, "axes": [1, 2]},
+        {"op": "activation", "kind": "hardsigmoid", "in": 1, "out": 2},
+        {"op": "mul", "a": 0, "b": 2, "out": 3},
+        {"op": "pad", "in": 3, "out": 4, "pads": [[0, 0], [0, 1], [0, 1]], "value": 0.0},
+        {"op": "reduce", "kind": "mean", "in": 5, "out": 6, "axes": [1]},
+        {"op": "sub", "a": 5, "b": 6, "out": 7},
+        {"op": "mul", "a": 7, "b": 7, "out": 8},
+        {"op": "reduce", "kind": "mean", "in": 8, "out": 9, "axes": [1]},
+        {"op": "affine", "in": 9, "out": 10, "scale": 1.0, "shift": 1e-5, "activation": "rsqrt"},
+        {"op": "mul", "a": 7, "b": 10, "out": 11},
+        {"op": "expand", "in": 12, "out": 13},
+        {"op": "attention", "q": 11, "k": 11, "v": 13, "out": 15, "layout": "sequence_first", "heads": 1,
+         "scale": 0.5, "causal": False, "mask": 14, "mask_kind": "additive"},
+    ])
+    x, g, m = randn(rng, 2, C, H, W), randn(rng, 2, D), randn(rng, 2, 1, 1, 48)
+    (got,) = check(spec, {}, [x, g, m])
+    t = torch64(x)
+    t = t * F.hardsigmoid(t.mean(dim=(2, 3), keepdim=True))
+    t = F.pad(t, [0, 1, 0, 1]).reshape(2, 48, D)
+    t = (t - t.mean(-1, keepdim=True)) * torch.rsqrt(((t - t.mean(-1, keepdim=True)) ** 2).mean(-1, keepdim=True) + 1e-5)
+    v = torch64(g)[:, None, :].expand(2, 48, D)
+    want = F.scaled_dot_product_attention(t[:, None], t[:, None], v[:, None], attn_mask=torch64(m), scale=0.5)[:, 0]
+    assert_close(got, want.numpy())

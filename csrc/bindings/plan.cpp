@@ -247,6 +247,9 @@ OpKind parse_kind(const std::string& name, const std::string& where) {
   if (name == "slice") return OpKind::slice;
   if (name == "sub") return OpKind::sub;
   if (name == "div") return OpKind::div;
+  if (name == "reduce") return OpKind::reduce;
+  if (name == "pad") return OpKind::pad;
+  if (name == "expand") return OpKind::expand;
   throw SpecError(where + ".op '" + name + "' is not a known op");
 }
 
@@ -390,6 +393,30 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
         op.axis = static_cast<int>(axis);
         op.start = start;
         op.step = step;
+        break;
+      }
+      case OpKind::reduce: {
+        const std::string kind = str_field(o, "kind", where);
+        if (kind != "mean" && kind != "sum") throw SpecError(where + ".kind must be 'mean' or 'sum'");
+        op.reduce_mean = kind == "mean";
+        op.axes = int_list_field(o, "axes", where, 64);  // order and range: checked with the shapes
+        break;
+      }
+      case OpKind::pad: {
+        py::object v = field(o, "pads", where);
+        if (!py::isinstance<py::list>(v) || py::len(v) > 8) throw SpecError(where + ".pads must be a list of pairs");
+        for (py::handle p : v) {
+          if (!py::isinstance<py::list>(p) || py::len(p) != 2) throw SpecError(where + ".pads must hold [before, after] pairs");
+          std::array<int64_t, 2> pair{};
+          for (int k = 0; k < 2; ++k) {
+            py::object e = p.cast<py::list>()[k];
+            if (!py::isinstance<py::int_>(e) || py::isinstance<py::bool_>(e)) throw SpecError(where + ".pads must hold ints");
+            pair[k] = as_int64(e, where + ".pads");
+            if (pair[k] < 0 || pair[k] > (int64_t{1} << 31)) throw SpecError(where + ".pads holds an out-of-range value");
+          }
+          op.pads.push_back(pair);
+        }
+        op.pad_value = number_field(o, "value", where);
         break;
       }
       case OpKind::constant: {

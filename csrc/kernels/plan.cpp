@@ -295,6 +295,35 @@ void Plan::add_op(PlanOp op) {
              std::to_string(len) + " leaves the input's " + std::to_string(si[op.axis]) + " entries");
       break;
     }
+    case OpKind::reduce: {
+      if (op.axes.empty() || op.axes.size() > si.size()) fail(where + ": reduce needs 1 to rank axes");
+      std::vector<int64_t> want = si;
+      for (size_t i = 0; i < op.axes.size(); ++i) {
+        if (op.axes[i] < 0 || op.axes[i] >= static_cast<int>(si.size()) || (i > 0 && op.axes[i] <= op.axes[i - 1]))
+          fail(where + ": reduce axes must be sorted, unique and in range [0, " + std::to_string(si.size()) + ")");
+        want[op.axes[i]] = 1;
+      }
+      if (so != want) fail(where + ": output must have shape " + shape_str(want) + ", got " + shape_str(so));
+      break;
+    }
+    case OpKind::pad: {
+      if (op.pads.size() != si.size()) fail(where + ": pads must hold one pair per dim (" + std::to_string(si.size()) + ")");
+      std::vector<int64_t> want = si;
+      for (size_t d = 0; d < si.size(); ++d) {
+        if (op.pads[d][0] < 0 || op.pads[d][1] < 0 || op.pads[d][0] > (int64_t{1} << 31) || op.pads[d][1] > (int64_t{1} << 31))
+          fail(where + ": pads out of range");
+        want[d] += op.pads[d][0] + op.pads[d][1];
+      }
+      if (so != want) fail(where + ": output must have shape " + shape_str(want) + ", got " + shape_str(so));
+      if (!std::isfinite(op.pad_value)) fail(where + ": pad value must be finite");
+      break;
+    }
+    case OpKind::expand: {
+      std::vector<int64_t> want;
+      if (si.size() > so.size() || !broadcast_shapes(si, so, &want) || want != so)
+        fail(where + ": input " + shape_str(si) + " does not broadcast to the output " + shape_str(so));
+      break;
+    }
     case OpKind::embedding: {
       if (op.table_rows < 1 || op.table.empty() || static_cast<int64_t>(op.table.size()) % op.table_rows)
         fail(where + ": bad embedding table");
@@ -575,6 +604,9 @@ void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_thre
       }
       break;
     }
+    case OpKind::reduce: reduce_axes(x, si, op.axes, op.reduce_mean, y, batch, n_threads); break;
+    case OpKind::pad: pad_constant(x, si, op.pads, op.pad_value, y, batch, n_threads); break;
+    case OpKind::expand: broadcast_copy(x, si, y, shapes_[op.out], batch, n_threads); break;
     case OpKind::embedding: {
       const int64_t dim = static_cast<int64_t>(op.table.size()) / op.table_rows;
       const int64_t bad = embedding_lookup(x, n_in, op.table.data(), op.table_rows, dim, y);

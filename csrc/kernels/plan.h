@@ -3,6 +3,7 @@
 // is built (see bindings/plan.cpp); run() checks only the data itself (embedding ids).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -20,7 +21,7 @@ Activation parse_activation(const std::string& name);  // throws std::invalid_ar
 
 enum class OpKind {
   linear, conv2d, activation, add, mul, maxpool2d, avgpool2d, global_avgpool, softmax, layernorm,
-  affine, matmul, attention, permute, cat, embedding, constant, slice, sub, div
+  affine, matmul, attention, permute, cat, embedding, constant, slice, sub, div, reduce, pad, expand
 };
 
 // A dense Linear weight, packed once for the GEMM kernel (W^T in 16-column panels).
@@ -51,6 +52,10 @@ struct PlanOp {
   bool causal = false, sequence_first = false;
   int heads = 1;                     // attention (sequence_first layout)
   bool mask_additive = false;        // attention mask (in5): additive, else bool
+  std::vector<int> axes;             // reduce: per-sample axes, sorted, unique
+  bool reduce_mean = false;          // reduce: mean, else sum
+  std::vector<std::array<int64_t, 2>> pads;  // pad: [before, after] per per-sample dim
+  float pad_value = 0.0f;
   std::vector<int> perm;             // permute, over per-sample dims
   int axis = 0;                      // cat, slice: over per-sample dims
   int64_t start = 0, step = 1;       // slice: out index i along axis reads in index start + i * step

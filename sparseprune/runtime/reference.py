@@ -234,6 +234,18 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
             write(op["out"], _pool(read(op["in"]), op, kind == "maxpool2d"))
         elif kind == "global_avgpool":
             write(op["out"], read(op["in"]).astype(np.float64).mean(axis=(2, 3)))
+        elif kind == "reduce":
+            x = read(op["in"]).astype(np.float64)
+            axes = tuple(a + 1 for a in op["axes"])
+            with np.errstate(invalid="ignore"):  # inf - inf is NaN, as in torch
+                write(op["out"], x.mean(axis=axes) if op["kind"] == "mean" else x.sum(axis=axes))
+        elif kind == "pad":
+            x = read(op["in"])
+            write(op["out"], np.pad(x, [(0, 0)] + [tuple(p) for p in op["pads"]], constant_values=op["value"]))
+        elif kind == "expand":
+            x = read(op["in"])
+            out_shape = layout.shapes[op["out"]]
+            write(op["out"], np.broadcast_to(_batch_broadcastable(x, len(out_shape)), (batch,) + out_shape))
         elif kind == "softmax":
             x = read(op["in"]).astype(np.float64)
             e = np.exp(x - x.max(axis=-1, keepdims=True))

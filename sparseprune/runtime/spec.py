@@ -95,6 +95,14 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
     "constant": (frozenset({"out", "weight"}), frozenset()),
     # slice: out index i along `axis` (a per-sample dim) is in index start + i * step
     "slice": (frozenset({"in", "out", "axis", "start", "step"}), frozenset()),
+    # reduce: "mean" or "sum" over the per-sample "axes" (sorted, unique, at least one); out keeps
+    # them as size 1 (keepdim)
+    "reduce": (frozenset({"in", "out", "kind", "axes"}), frozenset()),
+    # pad: "pads" one [before, after] pair per per-sample dim; out dim = in dim + before + after,
+    # filled with "value" around the input
+    "pad": (frozenset({"in", "out", "pads", "value"}), frozenset()),
+    # expand: in broadcast (numpy rules) to out's shape
+    "expand": (frozenset({"in", "out"}), frozenset()),
 }
 # Ops that may write over what they read (out sharing storage with an operand).
 _ELEMENTWISE = {"activation", "add", "sub", "mul", "div", "affine"}
@@ -358,6 +366,49 @@ def _check_binary(where: str, op: Mapping, shapes: Sequence[Tuple[int, ...]]) ->
     if want != so:
         raise SpecError(f"{where}: output buffer {op['out']} must have the broadcast shape {_shape_str(want)}, "
                         f"got {_shape_str(so)}")
+
+
+REDUCE_KINDS = ("mean", "sum")
+
+
+def _check_reduce(where: str, o: Mapping, op: Dict[str, Any], si: Tuple[int, ...], so: Tuple[int, ...]) -> None:
+    kind = o["kind"]
+    if not isinstance(kind, str) or kind not in REDUCE_KINDS:
+        raise SpecError(f"{where}.kind must be one of {REDUCE_KINDS}, got {_short(kind)}")
+    axes = o["axes"]
+    rank = len(si)
+    if not isinstance(axes, list) or not 1 <= len(axes) <= rank or not all(_is_int(a) for a in axes):
+        raise SpecError(f"{where}.axes must be a list of 1 to {rank} ints (per-sample axes of input "
+                        f"{_shape_str(si)}), got {_short(axes)}")
+    axes = [int(a) for a in axes]
+    if any(not 0 <= a < rank for a in axes):
+        raise SpecError(f"{where}.axes = {_short(axes)} holds an axis out of range [0, {rank})")
+    if any(b <= a for a, b in zip(axes, axes[1:])):
+        raise SpecError(f"{where}.axes = {_short(axes)} must be sorted and unique")
+    op["kind"], op["axes"] = kind, axes
+    want = tuple(1 if d in axes else n for d, n in enumerate(si))
+    if so != want:
+        raise SpecError(f"{where}: output buffer {op['out']} must have shape {_shape_str(want)} (the input with the "
+                        f"reduced axes kept as 1), got {_shape_str(so)}")
+
+
+def _check_pad(where: str, o: Mapping, op: Dict[str, Any], si: Tuple[int, ...], so: Tuple[int, ...]) -> None:
+    pads = o["pads"]
+    if not isinstance(pads, list) or len(pads) != len(si):
+        raise SpecError(f"{where}.pads must be a list of {len(si)} [before, after] pairs (one per dim of input "
+                        f"{_shape_str(si)}), got {_short(pads)}")
+    op["pads"] = [_pair_int(p, f"{where}.pads[{d}]") for d, p in enumerate(pads)]
+    op["value"] = _number(o["value"], f"{where}.value")
+    want = tuple(n + b + a for n, (b, a) in zip(si, op["pads"]))
+    if so != want:
+        raise SpecError(f"{where}: output buffer {op['out']} must have shape {_shape_str(want)} (input plus pads), "
+                        f"got {_shape_str(so)}")
+
+
+def _pair_int(v: Any, where: str) -> List[int]:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise SpecError(f"{where} must be a list of 2 ints [before, after], got {_short(v)}")
+    return [_int(x, f"{where}[{i}]", 0, MAX_DIM) for i, x in enumerate(v)]
 
 
 MASK_KINDS = ("bool", "additive")
@@ -730,6 +781,14 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
                                 f"have one entry per key: ({sk[-2]},)")
             _check_attention_mask(where, o, op, shapes)
             want_out(sq[:-1] + (sv[-1],))
+        elif kind == "reduce":
+            _check_reduce(where, o, op, si, so)
+        elif kind == "pad":
+            _check_pad(where, o, op, si, so)
+        elif kind == "expand":
+            if broadcast_shape(si, so) != so:
+                raise SpecError(f"{where}: input {_shape_str(si)} does not broadcast to output buffer {out} "
+                                f"{_shape_str(so)} (numpy rules: right-aligned dims equal or 1, rank at most out's)")
         elif kind == "slice":
             axis = op["axis"] = _int(o["axis"], f"{where}.axis", 0, MAX_RANK)
             if axis >= len(si):

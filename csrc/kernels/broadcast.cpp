@@ -241,27 +241,43 @@ void pad_constant(const float* src, const std::vector<int64_t>& shape_in,
                   int n_threads) {
   if (batch <= 0) return;
   const int rank = static_cast<int>(shape_in.size());
-  std::vector<int64_t> out(rank), out_stride(rank, 1);
+  std::vector<int64_t> out(rank), in_stride(rank, 1);
   for (int d = 0; d < rank; ++d) out[d] = shape_in[d] + pads[d][0] + pads[d][1];
-  for (int d = rank - 2; d >= 0; --d) out_stride[d] = out_stride[d + 1] * out[d + 1];
-  const int64_t n_in = numel(shape_in), n_out = numel(out), len = shape_in[rank - 1];
-  const int64_t rows = n_in / len;  // input rows per sample
-  int64_t origin = 0;  // where input element 0 lands in a sample of out
-  for (int d = 0; d < rank; ++d) origin += pads[d][0] * out_stride[d];
+  for (int d = rank - 2; d >= 0; --d) in_stride[d] = in_stride[d + 1] * shape_in[d + 1];
+  const int64_t n_in = numel(shape_in), n_out = numel(out);
+  const int64_t len = shape_in[rank - 1], before = pads[rank - 1][0], after = pads[rank - 1][1];
+  const int64_t rows = n_out / out[rank - 1];  // output rows per sample
   const int threads = threads_for(n_threads, batch * n_out);
+  // Each output row is written once: all `value` outside the input, else value | input row | value.
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t s = 0; s < batch; ++s) {
     float* y = dst + s * n_out;
-    std::fill(y, y + n_out, value);
-    std::vector<int64_t> idx(rank, 0);
-    int64_t o = origin;
-    for (int64_t r = 0; r < rows; ++r) {
-      std::memcpy(y + o, src + s * n_in + r * len, static_cast<size_t>(len) * sizeof(float));
-      for (int d = rank - 2; d >= 0; --d) {  // odometer over the input's outer dims
-        o += out_stride[d];
-        if (++idx[d] < shape_in[d]) break;
-        o -= out_stride[d] * shape_in[d];
+    std::vector<int64_t> idx(rank, 0);  // output index over the outer dims
+    int64_t outside = 0;                // how many outer dims lie in the padding
+    int64_t src_off = 0;                // input row offset when outside == 0
+    for (int d = 0; d + 1 < rank; ++d) {
+      if (pads[d][0] > 0) ++outside;
+      src_off -= pads[d][0] * in_stride[d];
+    }
+    for (int64_t r = 0; r < rows; ++r, y += out[rank - 1]) {
+      if (outside) {
+        std::fill(y, y + out[rank - 1], value);
+      } else {
+        std::fill(y, y + before, value);
+        std::memcpy(y + before, src + s * n_in + src_off, static_cast<size_t>(len) * sizeof(float));
+        std::fill(y + before + len, y + before + len + after, value);
+      }
+      for (int d = rank - 2; d >= 0; --d) {  // odometer step over the outer output dims
+        const auto inside = [&](int64_t i) { return i >= pads[d][0] && i < pads[d][0] + shape_in[d]; };
+        const bool was = inside(idx[d]);
+        src_off += in_stride[d];
+        if (++idx[d] < out[d]) {
+          outside += was - inside(idx[d]);
+          break;
+        }
+        src_off -= in_stride[d] * out[d];
         idx[d] = 0;
+        outside += was - inside(0);
       }
     }
   }

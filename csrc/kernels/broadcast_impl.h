@@ -57,20 +57,39 @@ void binary_row_entry(const float* a, int64_t sa, const float* b, int64_t sb, fl
 }
 
 double sum_row_entry(const float* src, int64_t n) {
-  vf8 acc0 = splat8(0.0f), acc1 = splat8(0.0f);  // two chains: the adds overlap
+  vf8 a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0;  // four chains: the adds overlap
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 += load8(src + i);
-    acc1 += load8(src + i + 8);
+  for (; i + 32 <= n; i += 32) {
+    a0 += load8(src + i);
+    a1 += load8(src + i + 8);
+    a2 += load8(src + i + 16);
+    a3 += load8(src + i + 24);
   }
-  for (; i + 8 <= n; i += 8) acc0 += load8(src + i);
-  double sum = static_cast<double>(hsum8(acc0)) + static_cast<double>(hsum8(acc1));
+  for (; i + 8 <= n; i += 8) a0 += load8(src + i);
+  double sum = (static_cast<double>(hsum8(a0)) + hsum8(a1)) + (static_cast<double>(hsum8(a2)) + hsum8(a3));
   for (; i < n; ++i) sum += src[i];
   return sum;
 }
 
 void sum_columns_entry(const float* src, int64_t rows, int64_t ld, int64_t n, float* dst) {
+  // 32 columns in four registers down all rows (no accumulator traffic; the rows' 128-byte
+  // pieces stay in L1 for the next 32 columns). Each column sums its rows in order, so the
+  // result does not depend on how n is split.
   int64_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    vf8 a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    const float* p = src + j;
+    for (int64_t r = 0; r < rows; ++r, p += ld) {
+      a0 += load8(p);
+      a1 += load8(p + 8);
+      a2 += load8(p + 16);
+      a3 += load8(p + 24);
+    }
+    *reinterpret_cast<vf8_unaligned*>(dst + j) = a0;
+    *reinterpret_cast<vf8_unaligned*>(dst + j + 8) = a1;
+    *reinterpret_cast<vf8_unaligned*>(dst + j + 16) = a2;
+    *reinterpret_cast<vf8_unaligned*>(dst + j + 24) = a3;
+  }
   for (; j + 8 <= n; j += 8) {
     vf8 acc = splat8(0.0f);
     for (int64_t r = 0; r < rows; ++r) acc += load8(src + r * ld + j);

@@ -345,3 +345,26 @@ def test_convert_does_not_import_transformers():
         "assert 'transformers' not in sys.modules, 'imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_tracing_for_fusions_leaves_no_proxies_behind():
+    """fx tracing runs forwards and their hooks on the copy convert() works on: a torch-pruned
+    layer's hook, an attribute or a buffer assigned in forward must not keep an fx.Proxy."""
+
+    class Caching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("last", torch.zeros(1))
+            self.proj = Conv1D(nf=8, nx=8)  # traced through (not a torch.nn leaf), hook runs
+
+        def forward(self, x):
+            self.last = x.sum().reshape(1)
+            self.seen = x.mean()
+            return self.proj(x)
+
+    model = prune_90_(nn.Sequential(Caching()))
+    converted = sp.convert(model, policy="threshold")
+    tables = [t for m in converted.modules() for t in (vars(m), m._buffers)]
+    assert not any(isinstance(v, torch.fx.Proxy) for t in tables for v in t.values())
+    assert torch.equal(converted[0].last, torch.zeros(1)) and not hasattr(converted[0], "seen")
+    assert isinstance(converted[0].proj, SparseLinear)

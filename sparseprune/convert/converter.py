@@ -208,6 +208,12 @@ def convert(
     `example_inputs` (a tuple of model inputs) with `conv_batch_sizes` images; without example
     inputs they are switched by the sparsity threshold. Unsupported layer settings stay dense,
     with the reason in the report.
+
+    Model code from other packages keeps working: a swapped-in module keeps the public
+    attributes of the layer it replaces (`weight`, `bias`, `in_features`, `kernel_size`,
+    `stride`, `padding`, ...; see SparseLinear and SparseConv2d). A subclass of a converted type
+    that overrides its forward is left as it is (see register_converter), and transformers'
+    Conv1D converts as the Linear it is, without convert() importing transformers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -80,20 +80,20 @@ def _trace(model: nn.Module) -> fx.Graph:
 
     Tracing runs the forward (pre-)hooks of every module it traces through, and
     torch.nn.utils.prune's hook stores `weight_orig * weight_mask` as the module's `weight`:
-    that would leave an fx.Proxy there (e.g. in a GPT-2 MLP's Conv1D). Any attribute that holds
-    a Proxy afterwards gets its old value back (or is removed if it is new)."""
-    modules = list(model.modules())
-    before = [dict(vars(m)) for m in modules]
+    that would leave an fx.Proxy there (e.g. in a GPT-2 MLP's Conv1D). Any attribute or buffer
+    that holds a Proxy afterwards gets its old value back (or is removed if it is new)."""
+    tables = [table for m in model.modules() for table in (vars(m), m._buffers)]
+    before = [dict(table) for table in tables]
     try:
         return _Tracer().trace(model)
     finally:
-        for module, old in zip(modules, before):
-            for key, value in list(vars(module).items()):
+        for table, old in zip(tables, before):
+            for key, value in list(table.items()):
                 if isinstance(value, fx.Proxy):
                     if key in old:
-                        vars(module)[key] = old[key]
+                        table[key] = old[key]
                     else:
-                        del vars(module)[key]
+                        del table[key]
 
 
 def prepare_fusions(model: nn.Module) -> None:

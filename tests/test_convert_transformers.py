@@ -368,3 +368,22 @@ def test_tracing_for_fusions_leaves_no_proxies_behind():
     assert not any(isinstance(v, torch.fx.Proxy) for t in tables for v in t.values())
     assert torch.equal(converted[0].last, torch.zeros(1)) and not hasattr(converted[0], "seen")
     assert isinstance(converted[0].proj, SparseLinear)
+
+
+def test_conv1d_dense_enough_stays_the_original():
+    conv1d = Conv1D(nf=6, nx=10)  # no zeros: below the threshold
+    converted = sp.convert(nn.Sequential(conv1d), policy="threshold")
+    assert type(converted[0]) is Conv1D  # the model's own module, not the Linear view of it
+    (row,) = converted.sparseprune_report.layers
+    assert row.kernel == "dense" and row.layer_type == "Conv1D" and row.shape == (6, 10)
+
+
+def test_conv1d_subclass_with_own_forward_left_as_is():
+    class ScaledConv1D(Conv1D):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    converted = sp.convert(_zero_90_(nn.Sequential(ScaledConv1D(nf=6, nx=10))), policy="threshold")
+    assert type(converted[0]) is ScaledConv1D
+    (row,) = converted.sparseprune_report.layers
+    assert "ScaledConv1D overrides forward (Conv1D.forward)" in row.reason

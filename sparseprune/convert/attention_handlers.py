@@ -16,10 +16,9 @@ from sparseprune.convert.converter import (
     ConvertContext,
     _walk,
     convert_linear,
+    record_left,
     register_converter,
-    weight_sparsity,
 )
-from sparseprune.convert.report import LayerChoice
 from sparseprune.nn.attention import (
     SparseMultiheadAttention,
     SparseTransformerEncoder,
@@ -47,19 +46,6 @@ class _Projections:
         return module
 
 
-def _record_left_dense(module: nn.Module, path: str, ctx: ConvertContext, weight: Optional[Tensor], reason: str) -> None:
-    ctx.report.add(
-        LayerChoice(
-            path=path,
-            layer_type=type(module).__name__,
-            shape=() if weight is None else tuple(weight.shape),
-            sparsity=0.0 if weight is None else weight_sparsity(weight),
-            kernel="dense",
-            reason=f"left dense: {reason}",
-        )
-    )
-
-
 def _attention_weight(mha: nn.MultiheadAttention) -> Optional[Tensor]:
     return mha.in_proj_weight if mha.in_proj_weight is not None else mha.q_proj_weight
 
@@ -67,7 +53,7 @@ def _attention_weight(mha: nn.MultiheadAttention) -> Optional[Tensor]:
 def _convert_attention(mha: nn.MultiheadAttention, path: str, ctx: ConvertContext, cross_attention: bool) -> nn.Module:
     reason = SparseMultiheadAttention.unsupported_reason(mha)
     if reason is not None:
-        _record_left_dense(mha, path, ctx, _attention_weight(mha), reason)
+        record_left(ctx, path, mha, _attention_weight(mha), f"left dense: {reason}")
         return mha
     projections = _Projections(path, ctx)
     converted = SparseMultiheadAttention.from_dense(mha, projections, cross_attention=cross_attention)
@@ -94,7 +80,7 @@ def convert_transformer_encoder_layer(
     reason = SparseTransformerEncoderLayer.unsupported_reason(layer)
     if reason is not None:
         weight = getattr(getattr(layer, "linear1", None), "weight", None)
-        _record_left_dense(layer, path, ctx, weight if isinstance(weight, Tensor) else None, reason)
+        record_left(ctx, path, layer, weight if isinstance(weight, Tensor) else None, f"left dense: {reason}")
         return layer
     projections = _Projections(path, ctx)
 
@@ -116,8 +102,6 @@ def convert_transformer_encoder(encoder: nn.TransformerEncoder, path: str, ctx: 
         _walk(encoder, path, ctx)
     finally:
         ctx.fuse_relu = saved
-    if type(encoder).forward is not nn.TransformerEncoder.forward:
-        return encoder  # its own forward: converted inside, as the walker would
     if all(old is new for old, new in zip(before, encoder.layers)):
         return encoder
     return SparseTransformerEncoder.from_dense(encoder)

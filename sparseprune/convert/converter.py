@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -12,6 +12,8 @@ from sparseprune.model_copy import deepcopy_model
 from sparseprune.convert.report import ConversionReport, LayerChoice
 from sparseprune.convert.fusion import capture_input_shapes, fuses_relu, prepare_fusions, with_relu
 from sparseprune.convert.selection import choose_conv_kernel, choose_linear_kernel
+from sparseprune.convert.subclass import overridden_method
+from sparseprune.nn.sparse_linear import conv1d_as_linear
 
 POLICIES = ("measure", "threshold")
 
@@ -33,24 +35,44 @@ class ConvertContext:
 # A handler gets (module, dotted path, context) and returns the module to put in its place
 # (possibly the same one). It records its decision in context.report.
 Handler = Callable[[nn.Module, str, ConvertContext], nn.Module]
-_HANDLERS: Dict[Type[nn.Module], Handler] = {}
+# Keyed by class, or by "module.QualName" for classes of packages convert() must not import
+# (transformers' Conv1D): a model that uses the class has imported it already.
+_HANDLERS: Dict[Union[Type[nn.Module], str], Handler] = {}
 # Modules whose forward reads their children's weights directly (not by calling them): without a
 # handler of their own they are left whole, since replacing a child would break them.
 _OPAQUE_TYPES: Tuple[Type[nn.Module], ...] = (nn.MultiheadAttention,)
 
 
-def register_converter(module_type: Type[nn.Module], handler: Handler) -> None:
-    """Teach convert() a layer type. The most specific registered class in the MRO wins."""
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+def register_converter(module_type: Union[Type[nn.Module], str], handler: Handler) -> None:
+    """Teach convert() a layer type: an nn.Module subclass, or its qualified name
+    ("package.module.ClassName") to match it without importing its package. The most specific
+    registered class in the MRO wins.
+
+    A subclass of a registered class that overrides its forward (or _conv_forward) is left as it
+    is, since the handler would drop what that forward adds; registering the subclass itself
+    (e.g. `register_converter(MyConv, convert_conv2d)`) declares its forward equivalent.
+    """
+    if isinstance(module_type, str):
+        if not module_type or "." not in module_type:
+            raise ValueError(f"module_type name must be qualified ('package.module.Class'), got {module_type!r}")
+    elif not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass or its qualified name, got {module_type!r}")
+    if not callable(handler):
+        raise TypeError(f"handler must be callable, got {handler!r}")
     _HANDLERS[module_type] = handler
 
 
-def _handler_for(module: nn.Module) -> Optional[Handler]:
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _handler_for(module: nn.Module) -> Tuple[Optional[Handler], Optional[type]]:
+    """The handler and the class in the module's MRO it was registered for."""
     for cls in type(module).__mro__:
-        if cls in _HANDLERS:
-            return _HANDLERS[cls]
-    return None
+        handler = _HANDLERS.get(cls) or _HANDLERS.get(_qualified_name(cls))
+        if handler is not None:
+            return handler, cls
+    return None, None
 
 
 def weight_sparsity(weight: torch.Tensor) -> float:
@@ -58,12 +80,12 @@ def weight_sparsity(weight: torch.Tensor) -> float:
     return 1.0 - int(torch.count_nonzero(w)) / max(w.numel(), 1)
 
 
-def _record(ctx: ConvertContext, path: str, layer: nn.Module, choice) -> nn.Module:
+def _record(ctx: ConvertContext, path: str, layer: nn.Module, choice, layer_type: str = "") -> nn.Module:
     fused = ctx.fuse_relu and choice.kernel != "dense"
     ctx.report.add(
         LayerChoice(
             path=path,
-            layer_type=type(layer).__name__,
+            layer_type=layer_type or type(layer).__name__,
             shape=tuple(layer.weight.shape),
             sparsity=weight_sparsity(layer.weight),
             kernel=choice.kernel,
@@ -90,8 +112,40 @@ def convert_conv2d(conv: nn.Conv2d, path: str, ctx: ConvertContext) -> nn.Module
     return _record(ctx, path, conv, choice)
 
 
+def convert_conv1d(conv1d: nn.Module, path: str, ctx: ConvertContext) -> nn.Module:
+    """transformers' Conv1D (y = x @ W + b, W [nx, nf]) -> SparseLinear of W.T, chosen like a
+    Linear; the SparseLinear keeps Conv1D's nf/nx and weight layout. The report shows the
+    Linear's shape [nf, nx]."""
+    try:
+        linear = conv1d_as_linear(conv1d)  # shares the tensors: no copy
+    except ValueError as exc:
+        weight = getattr(conv1d, "weight", None)
+        record_left(ctx, path, conv1d, weight if isinstance(weight, torch.Tensor) else None, f"unsupported: {exc}")
+        return conv1d
+    choice = choose_linear_kernel(linear, ctx.fuse_relu, ctx.policy, ctx.batch_sizes, ctx.num_threads)
+    if choice.module is linear:
+        choice.module = conv1d
+    else:
+        choice.module.as_conv1d()
+    return _record(ctx, path, linear, choice, layer_type=type(conv1d).__name__)
+
+
+def record_left(ctx: ConvertContext, path: str, module: nn.Module, weight: Optional[torch.Tensor], reason: str) -> None:
+    ctx.report.add(
+        LayerChoice(
+            path=path,
+            layer_type=type(module).__name__,
+            shape=() if weight is None else tuple(weight.shape),
+            sparsity=0.0 if weight is None else weight_sparsity(weight),
+            kernel="dense",
+            reason=reason,
+        )
+    )
+
+
 register_converter(nn.Linear, convert_linear)
 register_converter(nn.Conv2d, convert_conv2d)
+register_converter("transformers.pytorch_utils.Conv1D", convert_conv1d)
 
 
 def _walk(module: nn.Module, prefix: str, ctx: ConvertContext) -> None:
@@ -107,9 +161,19 @@ def _walk(module: nn.Module, prefix: str, ctx: ConvertContext) -> None:
 
 def _convert_one(module: nn.Module, path: str, ctx: ConvertContext) -> Optional[nn.Module]:
     """The module's replacement, or None when no handler knows its type."""
-    handler = _handler_for(module)
+    handler, registered = _handler_for(module)
     if handler is None:
         return None
+    own = overridden_method(type(module), registered)
+    if own is not None:
+        name = type(module).__name__
+        weight = getattr(module, "weight", None)
+        record_left(
+            ctx, path, module, weight if isinstance(weight, torch.Tensor) else None,
+            f"left as is: {name} overrides {own} ({registered.__name__}.{own}), which converting would "
+            f"drop; register_converter({name}, ...) if it computes the same",
+        )
+        return module
     ctx.fuse_relu = fuses_relu(module)
     try:
         replacement = handler(module, path, ctx)
@@ -144,6 +208,12 @@ def convert(
     `example_inputs` (a tuple of model inputs) with `conv_batch_sizes` images; without example
     inputs they are switched by the sparsity threshold. Unsupported layer settings stay dense,
     with the reason in the report.
+
+    Model code from other packages keeps working: a swapped-in module keeps the public
+    attributes of the layer it replaces (`weight`, `bias`, `in_features`, `kernel_size`,
+    `stride`, `padding`, ...; see SparseLinear and SparseConv2d). A subclass of a converted type
+    that overrides its forward is left as it is (see register_converter), and transformers'
+    Conv1D converts as the Linear it is, without convert() importing transformers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
+from sparseprune.convert.subclass import overridden_method
 from sparseprune.prune import is_pruned, remove
 
 FUSE_RELU_ATTR = "_sparseprune_fuse_relu"
@@ -58,15 +59,52 @@ def _foldable_bn(bn: nn.Module, channels: int) -> bool:
     )
 
 
+def _plain_layer(module: nn.Module) -> bool:
+    """A Conv2d/Linear (or a subclass keeping its computation): what convert() swaps and fuses."""
+    for base in (nn.Conv2d, nn.Linear):
+        if isinstance(module, base):
+            return overridden_method(type(module), base) is None
+    return False
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, keeping subclasses of Conv2d/Linear defined outside torch.nn (e.g.
+    transformers' EfficientNetDepthwiseConv2d) as calls, so a BatchNorm after them folds too."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _plain_layer(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module) -> fx.Graph:
+    """The model's fx graph, without tracing's side effects on the model.
+
+    Tracing runs the forward (pre-)hooks of every module it traces through, and
+    torch.nn.utils.prune's hook stores `weight_orig * weight_mask` as the module's `weight`:
+    that would leave an fx.Proxy there (e.g. in a GPT-2 MLP's Conv1D). Any attribute or buffer
+    that holds a Proxy afterwards gets its old value back (or is removed if it is new)."""
+    tables = [table for m in model.modules() for table in (vars(m), m._buffers)]
+    before = [dict(table) for table in tables]
+    try:
+        return _Tracer().trace(model)
+    finally:
+        for table, old in zip(tables, before):
+            for key, value in list(table.items()):
+                if isinstance(value, fx.Proxy):
+                    if key in old:
+                        table[key] = old[key]
+                    else:
+                        del table[key]
+
+
 def prepare_fusions(model: nn.Module) -> None:
     """In place (on the copy convert() works on): fold BatchNorms, mark ReLUs for fusion."""
     try:
-        graph_module = fx.symbolic_trace(model)
+        graph = _trace(model)
     except Exception:  # untraceable control flow, custom leaves...: look inside the children
         for child in model.children():
             prepare_fusions(child)
         return
-    calls = Counter(n.target for n in graph_module.graph.nodes if n.op == "call_module")
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
 
     def called_once_module(node: Optional[fx.Node], kind) -> Optional[nn.Module]:
         if node is None or node.op != "call_module" or calls[node.target] != 1:
@@ -74,10 +112,10 @@ def prepare_fusions(model: nn.Module) -> None:
         module = model.get_submodule(node.target)
         return module if isinstance(module, kind) else None
 
-    for node in list(graph_module.graph.nodes):
+    for node in list(graph.nodes):
         layer = called_once_module(node, (nn.Conv2d, nn.Linear))
-        if layer is None:
-            continue
+        if layer is None or not _plain_layer(layer):
+            continue  # a subclass with its own computation is not converted, so not fused either
         tail = node
         if isinstance(layer, nn.Conv2d):
             bn_node = _only_user(tail)

@@ -49,6 +49,11 @@ class SparseConv2d(nn.Module):
 
     Any kernel size, stride, zero padding, dilation and groups; float32 NCHW (or unbatched CHW)
     input with any strides. The GIL is released while the kernel runs; inference only.
+
+    Model code written for nn.Conv2d keeps working: `in_channels`, `out_channels`,
+    `kernel_size`, `stride`, `padding` (as the replaced layer had it, e.g. 'same'), `dilation`,
+    `groups`, `padding_mode`, `bias` and `weight` (see `weight`) are there, as nn.Conv2d
+    spells them (int pairs).
     """
 
     def __init__(self, packed, relu: bool = False, num_threads: Optional[int] = None, name: str = ""):
@@ -56,9 +61,17 @@ class SparseConv2d(nn.Module):
         self.packed = packed
         self.in_channels = packed.in_channels
         self.out_channels = packed.out_channels
+        self.kernel_size = _pair(packed.kernel_size)
+        self.stride = _pair(packed.stride)
+        self.padding = _pair(packed.padding)  # from_dense keeps the original spelling ('same', ...)
+        self.dilation = _pair(packed.dilation)
+        self.groups = int(packed.groups)
+        self.padding_mode = "zeros"  # the only mode with a sparse kernel
         self.relu = bool(relu)
         self.num_threads = num_threads
         self.layer_name = name or "SparseConv2d"
+        self._weight_cache: Optional[torch.Tensor] = None
+        self._bias_cache: Optional[torch.Tensor] = None
 
     @classmethod
     def from_dense(
@@ -85,7 +98,9 @@ class SparseConv2d(nn.Module):
             conv.in_channels, conv.out_channels, _pair(conv.kernel_size), _pair(conv.stride), padding,
             _pair(conv.dilation), conv.groups, *arrays, bias, use_patterns=patterns,
         )
-        return cls(packed, relu=relu, num_threads=num_threads, name=name)
+        sparse = cls(packed, relu=relu, num_threads=num_threads, name=name)
+        sparse.padding = conv.padding if isinstance(conv.padding, str) else _pair(conv.padding)
+        return sparse
 
     @property
     def kernel(self) -> str:
@@ -101,17 +116,41 @@ class SparseConv2d(nn.Module):
         total = self.out_channels * (self.in_channels // self.packed.groups) * kh * kw
         return 1.0 - self.nnz / total if total else 0.0
 
-    def to_dense(self) -> nn.Conv2d:
-        """An equivalent nn.Conv2d (the ReLU, if fused, is not included)."""
+    def _unpack_weight(self) -> np.ndarray:
         p = self.packed
         kh, kw = p.kernel_size
-        conv = nn.Conv2d(p.in_channels, p.out_channels, (kh, kw), p.stride, p.padding, p.dilation, p.groups,
-                         bias=p.bias is not None)
         flat = np.zeros((p.out_channels, (p.in_channels // p.groups) * kh * kw), dtype=np.float32)
         rows = np.repeat(np.arange(p.out_channels), np.diff(p.row_ptr))
         flat[rows, p.taps] = p.values
+        return flat.reshape(p.out_channels, p.in_channels // p.groups, kh, kw)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense effective weight [out, in/groups, kh, kw] (BatchNorm folded in, if it was),
+        for model code that reads it (e.g. `conv.weight.dtype`). Read-only in meaning: the
+        kernel runs from `packed`, so writing to this tensor changes nothing.
+
+        Built on first access and then kept (a plain attribute, not a parameter or buffer): a
+        model whose code never reads it pays no dense copy, and one that reads it on every
+        forward pays it once."""
+        if self._weight_cache is None:
+            self._weight_cache = torch.from_numpy(self._unpack_weight())
+        return self._weight_cache
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The bias [out_channels] (a copy of the packed one, kept like `weight`), or None."""
+        if self._bias_cache is None and self.packed.bias is not None:
+            self._bias_cache = torch.from_numpy(np.array(self.packed.bias, dtype=np.float32))
+        return self._bias_cache
+
+    def to_dense(self) -> nn.Conv2d:
+        """An equivalent nn.Conv2d (the ReLU, if fused, is not included)."""
+        p = self.packed
+        conv = nn.Conv2d(p.in_channels, p.out_channels, self.kernel_size, self.stride, p.padding, self.dilation,
+                         self.groups, bias=p.bias is not None)
         with torch.no_grad():
-            conv.weight.copy_(torch.from_numpy(flat).view_as(conv.weight))
+            conv.weight.copy_(torch.from_numpy(self._unpack_weight()))
             if p.bias is not None:
                 conv.bias.copy_(torch.from_numpy(p.bias))
         return conv

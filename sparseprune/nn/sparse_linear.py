@@ -13,6 +13,25 @@ from sparseprune._native import openmp_enabled
 from sparseprune.config import resolve_threads
 
 
+def conv1d_as_linear(conv1d: nn.Module) -> nn.Linear:
+    """An nn.Linear computing what a transformers `Conv1D` does; shares its tensors (W.T is a
+    view), so it costs no copy and times like the Conv1D. ValueError when the attributes do not
+    have Conv1D's shapes."""
+    weight, bias = getattr(conv1d, "weight", None), getattr(conv1d, "bias", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"Conv1D weight must be a 2-D tensor [nx, nf], got {getattr(weight, 'shape', weight)!r}")
+    nx, nf = weight.shape
+    if getattr(conv1d, "nf", nf) != nf:
+        raise ValueError(f"Conv1D weight {tuple(weight.shape)} does not match nf={conv1d.nf}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (nf,)):
+        raise ValueError(f"Conv1D bias must be None or a tensor [{nf}], got {getattr(bias, 'shape', bias)!r}")
+    linear = nn.Linear(nx, nf, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().t(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return linear
+
+
 def _dense_weight(linear: nn.Linear) -> np.ndarray:
     # `weight` is the effective (masked) tensor both for sparseprune masks and for
     # torch.nn.utils.prune, with or without prune.remove.
@@ -26,6 +45,10 @@ class SparseLinear(nn.Module):
     collapse into one stride (contiguous, transposed, sliced) reach the kernel without a copy.
     The GIL is released while the kernel runs. There is no backward: it refuses inputs that
     require grad.
+
+    Model code written for the layer it replaces keeps working: `in_features`, `out_features`,
+    `bias` and `weight` are there (see `weight`). One converted from transformers' `Conv1D`
+    (`from_conv1d`) also has `nf`/`nx` and shows `weight` in Conv1D's [in, out] layout.
     """
 
     def __init__(self, packed, relu: bool = False, num_threads: Optional[int] = None):
@@ -33,6 +56,10 @@ class SparseLinear(nn.Module):
         self.packed = packed
         self.out_features, self.in_features = packed.shape
         self.relu = bool(relu)
+        # True when it replaces a Conv1D (y = x @ W + b, W stored [in, out]): `weight` keeps that layout.
+        self.weight_transposed = False
+        self._weight_cache: Optional[torch.Tensor] = None
+        self._bias_cache: Optional[torch.Tensor] = None
         # Checked once here (and the no-OpenMP warning given), not on every call.
         self.num_threads = resolve_threads(num_threads) if num_threads is not None else None
         if num_threads is None and not openmp_enabled():
@@ -52,6 +79,49 @@ class SparseLinear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         bias = None if linear.bias is None else linear.bias.detach().to(torch.float32).cpu().numpy()
         return cls(formats.pack(_dense_weight(linear), bias, fmt, block), relu=relu, num_threads=num_threads)
+
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv1d: nn.Module,
+        fmt: str = "csr",
+        block: Tuple[int, int] = (1, 1),
+        relu: bool = False,
+        num_threads: Optional[int] = None,
+    ) -> "SparseLinear":
+        """Pack a transformers `Conv1D` (y = x @ W + b, W [nx, nf]) as the Linear it is (W.T).
+
+        Read by duck typing (`weight` [nx, nf], `bias` [nf] or None), so transformers need not be
+        installed or imported."""
+        return cls.from_dense(conv1d_as_linear(conv1d), fmt, block, relu, num_threads).as_conv1d()
+
+    def as_conv1d(self) -> "SparseLinear":
+        """Present this module as a Conv1D (nf/nx, `weight` [in, out]); returns self."""
+        self.weight_transposed = True
+        self.nf, self.nx = self.out_features, self.in_features
+        self._weight_cache = None
+        return self
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense effective weight [out_features, in_features] ([in, out] for a Conv1D), for
+        model code that reads it (e.g. `layer.weight.dtype`). Read-only in meaning: the kernel
+        runs from `packed`, so writing to this tensor changes nothing.
+
+        Built on first access and then kept (a plain attribute, not a parameter or buffer): a
+        model whose code never reads it pays no dense copy, and one that reads it on every
+        forward pays it once."""
+        if self._weight_cache is None:
+            dense = torch.from_numpy(formats.unpack(self.packed))
+            self._weight_cache = dense.t() if self.weight_transposed else dense
+        return self._weight_cache
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The bias [out_features] (a copy of the packed one, kept like `weight`), or None."""
+        if self._bias_cache is None and self.packed.bias is not None:
+            self._bias_cache = torch.from_numpy(np.array(self.packed.bias, dtype=np.float32))
+        return self._bias_cache
 
     @property
     def kernel(self) -> str:
@@ -109,4 +179,5 @@ class SparseLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"kernel={self.kernel}, sparsity={self.sparsity:.3f}, relu={self.relu}"
+            + (", from Conv1D" if self.weight_transposed else "")
         )

@@ -634,3 +634,19 @@ def test_a_block_of_the_new_ops_matches_torch(rng):
     v = torch64(g)[:, None, :].expand(2, 48, D)
     want = F.scaled_dot_product_attention(t[:, None], t[:, None], v[:, None], attn_mask=torch64(m), scale=0.5)[:, 0]
     assert_close(got, want.numpy())
+
+
+def test_compile_passes_know_the_mask_reads_and_the_new_binary_ops():
+    from sparseprune.compile.passes import _drop_dead_ops, _fuse_activations
+
+    buffers = [{"shape": s, "alias_of": None} for s in ([4, 8], [4], [1, 4, 4], [4, 8], [4, 8], [4, 8])]
+    ops = [{"op": "expand", "in": 1, "out": 2},  # read only as the attention's mask
+           {"op": "attention", "q": 0, "k": 0, "v": 0, "out": 3, "layout": "sequence_first", "heads": 2,
+            "scale": 1.0, "causal": False, "mask": 2, "mask_kind": "additive"},
+           {"op": "sub", "a": 3, "b": 0, "out": 4, "activation": None},
+           {"op": "activation", "kind": "exp", "in": 4, "out": 5}]
+    kept = _drop_dead_ops(buffers, list(ops), [5])
+    assert [op["op"] for op in kept] == ["expand", "attention", "sub", "activation"]
+    fused = _fuse_activations(buffers, [dict(op) for op in kept], [5])
+    assert [op["op"] for op in fused] == ["expand", "attention", "sub"]
+    assert fused[-1]["activation"] == "exp" and fused[-1]["out"] == 5

@@ -21,7 +21,7 @@ def _fuse_activations(
         if op["op"] == "activation":
             src = op["in"]
             prod = producer.get(src)
-            if (prod is not None and prod["op"] in ("linear", "conv2d", "add", "mul", "affine")
+            if (prod is not None and prod["op"] in ("linear", "conv2d", "add", "sub", "mul", "div", "affine")
                     and prod.get("activation") is None
                     and readers.get(src) == 1 and src not in aliased and src not in outputs
                     and buffers[src]["alias_of"] is None):
@@ -33,7 +33,7 @@ def _fuse_activations(
     return kept
 
 
-_READ_KEYS = ("in", "a", "b", "q", "k", "v", "residual")  # (slice reads "in")
+_READ_KEYS = ("in", "a", "b", "q", "k", "v", "residual", "key_mask", "mask")  # (slice reads "in")
 
 
 def _reads(op: Dict[str, Any]) -> List[int]:

@@ -405,6 +405,12 @@ def _check_pad(where: str, o: Mapping, op: Dict[str, Any], si: Tuple[int, ...], 
                         f"got {_shape_str(so)}")
 
 
+def _check_expand(where: str, op: Mapping, si: Tuple[int, ...], so: Tuple[int, ...]) -> None:
+    if broadcast_shape(si, so) != so:
+        raise SpecError(f"{where}: input {_shape_str(si)} does not broadcast to output buffer {op['out']} "
+                        f"{_shape_str(so)} (numpy rules: right-aligned dims equal or 1, rank at most out's)")
+
+
 def _pair_int(v: Any, where: str) -> List[int]:
     if not isinstance(v, (list, tuple)) or len(v) != 2:
         raise SpecError(f"{where} must be a list of 2 ints [before, after], got {_short(v)}")
@@ -786,9 +792,7 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
         elif kind == "pad":
             _check_pad(where, o, op, si, so)
         elif kind == "expand":
-            if broadcast_shape(si, so) != so:
-                raise SpecError(f"{where}: input {_shape_str(si)} does not broadcast to output buffer {out} "
-                                f"{_shape_str(so)} (numpy rules: right-aligned dims equal or 1, rank at most out's)")
+            _check_expand(where, op, si, so)
         elif kind == "slice":
             axis = op["axis"] = _int(o["axis"], f"{where}.axis", 0, MAX_RANK)
             if axis >= len(si):

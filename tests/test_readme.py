@@ -30,7 +30,8 @@
 4. Each JSON in benchmarks/results/ records the command that wrote it, and the docs give that
    command: benchmarks/README.md must, and any doc command writing that JSON must match it.
 
-All the --help output comes from one subprocess (module fixture `helps`), which imports torch once.
+All the --help output comes from one subprocess (fixtures `_help_runner`, `helps`): it imports torch
+once, while the README blocks run.
 """
 from __future__ import annotations
 
@@ -68,8 +69,7 @@ _SCRIPT = re.compile(r"^benchmarks/[\w.-]+\.py$")
 class Block:
     lang: str  # the info string's first word, lower case ("" when absent)
     code: str
-    line: int  # 1-based README line of the block's first code line
-    heading: str  # text of the last heading (any level) before the block
+    line: int  # 1-based line of the block's first code line in its file
     skip: Optional[str] = None  # reason given by a readme-test skip marker
 
 
@@ -78,6 +78,7 @@ class Section:
     """One "## " section of a Markdown file: its fenced blocks and its prose (fences removed)."""
 
     title: str
+    source: str  # the file, relative to the repository root
     blocks: List[Block] = field(default_factory=list)
     paragraphs: List[Tuple[str, str]] = field(default_factory=list)  # (heading above it, text)
     errors: List[str] = field(default_factory=list)
@@ -91,7 +92,8 @@ def parse_markdown(path: Path) -> List[Section]:
     their indentation removed from the code.
     """
     lines = path.read_text(encoding="utf-8").splitlines()
-    sections = [Section("")]
+    source = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
+    sections = [Section("", source)]
     heading = ""
     marker: Optional[Tuple[int, str]] = None  # (line, reason) waiting for its block
     new_paragraph = True
@@ -107,16 +109,16 @@ def parse_markdown(path: Path) -> List[Section]:
                 body.append(_dedent(lines[j], indent))
                 j += 1
             if j == len(lines):
-                sec.errors.append(f"{path.name}:{i + 1}: code fence never closed")
+                sec.errors.append(f"{source}:{i + 1}: code fence never closed")
             lang = fence["info"].lower()
             skip = None
             if marker is not None:
                 if lang in PYTHON_LANGS:
                     skip = marker[1]
                 else:
-                    sec.errors.append(f"{path.name}:{marker[0]}: skip marker not followed by a ```python block")
+                    sec.errors.append(f"{source}:{marker[0]}: skip marker not followed by a ```python block")
                 marker = None
-            sec.blocks.append(Block(lang, "\n".join(body) + "\n", i + 2, heading, skip))
+            sec.blocks.append(Block(lang, "\n".join(body) + "\n", i + 2, skip))
             new_paragraph = True
             i = j + 1
             continue
@@ -124,19 +126,19 @@ def parse_markdown(path: Path) -> List[Section]:
         if m:
             heading = m["text"] or ""
             if len(m["hashes"]) == 2:
-                sections.append(Section(heading))
+                sections.append(Section(heading, source))
                 sec = sections[-1]
         if "readme-test:" in line:
             mk = _MARKER.match(line)
             if mk is None:
-                sec.errors.append(f"{path.name}:{i + 1}: malformed marker {line.strip()!r}; the only one is "
+                sec.errors.append(f"{source}:{i + 1}: malformed marker {line.strip()!r}; the only one is "
                                   "'<!-- readme-test: skip (reason) -->'")
             else:
                 if marker is not None:
-                    sec.errors.append(f"{path.name}:{marker[0]}: skip marker not followed by a ```python block")
+                    sec.errors.append(f"{source}:{marker[0]}: skip marker not followed by a ```python block")
                 marker = (i + 1, mk["reason"].strip())
         elif line.strip() and marker is not None:
-            sec.errors.append(f"{path.name}:{marker[0]}: skip marker not right before a ```python block")
+            sec.errors.append(f"{source}:{marker[0]}: skip marker not right before a ```python block")
             marker = None
         if not line.strip() or m:
             new_paragraph = True
@@ -147,7 +149,7 @@ def parse_markdown(path: Path) -> List[Section]:
             sec.paragraphs[-1] = (heading, sec.paragraphs[-1][1] + "\n" + line)
         i += 1
     if marker is not None:
-        sections[-1].errors.append(f"{path.name}:{marker[0]}: skip marker not followed by a ```python block")
+        sections[-1].errors.append(f"{source}:{marker[0]}: skip marker not followed by a ```python block")
     return sections
 
 
@@ -228,7 +230,7 @@ def cli_invocations(sections: List[Section]) -> List[Tuple[str, List[str], str]]
         for block in sec.blocks:
             if block.lang not in SHELL_LANGS:
                 continue
-            for n, line in enumerate(logical_lines(block.code)):
+            for line in logical_lines(block.code):
                 for cmd in shell_commands(line):
                     if cmd[:3] in (["python", "-m", "sparseprune"], ["python3", "-m", "sparseprune"]):
                         cmd = cmd[2:]
@@ -236,7 +238,7 @@ def cli_invocations(sections: List[Section]) -> List[Tuple[str, List[str], str]]
                         continue
                     sub = next((a for a in cmd[1:] if not a.startswith("-")), None)
                     if sub is not None:
-                        found.append((sub, options(cmd[1:]), f"{sec.title!r} block at line {block.line}: {line.strip()}"))
+                        found.append((sub, options(cmd[1:]), f"{sec.source} block at line {block.line}: {line.strip()}"))
     return found
 
 
@@ -248,14 +250,13 @@ def inline_code(text: str) -> List[str]:
 def script_invocations(path: Path) -> List[Tuple[str, List[str], str]]:
     """(script, its arguments, where) for every `python benchmarks/<script>.py ...` of a Markdown
     file, in shell blocks and in inline code."""
-    name = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.name
     snippets: List[Tuple[str, str]] = []
     for sec in parse_markdown(path):
         for block in sec.blocks:
             if block.lang in SHELL_LANGS or block.lang == "":
-                snippets += [(ln, f"{name} block at line {block.line}") for ln in logical_lines(block.code)]
+                snippets += [(ln, f"{sec.source} block at line {block.line}") for ln in logical_lines(block.code)]
         for heading, text in sec.paragraphs:
-            snippets += [(code, f"{name} under {heading!r}") for code in inline_code(text)]
+            snippets += [(code, f"{sec.source} under {heading!r}") for code in inline_code(text)]
     found = []
     for snippet, where in snippets:
         for cmd in shell_commands(snippet):
@@ -276,7 +277,7 @@ def bench_readme_section_options() -> List[Tuple[str, List[str], str]]:
         (script,) = scripts
         for heading, text in sec.paragraphs:
             for code in inline_code(text):
-                opts = [t for t in re.findall(r"(?<![\w-])--[a-z][\w-]*", code)]
+                opts = re.findall(r"(?<![\w-])--[a-z][\w-]*", code)
                 if opts:
                     found.append((script, opts, f"benchmarks/README.md under {heading!r}: `{code}`"))
     return found
@@ -284,7 +285,7 @@ def bench_readme_section_options() -> List[Tuple[str, List[str], str]]:
 
 # ---------------------------------------------------------------------------------- --help, once
 # One subprocess prints every --help the docs need: `sparseprune SUB --help` is cli.main([SUB,
-# "--help"]) (what the console script calls, checked in test_console_script), a script's is the
+# "--help"]) (what the console script calls: test_console_script_is_cli_main), a script's is the
 # script run as __main__ with argv [script, "--help"]. One process imports torch once; a process
 # per command took ~25 s on a busy 2-core machine.
 _HELP_RUNNER = r"""
@@ -363,16 +364,27 @@ class Help:
     stderr: str
 
 
-@pytest.fixture(scope="module")
-def helps() -> Dict[str, Help]:
-    """"cli:SUB" / "script:PATH" -> the --help run of every subcommand and script the docs name."""
+@pytest.fixture(scope="module", autouse=True)
+def _help_runner():
+    """Starts the --help subprocess with the module's first test, so that it imports torch on the
+    second core while the README blocks run (on one thread); `helps` collects its output."""
     jobs = sorted({("cli", sub) for sub, _, _ in all_cli_invocations()}
                   | {("script", s) for s, _, _ in all_script_invocations() if (ROOT / s).is_file()})
     env = dict(os.environ, COLUMNS="1000")  # no wrapping: every option stays one token
-    proc = subprocess.run([sys.executable, "-c", _HELP_RUNNER, json.dumps(jobs)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"the --help runner failed:\n{proc.stderr[-2000:]}"
-    return {key: Help(*value) for key, value in json.loads(proc.stdout.splitlines()[-1]).items()}
+    proc = subprocess.Popen([sys.executable, "-c", _HELP_RUNNER, json.dumps(jobs)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def helps(_help_runner) -> Dict[str, Help]:
+    """"cli:SUB" / "script:PATH" -> the --help run of every subcommand and script the docs name."""
+    out, err = _help_runner.communicate(timeout=300)
+    assert _help_runner.returncode == 0, f"the --help runner failed:\n{err[-2000:]}"
+    return {key: Help(*value) for key, value in json.loads(out.splitlines()[-1]).items()}
 
 
 def _missing_options(help_text: str, opts: List[str]) -> List[str]:

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,13 +45,14 @@ def comma_list(kind: Callable[[str], object], valid: Callable[[object], bool], w
     return parse
 
 
-def add_timing_args(p: argparse.ArgumentParser, sections: Sequence[str] = ()) -> None:
-    """--repeats, --min-repeats, --warmup, --budget-s and, when `sections` are given, --sections
-    (default: all of them)."""
+def add_timing_args(p: argparse.ArgumentParser, sections: Sequence[str] = (), budget_s: Optional[float] = 1.0) -> None:
+    """--repeats, --min-repeats, --warmup, --budget-s (default `budget_s`; None: left for the
+    script's grid to fill) and, when `sections` are given, --sections (default: all of them)."""
     p.add_argument("--repeats", type=int, help="max timed rounds per case (default 20, --quick 10)")
     p.add_argument("--min-repeats", type=int, default=3, help="timed rounds even for slow cases (default 3)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--budget-s", type=float, default=1.0, help="target timed seconds per case (default 1)")
+    p.add_argument("--budget-s", type=float, default=budget_s, help="target timed seconds per case (default "
+                   + (f"{budget_s:g})" if budget_s is not None else "from the grid, see --quick)"))
     if sections:
         p.add_argument("--sections", type=comma_list(str, lambda v: v in sections, f"names from {sections}"),
                        default=list(sections))

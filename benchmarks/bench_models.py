@@ -55,12 +55,14 @@ from bench_common import (  # noqa: E402
     speedups, steal_seconds, time_case, write_outputs,
 )
 
-FULL = {"size": "full", "batch_sizes": [1, 8], "threads": [2], "repeats": 20, "policy": "measure",
-        "sweep_lengths": [8, 32, 128, 512]}
+# A whole model takes 10-1000 ms a call: 10 s per case gives ResNet-50 at batch 1 its 20 rounds,
+# and BERT at batch 8 the minimum 3 (of 3 timed calls each).
+FULL = {"size": "full", "batch_sizes": [1, 8], "threads": [2], "repeats": 20, "budget_s": 10.0,
+        "policy": "measure", "sweep_lengths": [8, 32, 128, 512]}
 # Small configs (zoo size "small": 2 layers, 32x32 images), one batch size, few rounds, kernels
 # picked by sparsity (no timing at compile): seconds per model, for tests and smoke runs.
-QUICK = {"size": "small", "batch_sizes": [1], "threads": [2], "repeats": 3, "policy": "threshold",
-         "sweep_lengths": [8, 32, 128]}
+QUICK = {"size": "small", "batch_sizes": [1], "threads": [2], "repeats": 3, "budget_s": 0.2,
+         "policy": "threshold", "sweep_lengths": [8, 32, 128]}
 # Whole networks: up to 12 layers of float32 with BatchNorm folded and attention fused.
 TOLERANCE = 1e-3
 SWEEP_TARGET = 3.0  # t(128) / t(32): work proportional to the length would give 4x
@@ -162,7 +164,7 @@ def check_and_time(fns: Dict[str, Callable[[], object]], errors: Dict[str, str],
                 continue
             try:
                 diffs[name] = output_diff(fn(), ref)
-            except Exception as exc:  # noqa: BLE001 - a failing candidate is a result, not a crash
+            except Exception as exc:  # a failing candidate is a result, not a crash
                 errors[name] = first_line(exc)
                 continue
             if not diffs[name] <= TOLERANCE:  # also NaN
@@ -181,7 +183,7 @@ def model_rows(name: str, args: argparse.Namespace, keep: dict) -> List[dict]:
     t0 = time.perf_counter()
     try:
         model, pruned = build_pruned(name, args)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log(f"[{name}] cannot build: {first_line(exc)}")
         return [{"section": "models", "model": name, "error": first_line(exc)}]
     log(f"[{name}] built and pruned {pruned} layers to {args.sparsity:.0%} in {time.perf_counter() - t0:.1f} s")
@@ -199,7 +201,7 @@ def model_rows(name: str, args: argparse.Namespace, keep: dict) -> List[dict]:
         for cand, make in (("convert", convert_model), ("executable", compile_model)):
             try:
                 built[cand], info[cand] = make(name, model, inputs[args.batch_sizes[0]], threads, args)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 errors[cand] = first_line(exc)
                 log(f"[{name}] {cand} failed: {errors[cand]}")
         if "executable" in built and file_bytes is None:
@@ -223,8 +225,11 @@ def model_rows(name: str, args: argparse.Namespace, keep: dict) -> List[dict]:
             row["errors"] = case_errors
             rows.append(row)
             log(f"[{name}] {row_text(row)}")
-        if name == "bert" and threads == args.threads[0] and "executable" in built:
-            keep["bert"] = (model, built["executable"], info["executable"]["max_seq"])  # the sequence sweep reuses this executable
+        if name == "bert" and threads == args.threads[0]:  # the sequence sweep reuses this executable
+            if "executable" in built:
+                keep["bert"] = (model, built["executable"], info["executable"]["max_seq"])
+            else:
+                keep["bert_error"] = errors["executable"]
         del built, fns
         gc.collect()
     return rows
@@ -246,6 +251,8 @@ def seq_sweep_rows(args: argparse.Namespace, keep: dict) -> List[dict]:
     threads = args.threads[0]
     torch.set_num_threads(threads)
     base = {"section": "seq_sweep", "model": "bert", "batch": 1, "threads": threads}
+    if "bert_error" in keep:  # compiling it again would fail the same way
+        return [dict(base, error=keep.pop("bert_error"))]
     try:
         if "bert" in keep:
             model, exe, max_seq = keep.pop("bert")
@@ -254,7 +261,7 @@ def seq_sweep_rows(args: argparse.Namespace, keep: dict) -> List[dict]:
             first = zoo.example_inputs("bert", model, args.size, batch=1, seq=args.seq, seed=args.seed)
             exe, info = compile_model("bert", model, first, threads, args)
             max_seq = info["max_seq"]
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log(f"[seq sweep] bert: {first_line(exc)}")
         return [dict(base, error=first_line(exc))]
     lengths = [n for n in args.sweep_lengths if n <= max_seq]
@@ -273,7 +280,7 @@ def seq_sweep_rows(args: argparse.Namespace, keep: dict) -> List[dict]:
                 diff = output_diff(fns[f"executable@{n}"](), fns[f"dense@{n}"]())
                 if not diff <= TOLERANCE:
                     errors[n] = f"output differs from torch eager: max rel diff {diff:.1e} > {TOLERANCE:.0e}"
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 errors[n] = first_line(exc)
         for n in errors:
             del fns[f"executable@{n}"]
@@ -354,8 +361,8 @@ def markdown(result: dict) -> str:
         out += sorted({f"* {m}, {c}: {e}" for m, c, e in errors})
     sweep = [r for r in result["rows"] if r["section"] == "seq_sweep"]
     if sweep:
-        out += ["", f"### BERT, one executable (max length {sweep[0].get('max_seq')}), batch 1, "
-                f"{sweep[0]['threads']} thread(s)", ""]
+        out += ["", f"### BERT, one executable (max length {sweep[0].get('max_seq', '?')}), batch 1, "
+                f"{sweep[0].get('threads', '?')} thread(s)", ""]
         if sweep[0].get("error"):
             out.append(f"error: {sweep[0]['error']}")
         else:
@@ -394,8 +401,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sweep-lengths", type=comma_list(int, lambda v: v >= 2, "ints >= 2"),
                    help="default 8,32,128,512 (--quick 8,32,128: the small BERT has 128 positions)")
     p.add_argument("--quick", action="store_true",
-                   help="small configs, batch 1, 3 rounds, policy threshold: seconds per model")
-    add_timing_args(p)
+                   help="small configs, batch 1, 3 rounds, 0.2 s per case, policy threshold: seconds per model")
+    add_timing_args(p, budget_s=None)
     add_output_args(p, "bench_models.json")
     args = p.parse_args(argv)
     if not 0.0 <= args.sparsity < 1.0:
@@ -404,14 +411,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"need 2 <= --seq <= --max-seq, got --seq {args.seq} --max-seq {args.max_seq}")
     grid = QUICK if args.quick else FULL
     args.size = grid["size"]
-    fill_from_grid(args, grid, ("batch_sizes", "threads", "repeats", "policy", "sweep_lengths"))
+    fill_from_grid(args, grid, ("batch_sizes", "threads", "repeats", "budget_s", "policy", "sweep_lengths"))
     if args.quick:
-        args.warmup, args.budget_s = min(args.warmup, 1), min(args.budget_s, 0.2)
+        args.warmup = min(args.warmup, 1)
     if args.seq_sweep is None:
         args.seq_sweep = "bert" in args.models
     check_timing_args(p, args)
     args.command = shlex.join(["python", *(sys.argv if argv is None else ["benchmarks/bench_models.py", *argv])])
     return args
+
+
+def guarded(run: Callable[[], List[dict]], row: dict) -> List[dict]:
+    """run(), or one row with the error of whatever failed outside the per-candidate checks (e.g.
+    while timing): one model must not end the run."""
+    try:
+        return run()
+    except Exception as exc:
+        log(f"[{row['model']}] {row['section']} failed: {first_line(exc)}")
+        return [dict(row, error=first_line(exc))]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -425,15 +442,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     keep: dict = {}
     try:
         for name in args.models:
-            rows += model_rows(name, args, keep)
+            rows += guarded(lambda: model_rows(name, args, keep), {"section": "models", "model": name})
             if name != "bert":
                 continue
             if args.seq_sweep:
-                rows += seq_sweep_rows(args, keep)
+                rows += guarded(lambda: seq_sweep_rows(args, keep), {"section": "seq_sweep", "model": "bert"})
             keep.clear()
             gc.collect()
         if args.seq_sweep and "bert" not in args.models:
-            rows += seq_sweep_rows(args, keep)
+            rows += guarded(lambda: seq_sweep_rows(args, keep), {"section": "seq_sweep", "model": "bert"})
     finally:
         torch.set_num_threads(previous)
     grid = {"models": args.models, "size": args.size, "sparsity": args.sparsity, "batch_sizes": args.batch_sizes,

@@ -141,3 +141,23 @@ def test_bad_options_are_refused(bench, argv, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert "error" in capsys.readouterr().err
+
+
+def test_a_failure_outside_the_checks_is_a_row_and_the_markdown_shows_errors(bench, monkeypatch):
+    def broken(*_):
+        raise RuntimeError("timing blew up\nsecond line")
+
+    rows = bench.guarded(broken, {"section": "models", "model": "vit"})
+    assert rows == [{"section": "models", "model": "vit", "error": "RuntimeError: timing blew up"}]
+    rows += bench.guarded(broken, {"section": "seq_sweep", "model": "bert"})
+    rows.append({"section": "models", "model": "gpt2", "seq": 128, "image": None, "batch": 1, "threads": 2,
+                 "times_ms": {"dense": {"median_ms": 5.0}}, "speedup_vs_dense": {}, "max_rel_diff": {},
+                 "errors": {"convert": "ValueError: a", "executable": "UnsupportedOperation: b"},
+                 "file_bytes": None, "compile": None, "steal_s": 0.0})
+    meta = {"command": "c", "cpu": "cpu", "cpu_count": 2, "threads": [2], "timestamp": "t",
+            "grid": {"size": "full", "sparsity": 0.9, "policy": "measure"}}
+    md = bench.markdown({"metadata": meta, "rows": rows})
+    assert "| vit | | | | error: RuntimeError: timing blew up |" in md
+    assert "| gpt2 | seq 128 | 1 | 2 | 5.00 | error |  | error |" in md
+    assert "* gpt2, executable: UnsupportedOperation: b" in md
+    assert "error: RuntimeError: timing blew up" in md.split("### BERT")[1]

@@ -335,14 +335,14 @@ def markdown(result: dict) -> str:
         "difference over max(1, max |torch output|), convert / executable.",
         "",
         "| model | input | batch | threads | torch ms | convert ms | x | executable ms | x | diff | "
-        "executable kernels | file / dense weights | steal s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|",
+        "convert kernels | executable kernels | file / dense weights | steal s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|",
     ]
     for r in result["rows"]:
         if r["section"] != "models":
             continue
         if r.get("error"):
-            out.append(f"| {r['model']} | | | | error: {r['error']} | | | | | | | | |")
+            out.append(f"| {r['model']} | | | | error: {r['error']} | | | | | | | | | |")
             continue
         t, s, d = r["times_ms"], r["speedup_vs_dense"], r["max_rel_diff"]
         what = f"seq {r['seq']}" if r["seq"] else f"{r['image']}²"
@@ -350,10 +350,13 @@ def markdown(result: dict) -> str:
         diff = " / ".join(f"{d[c]:.0e}" if c in d else "-" for c in CANDIDATES)
         size = (f"{_mb(r['file_bytes'])} / {_mb(r['dense_fp32_bytes'])} MB ({r['file_ratio']:.0%})"
                 if r["file_bytes"] else "")
-        kernels = _kernels((r.get("compile") or {}).get("kernels"))
+        kernels = {c: _kernels((r.get(k) or {}).get("kernels")) for c, k in (("convert", "convert"),
+                                                                               ("executable", "compile"))}
+        if r.get("convert") and not r["convert"]["kernels"]:
+            kernels["convert"] = "no layer converted"
         out.append(f"| {r['model']} | {what} | {r['batch']} | {r['threads']} | {_ms(t, 'dense')} | "
                    f"{_ms(t, 'convert')} | {x['convert']} | {_ms(t, 'executable')} | {x['executable']} | {diff} | "
-                   f"{kernels} | {size} | {r['steal_s']:.2f} |")
+                   f"{kernels['convert']} | {kernels['executable']} | {size} | {r['steal_s']:.2f} |")
     errors = [(r["model"], c, e) for r in result["rows"] if r["section"] == "models"
               for c, e in (r.get("errors") or {}).items()]
     if errors:

@@ -157,7 +157,7 @@ def test_a_failure_outside_the_checks_is_a_row_and_the_markdown_shows_errors(ben
     meta = {"command": "c", "cpu": "cpu", "cpu_count": 2, "threads": [2], "timestamp": "t",
             "grid": {"size": "full", "sparsity": 0.9, "policy": "measure"}}
     md = bench.markdown({"metadata": meta, "rows": rows})
-    assert "| vit | | | | error: RuntimeError: timing blew up |" in md
+    assert "| vit | | | | error: RuntimeError: timing blew up | | | | | | | | | |" in md
     assert "| gpt2 | seq 128 | 1 | 2 | 5.00 | error |  | error |" in md
     assert "* gpt2, executable: UnsupportedOperation: b" in md
     assert "error: RuntimeError: timing blew up" in md.split("### BERT")[1]

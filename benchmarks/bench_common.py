@@ -1,6 +1,7 @@
-"""What bench_linear_table.py and bench_conv_table.py share: progress logging, the comma-list
-option type, the timing/output options, budget-based round-robin timing, running the chosen
-sections at a restored thread count, and writing the JSON and Markdown results.
+"""What the scripts in benchmarks/ share: progress logging, the comma-list option type, the
+timing/output options, budget-based round-robin timing, the hypervisor's steal time, the
+relative output difference, running the chosen sections at a restored thread count, and writing
+the JSON and Markdown results.
 
 Not a script. The table scripts import it from their own directory (they put it on sys.path),
 so `python benchmarks/bench_linear_table.py` works from the repository root.
@@ -12,8 +13,9 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from sparseprune.bench import run_metadata
@@ -43,14 +45,17 @@ def comma_list(kind: Callable[[str], object], valid: Callable[[object], bool], w
     return parse
 
 
-def add_timing_args(p: argparse.ArgumentParser, sections: Sequence[str]) -> None:
-    """--repeats, --min-repeats, --warmup, --budget-s and --sections (default: all of `sections`)."""
+def add_timing_args(p: argparse.ArgumentParser, sections: Sequence[str] = (), budget_s: Optional[float] = 1.0) -> None:
+    """--repeats, --min-repeats, --warmup, --budget-s (default `budget_s`; None: left for the
+    script's grid to fill) and, when `sections` are given, --sections (default: all of them)."""
     p.add_argument("--repeats", type=int, help="max timed rounds per case (default 20, --quick 10)")
     p.add_argument("--min-repeats", type=int, default=3, help="timed rounds even for slow cases (default 3)")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--budget-s", type=float, default=1.0, help="target timed seconds per case (default 1)")
-    p.add_argument("--sections", type=comma_list(str, lambda v: v in sections, f"names from {sections}"),
-                   default=list(sections))
+    p.add_argument("--budget-s", type=float, default=budget_s, help="target timed seconds per case (default "
+                   + (f"{budget_s:g})" if budget_s is not None else "from the grid, see --quick)"))
+    if sections:
+        p.add_argument("--sections", type=comma_list(str, lambda v: v in sections, f"names from {sections}"),
+                       default=list(sections))
 
 
 def add_output_args(p: argparse.ArgumentParser, default_json: str) -> None:
@@ -87,6 +92,22 @@ def time_case(fns: Dict[str, Callable[[], object]], args: argparse.Namespace) ->
     times = time_interleaved(fns, warmup=warmup, repeats=repeats)
     out = {name: {"median_ms": t.median_ms, "p90_ms": t.p90_ms} for name, t in times.items()}
     return out, repeats, warmup
+
+
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests (Linux /proc/stat 'steal'), in seconds; 0 where
+    unavailable. Recorded per case: a run with steal time shared its cores with a neighbour."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def max_rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
+    """max |got - ref| / max(1, max |ref|): the error relative to the output's scale."""
+    return float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
 
 
 def speedups(times: Times) -> Dict[str, float]:

@@ -37,32 +37,16 @@ from sparseprune.bench import build_model, prune_linear_layers, run_metadata
 from sparseprune.runtime import Executable
 from sparseprune.timing import time_interleaved
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common.py sits next to this script
+from bench_common import log, max_rel_diff, steal_seconds  # noqa: E402
+
 SECTIONS = ("bert", "resnet18", "depthwise", "overhead", "size")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def steal_seconds() -> float:
-    """CPU time the hypervisor gave to other guests (Linux /proc/stat 'steal'), in seconds; 0 where
-    unavailable. Recorded per case: a run with steal time shared its cores with a neighbour."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def time_candidates(fns: Dict[str, Callable[[], object]], repeats: int, min_time_s: float) -> Dict[str, Dict[str, float]]:
     """Median and p90 (ms) of each callable, timed round robin (see the module doc)."""
     times = time_interleaved(fns, warmup=3, repeats=repeats, min_time_s=min_time_s)
     return {k: {"median_ms": t.median_ms, "p90_ms": t.p90_ms, "calls": t.runs} for k, t in times.items()}
-
-
-def max_rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
 
 
 def bert_layer(sparsity: float, seed: int) -> nn.Module:

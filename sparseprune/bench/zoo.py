@@ -76,6 +76,17 @@ def build(name: str, size: str = "small", *, batch: int = 1, seq: int = 16, seed
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     torch.manual_seed(seed)
     model = _configs(size)[name]().eval()
+    if name == "gpt2":
+        model.config.use_cache = False  # no key/value cache object in the outputs
+    return model, example_inputs(name, model, size, batch=batch, seq=seq, seed=seed)
+
+
+def example_inputs(name: str, model: nn.Module, size: str = "small", *, batch: int = 1, seq: int = 16,
+                   seed: int = 0) -> ZooInputs:
+    """Seeded inputs for a model `build(name, size)` returned, at another batch size or sequence
+    length (building a full-size model again for each would take seconds and memory)."""
+    if name not in NAMES:
+        raise ValueError(f"name must be one of {NAMES}, got {name!r}")
     gen = torch.Generator().manual_seed(seed + 1)
     if name in TEXT:
         vocab = model.config.vocab_size
@@ -84,14 +95,12 @@ def build(name: str, size: str = "small", *, batch: int = 1, seq: int = 16, seed
         if batch > 1:
             mask[-1, seq // 2:] = 0  # one padded sequence
         max_seq = model.config.max_position_embeddings if name != "gpt2" else model.config.n_positions
-        if name == "gpt2":
-            model.config.use_cache = False  # no key/value cache object in the outputs
-        return model, ZooInputs({"input_ids": ids, "attention_mask": mask}, ("input_ids", "attention_mask"),
-                                min(max_seq, 512))
+        return ZooInputs({"input_ids": ids, "attention_mask": mask}, ("input_ids", "attention_mask"),
+                         min(max_seq, 512))
     image = model.config.image_size if hasattr(model.config, "image_size") else (32 if size == "small" else 224)
     if size == "full":
         image = 224
-    return model, ZooInputs({"pixel_values": torch.randn(batch, 3, image, image, generator=gen)})
+    return ZooInputs({"pixel_values": torch.randn(batch, 3, image, image, generator=gen)})
 
 
 def prune_all(model: nn.Module, amount: float = 0.9) -> int:

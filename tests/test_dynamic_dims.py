@@ -109,6 +109,34 @@ def _close(got, want):
 # --- running ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_executable_serves_every_length_like_the_reference(rng, causal):
+    spec, arrays = transformer_spec(rng, causal=causal)
+    exe = Executable.from_spec(spec, arrays)
+    for length in (1, 2, 7, 16, 33, MAX_LEN, 5, 1):  # min, max, and back to lengths seen before
+        for batch, threads in ((1, 1), (3, 2), (0, 1)):
+            ids = _ids(rng, batch, length)
+            got = exe.run(ids, n_threads=threads)
+            assert [g.shape for g in got] == [(batch, length, D), (batch, length, 2 * D), (batch, 2 * length, D),
+                                              (batch, HEADS, length, D // HEADS)]
+            _close(got, run_reference(spec, arrays, [ids]))
+
+
+def test_a_causal_model_at_a_short_length_is_the_prefix_of_the_long_run(rng):
+    """Only length-L work, and the right work: with causal attention and a mask whose leading
+    block is what a length-L run reads, row i depends on tokens 0..i only, so a run at length L
+    equals the first L rows of a run at the max length (the mixing paths read the full mask and
+    are left out)."""
+    spec, arrays = transformer_spec(rng, causal=True)
+    exe = Executable.from_spec(spec, arrays)
+    ids = _ids(rng, 2, MAX_LEN)
+    full = exe.run(ids)
+    for length in (1, 9, 23):
+        short = exe.run(np.ascontiguousarray(ids[:, :length]))
+        np.testing.assert_allclose(short[0], full[0][:, :length], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(short[3], full[3][:, :, :length], rtol=1e-5, atol=1e-5)
+
+
 def test_the_reference_at_a_short_length_is_the_prefix_of_the_long_run(rng):
     spec, arrays = transformer_spec(rng, causal=True)
     ids = _ids(rng, 2, MAX_LEN)
@@ -119,7 +147,7 @@ def test_the_reference_at_a_short_length_is_the_prefix_of_the_long_run(rng):
         np.testing.assert_allclose(short[3], full[3][:, :, :length], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("runner", ["reference"])
+@pytest.mark.parametrize("runner", ["reference", "native"])
 def test_a_constant_writes_the_leading_block_of_its_value(rng, runner):
     """out [2, seq, seq] from a value stored at [2, 6, 6]: out[h, i, j] = value[h, i, j]."""
     value = rng.standard_normal((2, 6, 6)).astype(F32)
@@ -135,7 +163,143 @@ def test_a_constant_writes_the_leading_block_of_its_value(rng, runner):
             np.testing.assert_array_equal(got, np.broadcast_to(value[:, :length, :length], (batch, 2, length, length)))
 
 
+def test_two_dims_cross_attention_with_a_key_mask(rng):
+    spec, arrays = cross_attention_spec()
+    exe = Executable.from_spec(spec, arrays)
+    assert exe.dims == {"tgt": (1, 12), "src": (2, 20)}
+    assert exe.input_shapes == (("tgt", 8), ("src", 8), ("src",)) and exe.output_shapes == (("tgt", 8),)
+    for tgt, src in ((1, 2), (12, 20), (3, 17), (12, 2), (5, 5)):
+        x = rng.standard_normal((2, tgt, 8)).astype(F32)
+        mem = rng.standard_normal((2, src, 8)).astype(F32)
+        mask = rng.random((2, src)) < 0.3
+        mask[:, 0] = False
+        got = exe.run(x, mem, mask)
+        assert got.shape == (2, tgt, 8)
+        _close([got], run_reference(spec, arrays, [x, mem, mask]))
+
+
+def test_threads_running_different_lengths_share_one_executable(rng):
+    """More distinct lengths than the native instance cache holds, from four threads at once:
+    every result equals the serial one (instances are made, cached and evicted concurrently)."""
+    spec, arrays = transformer_spec(rng)
+    exe = Executable.from_spec(spec, arrays)
+    cases = [_ids(rng, 1 + k % 2, 1 + (7 * k) % MAX_LEN) for k in range(40)]
+    want = [exe.run(ids, n_threads=1) for ids in cases]
+    exe2 = Executable.from_spec(spec, arrays)  # a fresh cache
+
+    def worker(t):
+        for k in list(range(t, len(cases), 4)) * 2:
+            _close(exe2.run(cases[k], n_threads=1 + t % 2), want[k])
+
+    run_in_threads(worker)
+
+
+def test_save_load_round_trip_keeps_the_dims(rng, tmp_path):
+    spec, arrays = transformer_spec(rng)
+    exe = Executable.from_spec(spec, arrays)
+    path = tmp_path / "dyn.safetensors"
+    exe.save(path)
+    loaded = load(path)
+    assert loaded.dims == exe.dims == {"seq": (1, MAX_LEN)}
+    assert loaded.input_shapes == (("seq",),)
+    assert loaded.output_shapes == (("seq", D), ("seq", 2 * D), ([2, "seq"], D), (HEADS, "seq", D // HEADS))
+    assert loaded.spec["dims"] == {"seq": {"min": 1, "max": MAX_LEN}}
+    assert loaded.spec["buffers"][26]["shape"] == [[2, "seq"], D]
+    ids = _ids(rng, 2, 11)
+    _close(loaded.run(ids), exe.run(ids))
+    assert "seq" in repr(loaded) and "2*seq" in repr(loaded)
+
+
+def test_specs_without_dims_are_unchanged(rng):
+    spec, arrays = cross_attention_spec()
+    del spec["dims"]
+    spec["buffers"] = [{"shape": [3, 8]}, {"shape": [5, 8]}, {"shape": [5]}, {"shape": [3, 8]}]
+    exe = Executable.from_spec(spec, arrays)
+    assert exe.dims == {} and "dims" not in exe.spec and exe.input_shapes == ((3, 8), (5, 8), (5,))
+    args = [rng.standard_normal((2, 3, 8)).astype(F32), rng.standard_normal((2, 5, 8)).astype(F32),
+            np.zeros((2, 5), bool)]
+    _close([exe.run(*args)], run_reference(spec, arrays, args))
+    with pytest.raises(ValueError, match=r"input 1 must have shape \(batch, 5, 8\), got \(2, 6, 8\)"):
+        exe.run(args[0], np.zeros((2, 6, 8), F32), args[2])
+
+
 # --- input checks at run time ----------------------------------------------------------------
+
+
+def test_inputs_outside_the_range_or_disagreeing_name_the_input_and_dim(rng):
+    spec, arrays = transformer_spec(rng)
+    exe = Executable.from_spec(spec, arrays)
+    with pytest.raises(ValueError, match=r"input 0 \('input_ids'\) has size 41 along axis 1 \(dim 'seq' = 41\), "
+                                         r"allowed 1\.\.40"):
+        exe.run(_ids(rng, 1, MAX_LEN + 1))
+    with pytest.raises(ValueError, match=r"input 0 \('input_ids'\) has size 0 along axis 1 .*allowed 1\.\.40"):
+        exe.run(_ids(rng, 1, 0))
+    with pytest.raises(ValueError, match=r"input 0 \('input_ids'\) must have shape \(batch, seq\), got \(1, 3, 2\)"):
+        exe.run(_ids(rng, 1, 3)[..., None].repeat(2, axis=2))
+
+    spec, arrays = cross_attention_spec()
+    exe = Executable.from_spec(spec, arrays)
+    x, mem = np.zeros((1, 4, 8), F32), np.zeros((1, 6, 8), F32)
+    with pytest.raises(ValueError, match=r"input 2 has size 5 along axis 1 \(dim 'src' = 5\), but input 1 gives "
+                                         r"dim 'src' = 6: the inputs must agree"):
+        exe.run(x, mem, np.zeros((1, 5), bool))
+    with pytest.raises(ValueError, match=r"input 1 has size 1 along axis 1 \(dim 'src' = 1\), allowed 2\.\.20"):
+        exe.run(x, mem[:, :1], np.zeros((1, 1), bool))
+    with pytest.raises(ValueError, match=r"input 1 must have shape \(batch, src, 8\), got \(1, 6, 7\)"):
+        exe.run(x, mem[..., :7], np.zeros((1, 6), bool))
+
+
+def test_a_k_times_dim_input(rng):
+    """An input [2 * seq, 4]: its size must be a multiple of 2, the dim is half of it."""
+    spec = {"format": "sparseprune.executable", "version": 1, "dims": {"seq": {"min": 2, "max": 9}},
+            "buffers": [{"shape": [[2, "seq"], 4]}, {"shape": ["seq", 8], "alias_of": 0}, {"shape": ["seq", 8]}],
+            "inputs": [0], "outputs": [2], "ops": [{"op": "softmax", "in": 1, "out": 2}]}
+    exe = Executable.from_spec(spec, {})
+    assert exe.input_shapes == (([2, "seq"], 4),) and exe.output_shapes == (("seq", 8),)
+    x = rng.standard_normal((3, 10, 4)).astype(F32)
+    got = exe.run(x)
+    assert got.shape == (3, 5, 8)
+    _close([got], run_reference(spec, {}, [x]))
+    with pytest.raises(ValueError, match=r"input 0 has size 7 along axis 1, not a multiple of 2 .*allowed 2\*2\.\.2\*9"):
+        exe.run(np.zeros((1, 7, 4), F32))
+    with pytest.raises(ValueError, match=r"dim 'seq' = 10\), allowed 2\*2\.\.2\*9"):
+        exe.run(np.zeros((1, 20, 4), F32))
+
+
+def test_the_native_plan_rechecks_the_dims_against_the_inputs(rng):
+    spec, arrays = transformer_spec(rng)
+    exe = Executable.from_spec(spec, arrays)
+    plan = exe._plan
+    assert plan.dims == [("seq", 1, MAX_LEN)] and plan.input_shapes == [["seq"]]
+    assert plan.output_shapes[2] == [[2, "seq"], D]
+    ids = _ids(rng, 2, 6).astype(F32)
+    np.testing.assert_allclose(plan.run([ids], 1, [6])[0], exe.run(ids.astype(np.int64))[0], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"input 0 must have shape \(batch, 7\) at these dim values"):
+        plan.run([ids], 1, [7])
+    with pytest.raises(ValueError, match=r"dim 'seq' = 41 is outside its range 1\.\.40"):
+        plan.run([np.zeros((1, 41), F32)], 1, [41])
+    with pytest.raises(ValueError, match=r"dim 'seq' = 0 is outside its range"):
+        plan.run([np.zeros((1, 0), F32)], 1, [0])
+    with pytest.raises(ValueError, match=r"expected 1 dim values, got 0"):
+        plan.run([ids], 1)
+
+
+def test_a_rule_relating_two_dims_is_checked_for_every_assignment():
+    """add(a [tgt, 4], b [src, 4]) holds at the min values (1, 1) and the max (9, 9): the Python
+    validator refuses it at its generic point, and the native plan (which checks min and max when
+    it is built) refuses every assignment with tgt != src before any kernel runs."""
+    spec = {"format": "sparseprune.executable", "version": 1,
+            "dims": {"tgt": {"min": 1, "max": 9}, "src": {"min": 1, "max": 9}},
+            "buffers": [{"shape": ["tgt", 4]}, {"shape": ["src", 4]}, {"shape": ["tgt", 4]}],
+            "inputs": [0, 1], "outputs": [2], "ops": [{"op": "add", "a": 0, "b": 1, "out": 2}]}
+    with pytest.raises(SpecError, match=r"spec\.ops\[0\].*no broadcasting.*\(with dims tgt=5, src=6\)"):
+        validate(spec, {})
+    plan = _C.Plan(json.dumps(spec), {})
+    x = np.ones((1, 3, 4), F32)
+    np.testing.assert_array_equal(plan.run([x, x], 1, [3, 3])[0], 2 * x)
+    with pytest.raises(ValueError, match=r"ops\[0\]: operands and output must have the same size .*"
+                                         r"\(with dims tgt=3, src=4\)"):
+        plan.run([x, np.ones((1, 4, 4), F32)], 1, [3, 4])
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -198,6 +362,39 @@ def test_bad_dims_raise_clean_errors_naming_the_field(rng, edit, match):
         validate(spec, arrays)
     with pytest.raises(ValueError):
         Executable.from_spec(spec, arrays)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (set_field(["buffers", 1, "shape"], ["len", D]), r"buffers\[1\]\.shape names 'len', not a dim of spec\.dims"),
+    (set_field(["buffers", 12, "shape"], [D, HEADS, D // HEADS]), r"alias of buffer 5 must have the same element count"),
+    (set_field(["dims", "seq"], {"min": 3, "max": 2}), r"spec\.dims\.seq: needs 1 <= min <= max"),
+    (set_field(["dims", "seq"], {"min": 1, "max": 1 << 26}), r"buffer 1 \(seq, 16\) is too large"),
+    (_edit_constant_shape([MAX_LEN - 1, D]), r"ops\[1\]: constant must hold 624 values"),
+    (drop_field(["ops", 1, "shape"]), r"ops\[1\]: a constant writing a buffer with dims needs its value's shape"),
+])
+def test_the_native_plan_refuses_bad_dims_on_its_own(rng, edit, match):
+    spec, arrays = transformer_spec(rng)
+    edit(spec, arrays)
+    with pytest.raises(ValueError, match=match):
+        _C.Plan(json.dumps(spec), arrays)
+
+
+def test_a_rule_that_fails_only_at_the_min_values():
+    """Slicing 3 rows off [seq, 4] needs seq >= 3: refused for min 1 (Python and native), run
+    for min 3."""
+    spec = {"format": "sparseprune.executable", "version": 1, "dims": {"seq": {"min": 1, "max": 8}},
+            "buffers": [{"shape": ["seq", 4]}, {"shape": [3, 4]}], "inputs": [0], "outputs": [1],
+            "ops": [{"op": "slice", "in": 0, "out": 1, "axis": 0, "start": 0, "step": 1}]}
+    with pytest.raises(SpecError, match=r"spec\.ops\[0\]: start 0, step 1 and 3 outputs leave the input's 1 entries "
+                                        r"along axis 0 \(with dims seq=1\)"):
+        validate(spec, {})
+    with pytest.raises(ValueError, match=r"ops\[0\]: slice start 0, step 1, length 3 leaves the input's 1 entries "
+                                         r"\(with dims seq=1\)"):
+        _C.Plan(json.dumps(spec), {})
+    spec["dims"]["seq"]["min"] = 3
+    exe = Executable.from_spec(spec, {})
+    x = np.arange(2 * 6 * 4, dtype=F32).reshape(2, 6, 4)
+    np.testing.assert_array_equal(exe.run(x), x[:, :3])
 
 
 def test_canonical_form_and_constant_shape_without_dims(rng):

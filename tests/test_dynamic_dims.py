@@ -416,3 +416,24 @@ def test_canonical_form_and_constant_shape_without_dims(rng):
     bad["ops"][0]["shape"] = [3, 2]
     with pytest.raises(SpecError, match=r"spec\.ops\[0\]\.shape \(3, 2\) must be out's shape"):
         validate(bad, c)
+
+
+def test_cli_runs_a_dynamic_executable(rng, tmp_path, capsys):
+    """`sparseprune run`: random inputs at the dims' max values, --input arrays at their own
+    length, a length outside the range a clean error."""
+    import sparseprune.cli as cli
+
+    spec, arrays = transformer_spec(rng)
+    path = tmp_path / "dyn.safetensors"
+    Executable.from_spec(spec, arrays).save(path)
+    assert cli.main(["run", str(path), "--batch", "2"]) == 0
+    assert f"inputs (2, {MAX_LEN}) random" in capsys.readouterr().out
+    ids, out = tmp_path / "ids.npy", tmp_path / "y.npy"
+    np.save(ids, _ids(rng, 1, 7))
+    assert cli.main(["run", str(path), "--input", str(ids), "--output", str(out), "--output", str(tmp_path / "b.npy"),
+                     "--output", str(tmp_path / "c.npy"), "--output", str(tmp_path / "d.npy")]) == 0
+    assert np.load(out).shape == (1, 7, D)
+    np.save(ids, _ids(rng, 1, MAX_LEN + 3))
+    capsys.readouterr()
+    assert cli.main(["run", str(path), "--input", str(ids)]) == 2
+    assert "dim 'seq' = 43), allowed 1..40" in capsys.readouterr().err

@@ -111,9 +111,7 @@ class Executable:
                                 f"(expected shape {_batch_shape(shape)})")
             if dtype == "float32" and x.dtype != np.float32:
                 raise TypeError(f"{name} must be float32, got {x.dtype} (expected shape {_batch_shape(shape)})")
-            # This input's shape: static sizes, and the dims' values (in range, agreeing with the
-            # inputs before it).
-            env = layout.infer_dims([v.shape for v in inputs[:k + 1]])
+            layout.match_input(k, x.shape, env)  # static sizes; the dims' values, in range and agreeing
             if batch is not None and x.shape[0] != batch:
                 raise ValueError(
                     f"{name} has batch size {x.shape[0]}, but input 0 has {batch}: all inputs share the batch")

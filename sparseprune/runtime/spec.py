@@ -182,36 +182,42 @@ class PlanLayout:
         return tuple(resolve_shape(s, env) for s in self.shapes)
 
     def infer_dims(self, input_shapes: Sequence[Sequence[int]]) -> Dict[str, int]:
-        """The dim values the inputs' shapes ([batch, *per-sample] each, one per input) give.
-
-        Raises ValueError naming the input when a rank or static size differs, a dim's
-        occurrences disagree, or a dim's value is outside its [min, max]."""
-        ranges = {name: (lo, hi) for name, lo, hi in self.dims}
+        """The dim values the inputs' shapes ([batch, *per-sample] each, one per input) give; see
+        match_input for the errors."""
         env: Dict[str, int] = {}
-        seen: Dict[str, str] = {}  # dim -> the input that gave its value
-        for name, want, got in zip(self.input_names, self.input_shapes, input_shapes):
-            got = tuple(int(g) for g in got)
-            if len(got) != len(want) + 1:
-                raise ValueError(f"{name} must have shape {batch_shape_str(want)}, got {got}")
-            for axis, (d, size) in enumerate(zip(want, got[1:]), start=1):
-                if isinstance(d, int):
-                    if size != d:
-                        raise ValueError(f"{name} must have shape {batch_shape_str(want)}, got {got}")
-                    continue
-                k, dim = (1, d) if isinstance(d, str) else d
-                lo, hi = ranges[dim]
-                allowed = f"allowed {lo}..{hi}" if k == 1 else f"allowed {k}*{lo}..{k}*{hi}"
-                if size % k:
-                    raise ValueError(f"{name} has size {size} along axis {axis}, not a multiple of {k} "
-                                     f"(the axis is {k} * dim {dim!r}), {allowed}")
-                value = size // k
-                if not lo <= value <= hi:
-                    raise ValueError(f"{name} has size {size} along axis {axis} (dim {dim!r} = {value}), {allowed}")
-                if dim in env and env[dim] != value:
-                    raise ValueError(f"{name} has size {size} along axis {axis} (dim {dim!r} = {value}), but "
-                                     f"{seen[dim]} gives dim {dim!r} = {env[dim]}: the inputs must agree")
-                env[dim], seen[dim] = value, name
+        for k, shape in enumerate(input_shapes):
+            self.match_input(k, shape, env)
         return env
+
+    def match_input(self, k: int, shape: Sequence[int], env: Dict[str, int]) -> None:
+        """Check input k's array shape ([batch, *per-sample]) and record the values it gives its
+        dims in `env` (which holds those of the inputs before it). Raises ValueError naming the
+        input when the rank or a static size differs, a dim's value differs from an earlier
+        input's, or is outside the dim's [min, max]."""
+        name, want, got = self.input_names[k], self.input_shapes[k], tuple(shape)
+        if len(got) != len(want) + 1:
+            raise ValueError(f"{name} must have shape {batch_shape_str(want)}, got {got}")
+        if got[1:] == want:  # static (a shape with dims never equals one of ints)
+            return
+        for axis, (d, size) in enumerate(zip(want, got[1:]), start=1):
+            if isinstance(d, int):
+                if size != d:
+                    raise ValueError(f"{name} must have shape {batch_shape_str(want)}, got {got}")
+                continue
+            mult, dim = (1, d) if isinstance(d, str) else d
+            lo, hi = next((lo, hi) for n, lo, hi in self.dims if n == dim)
+            allowed = f"allowed {lo}..{hi}" if mult == 1 else f"allowed {mult}*{lo}..{mult}*{hi}"
+            if size % mult:
+                raise ValueError(f"{name} has size {size} along axis {axis}, not a multiple of {mult} "
+                                 f"(the axis is {mult} * dim {dim!r}), {allowed}")
+            value = size // mult
+            if not lo <= value <= hi:
+                raise ValueError(f"{name} has size {size} along axis {axis} (dim {dim!r} = {value}), {allowed}")
+            if env.setdefault(dim, value) != value:
+                first = next(self.input_names[j] for j in range(k + 1)
+                             if any(e == dim or (isinstance(e, tuple) and e[1] == dim) for e in self.input_shapes[j]))
+                raise ValueError(f"{name} has size {size} along axis {axis} (dim {dim!r} = {value}), but "
+                                 f"{first} gives dim {dim!r} = {env[dim]}: the inputs must agree")
 
 
 def _is_int(v: Any) -> bool:

@@ -178,6 +178,33 @@ def test_two_dims_cross_attention_with_a_key_mask(rng):
         _close([got], run_reference(spec, arrays, [x, mem, mask]))
 
 
+@pytest.mark.parametrize("fmt", ["csr", "bsr", "dense"])
+def test_every_linear_format_over_dynamic_rows(rng, fmt):
+    """linear (gelu) over [seq, 12] rows, then mul, affine and an activation, at several lengths."""
+    w = rng.standard_normal((8, 12)).astype(F32)
+    w[rng.random(w.shape) < 0.5] = 0
+    block = [4, 1] if fmt == "bsr" else [1, 1]
+    if fmt == "dense":
+        arrays = {"fc.weight": w}
+    else:
+        a = formats.csr_arrays(w) if fmt == "csr" else formats.bsr_arrays(w, *block)
+        arrays = {"fc.indptr": a.indptr, "fc.indices": a.indices, "fc.values": a.values}
+    arrays["fc.bias"] = rng.standard_normal(8).astype(F32)
+    spec = {"format": "sparseprune.executable", "version": 1, "dims": {"n": {"min": 1, "max": 64}},
+            "buffers": [{"shape": ["n", 12]}, {"shape": ["n", 8]}, {"shape": ["n", 8]}, {"shape": ["n", 8]},
+                        {"shape": ["n", 8]}],
+            "inputs": [0], "outputs": [4],
+            "ops": [{"op": "linear", "in": 0, "out": 1, "weight": "fc", "format": fmt, "block": block, "rows": 8,
+                     "cols": 12, "activation": "gelu"},
+                    {"op": "mul", "a": 1, "b": 1, "out": 2},
+                    {"op": "affine", "in": 2, "out": 3, "scale": 0.5, "shift": -1.0, "activation": "tanh"},
+                    {"op": "activation", "kind": "silu", "in": 3, "out": 4}]}
+    exe = Executable.from_spec(spec, arrays)
+    for n, batch in ((1, 1), (5, 3), (64, 2), (17, 1), (3, 0)):
+        x = rng.standard_normal((batch, n, 12)).astype(F32)
+        _close([exe.run(x, n_threads=2)], run_reference(spec, arrays, [x]))
+
+
 def test_threads_running_different_lengths_share_one_executable(rng):
     """More distinct lengths than the native instance cache holds, from four threads at once:
     every result equals the serial one (instances are made, cached and evicted concurrently)."""

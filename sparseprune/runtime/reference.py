@@ -231,7 +231,7 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
             value = arrays[f"{op['weight']}.value"].reshape(op.get("shape", so))[tuple(slice(0, d) for d in so)]
             write(op["out"], np.broadcast_to(value, (batch,) + value.shape))
         elif kind in ("add", "sub", "mul", "div"):
-            rank = len(layout.shapes[op["out"]])
+            rank = len(shapes[op["out"]])
             a, b = (_batch_broadcastable(read(op[key]), rank) for key in ("a", "b"))
             with np.errstate(divide="ignore", invalid="ignore"):  # x / 0 and 0 / 0 as in torch
                 y = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[kind](a, b)
@@ -250,7 +250,7 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
             write(op["out"], np.pad(x, [(0, 0)] + [tuple(p) for p in op["pads"]], constant_values=op["value"]))
         elif kind == "expand":
             x = read(op["in"])
-            out_shape = layout.shapes[op["out"]]
+            out_shape = shapes[op["out"]]
             write(op["out"], np.broadcast_to(_batch_broadcastable(x, len(out_shape)), (batch,) + out_shape))
         elif kind == "softmax":
             x = read(op["in"]).astype(np.float64)

@@ -314,19 +314,24 @@ def test_the_native_plan_rechecks_the_dims_against_the_inputs(rng):
 def test_a_rule_relating_two_dims_is_checked_for_every_assignment():
     """add(a [tgt, 4], b [src, 4]) holds at the min values (1, 1) and the max (9, 9): the Python
     validator refuses it at its generic point, and the native plan (which checks min and max when
-    it is built) refuses every assignment with tgt != src before any kernel runs."""
+    it is built) checks every assignment before any kernel runs: tgt == src, or src == 1 (b
+    broadcasts over a's rows, numpy rules), else refused."""
     spec = {"format": "sparseprune.executable", "version": 1,
             "dims": {"tgt": {"min": 1, "max": 9}, "src": {"min": 1, "max": 9}},
             "buffers": [{"shape": ["tgt", 4]}, {"shape": ["src", 4]}, {"shape": ["tgt", 4]}],
             "inputs": [0, 1], "outputs": [2], "ops": [{"op": "add", "a": 0, "b": 1, "out": 2}]}
-    with pytest.raises(SpecError, match=r"spec\.ops\[0\].*no broadcasting.*\(with dims tgt=5, src=6\)"):
+    with pytest.raises(SpecError, match=r"spec\.ops\[0\].*do not broadcast.*\(with dims tgt=5, src=6\)"):
         validate(spec, {})
     plan = _C.Plan(json.dumps(spec), {})
     x = np.ones((1, 3, 4), F32)
     np.testing.assert_array_equal(plan.run([x, x], 1, [3, 3])[0], 2 * x)
-    with pytest.raises(ValueError, match=r"ops\[0\]: operands and output must have the same size .*"
+    np.testing.assert_array_equal(plan.run([x, np.full((1, 1, 4), 2, F32)], 1, [3, 1])[0], 3 * x)
+    with pytest.raises(ValueError, match=r"ops\[0\]: operands \(3, 4\) and \(4, 4\) do not broadcast .*"
                                          r"\(with dims tgt=3, src=4\)"):
         plan.run([x, np.ones((1, 4, 4), F32)], 1, [3, 4])
+    with pytest.raises(ValueError, match=r"ops\[0\]: output must have the broadcast shape \(3, 4\), got \(1, 4\) "
+                                         r"\(with dims tgt=1, src=3\)"):
+        plan.run([x[:, :1], x], 1, [1, 3])
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -543,3 +548,58 @@ def test_a_mutated_dynamic_spec_is_refused_cleanly_or_runs_safely(seed):
             continue
         if valid:
             _close(got, run_reference(spec, arrays, [inputs[0].astype(np.int64)]))
+
+
+def broadcast_ops_spec(rng, max_len=12):
+    """The broadcasting ops over a dynamic seq: sequence_first attention with a bool mask input
+    [1, 1, seq] and with an additive mask constant [1, seq, seq] (stored at max_len), heads_first
+    attention with that mask, scores [2, seq, seq] + the constant (numpy broadcast), expand of the
+    bool mask to [2, seq, seq], mul, reduce over the last axis and over the heads, sub by the
+    row sums [2, seq, 1], pad of the row sums."""
+    arrays = {"m.value": (rng.standard_normal((1, max_len, max_len)) * 2).astype(F32).ravel()}
+    shapes = [["seq", 8], [1, 1, "seq"], ["seq", 8], [1, "seq", "seq"], ["seq", 8], [2, "seq", 4],  # 0-5
+              [2, "seq", 4], [2, "seq", "seq"], [2, "seq", "seq"], [2, "seq", "seq"], [2, "seq", "seq"],  # 6-10
+              [2, "seq", 1], [1, "seq", "seq"], [3, "seq", 4], [2, "seq", "seq"]]  # 11-14
+    buffers = [{"shape": s} for s in shapes]
+    buffers[5]["alias_of"] = 0  # x read as 2 groups of [seq, 4]
+    att = {"heads": 2, "scale": 0.5}
+    ops = [
+        {"op": "attention", "q": 0, "k": 0, "v": 0, "out": 2, "layout": "sequence_first", "causal": False,
+         "mask": 1, "mask_kind": "bool", **att},
+        {"op": "constant", "out": 3, "weight": "m", "shape": [1, max_len, max_len]},
+        {"op": "attention", "q": 0, "k": 0, "v": 0, "out": 4, "layout": "sequence_first", "causal": True,
+         "mask": 3, "mask_kind": "additive", **att},
+        {"op": "attention", "q": 5, "k": 5, "v": 5, "out": 6, "layout": "heads_first", "causal": False,
+         "mask": 3, "mask_kind": "additive", **att},
+        {"op": "matmul", "a": 5, "b": 5, "out": 7, "transpose_b": True, "scale": 0.5},
+        {"op": "expand", "in": 1, "out": 8},
+        {"op": "add", "a": 7, "b": 3, "out": 9},
+        {"op": "mul", "a": 9, "b": 8, "out": 10},
+        {"op": "reduce", "in": 10, "out": 11, "kind": "sum", "axes": [2]},
+        {"op": "reduce", "in": 9, "out": 12, "kind": "mean", "axes": [0]},
+        {"op": "pad", "in": 11, "out": 13, "pads": [[1, 0], [0, 0], [1, 2]], "value": -1.5},
+        {"op": "sub", "a": 9, "b": 11, "out": 14, "activation": "relu"},
+    ]
+    spec = {"format": "sparseprune.executable", "version": 1, "dims": {"seq": {"min": 1, "max": max_len}},
+            "buffers": buffers, "inputs": [0, 1], "input_dtypes": ["float32", "bool"],
+            "outputs": [2, 4, 6, 9, 12, 13, 14], "ops": ops}
+    return spec, arrays
+
+
+def test_broadcasting_ops_and_attention_masks_over_a_dynamic_seq(rng):
+    spec, arrays = broadcast_ops_spec(rng)
+    value = arrays["m.value"].reshape(1, 12, 12)
+    exe = Executable.from_spec(spec, arrays)
+    for length in (1, 2, 5, 12, 7, 1):
+        for batch, threads in ((1, 1), (3, 2), (0, 1)):
+            x = rng.standard_normal((batch, length, 8)).astype(F32)
+            keep = rng.random((batch, 1, 1, length)) < 0.7  # some rows keep no key: zeros, both sides
+            got = exe.run(x, keep, n_threads=threads)
+            want = run_reference(spec, arrays, [x, keep])
+            assert [g.shape[1:] for g in got] == [(length, 8), (length, 8), (2, length, 4), (2, length, length),
+                                                  (1, length, length), (3, length, 4), (2, length, length)]
+            _close(got, want)
+            # the add reads the constant's leading [1, L, L] block, broadcast over the 2 groups
+            xh = x.astype(np.float64).reshape(batch, 2, length, 4)
+            scores = 0.5 * xh @ np.swapaxes(xh, -1, -2) + value[:, :length, :length]
+            np.testing.assert_allclose(got[3], scores, rtol=1e-4, atol=1e-4)

@@ -1054,7 +1054,7 @@ def test_attention_key_mask_checks(rng):
     spec["buffers"][3]["shape"] = [7]
     exe = Executable.from_spec(spec, {})
     args = [randn(rng, 1, 5, 8), randn(rng, 1, 7, 8), randn(rng, 1, 7, 8)]
-    with pytest.raises(TypeError, match=r"input 3 must be a bool padding mask \(True = padding\), got float32"):
+    with pytest.raises(TypeError, match=r"input 3 must be a bool \(or integer 0/1\) mask, got float32"):
         exe.run(*args, np.zeros((1, 7), F32))
 
 

@@ -504,7 +504,7 @@ def _mutate(rng, spec, arrays):
         b = int(rng.integers(1, len(spec["buffers"])))
         spec["buffers"][b]["alias_of"] = int(rng.integers(b))
     else:
-        op = spec["ops"][int(rng.choice([1, 14]))]
+        op = spec["ops"][int(rng.choice([i for i, o in enumerate(spec["ops"]) if o["op"] == "constant"]))]
         op["shape"] = [_entry(rng) if rng.random() < 0.3 else d for d in op["shape"]]
     return kind
 
@@ -513,14 +513,29 @@ def _concrete(shape, env):
     return [d if isinstance(d, int) else env[d] if isinstance(d, str) else d[0] * env[d[1]] for d in shape]
 
 
-@pytest.mark.parametrize("seed", range(150))
-def test_a_mutated_dynamic_spec_is_refused_cleanly_or_runs_safely(seed):
+def _transformer_inputs(rng, shapes):
+    ids = rng.integers(0, VOCAB, (2, *shapes[0]))
+    return [ids.astype(F32)], [ids]
+
+
+def _broadcast_inputs(rng, shapes):
+    x = rng.standard_normal((2, *shapes[0])).astype(F32)
+    keep = rng.random((2, *shapes[1])) < 0.7
+    return [x, keep.astype(F32)], [x, keep]
+
+
+@pytest.mark.parametrize("which, seed", [("transformer", s) for s in range(150)] +
+                         [("broadcast", s) for s in range(100)])
+def test_a_mutated_dynamic_spec_is_refused_cleanly_or_runs_safely(which, seed):
     """After one random edit: validate() and the native plan (given the spec directly) raise
     ValueError / TypeError only. A plan the native side builds runs at min, max and a random
     assignment of its dims (on a NaN-poisoned arena) or refuses the assignment with ValueError;
-    when validate() accepts the spec too, the results equal the reference's."""
+    when validate() accepts the spec too, the results equal the reference's. Over the transformer
+    and over the broadcasting ops (masks, expand, reduce, pad)."""
     rng = np.random.default_rng(seed)
-    spec, arrays = transformer_spec(rng)
+    make_spec, make_inputs = {"transformer": (transformer_spec, _transformer_inputs),
+                              "broadcast": (broadcast_ops_spec, _broadcast_inputs)}[which]
+    spec, arrays = make_spec(rng)
     _mutate(rng, spec, arrays)
     try:
         validate(copy.deepcopy(spec), arrays)
@@ -539,7 +554,7 @@ def test_a_mutated_dynamic_spec_is_refused_cleanly_or_runs_safely(seed):
         env = dict(zip(names, values))
         if sum(np.prod(_concrete(b["shape"], env)) for b in spec["buffers"]) > 1 << 20:
             continue  # a mutated max of 2**22: valid, but GiBs to run
-        inputs = [rng.integers(0, VOCAB, (2, *_concrete(s, env))).astype(F32) for s in plan.input_shapes]
+        inputs, ref_inputs = make_inputs(rng, [_concrete(s, env) for s in plan.input_shapes])
         _POISON_PLAN.run([_POISON], 1)
         try:
             got = plan.run(inputs, 1, values)
@@ -547,7 +562,7 @@ def test_a_mutated_dynamic_spec_is_refused_cleanly_or_runs_safely(seed):
             assert not valid or "embedding" in str(exc), exc
             continue
         if valid:
-            _close(got, run_reference(spec, arrays, [inputs[0].astype(np.int64)]))
+            _close(got, run_reference(spec, arrays, ref_inputs))
 
 
 def broadcast_ops_spec(rng, max_len=12):

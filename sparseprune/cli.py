@@ -206,8 +206,17 @@ def _fail(command: str, message: str) -> int:
     return 2
 
 
-def _batch_shape(shape: Sequence[int]) -> str:
-    return "(batch" + "".join(f", {d}" for d in shape) + ")"
+def _batch_shape(shape: Sequence) -> str:
+    from sparseprune.runtime.spec import batch_shape_str
+
+    return batch_shape_str(shape)
+
+
+def _at_max(exe, shape: Sequence) -> tuple:
+    """A per-sample input shape with every dynamic dim (a sequence length) at its max value."""
+    from sparseprune.runtime.spec import resolve_shape
+
+    return resolve_shape(shape, {name: hi for name, (_, hi) in getattr(exe, "dims", {}).items()})
 
 
 def _load_executable(command: str, path: str, n_threads: Optional[int] = None):
@@ -448,12 +457,14 @@ def _input_dtypes(exe) -> Sequence[str]:
 
 def _random_inputs(exe, batch: int, seed: int):
     """Standard normal float32 inputs; for an "int64" (token id) input, ids below the smallest
-    embedding table's row count; for a "bool" padding mask, a mask with the first position real."""
+    embedding table's row count; for a "bool" padding mask, a mask with the first position real.
+    Dynamic dims (sequence lengths) take their max values."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     inputs = []
     for shape, dtype in zip(exe.input_shapes, _input_dtypes(exe)):
+        shape = _at_max(exe, shape)
         if dtype == "int64":
             tables = [exe.arrays[f"{op['weight']}.table"].shape[0] for op in exe.spec["ops"]
                       if op["op"] == "embedding" and f"{op['weight']}.table" in exe.arrays]
@@ -490,7 +501,8 @@ def _read_input(path: str, k: int, shape: Sequence[int], dtype: str):
                              f"{x.dtype}")
     elif not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise ValueError(f"--input {path}: expected a numeric array, got dtype {x.dtype}")
-    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape):
+    # static sizes here; dynamic dims (names in the shape) are checked by the executable's run()
+    if x.ndim != len(shape) + 1 or any(isinstance(want, int) and got != want for got, want in zip(x.shape[1:], shape)):
         raise ValueError(f"--input {path} has shape {tuple(x.shape)}, but input {k} of the executable takes "
                          f"{_batch_shape(shape)}")
     return x if dtype in ("int64", "bool") else np.ascontiguousarray(x, dtype=np.float32)

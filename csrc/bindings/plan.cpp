@@ -9,6 +9,8 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "bindings/checks.h"
 #include "kernels/plan.h"
@@ -226,6 +228,52 @@ std::shared_ptr<const PackedConv> make_conv(const py::dict& op, const py::dict& 
   return std::shared_ptr<const PackedConv>(std::move(conv));
 }
 
+// spec.dims (optional): {name: {"min": int, "max": int}}, in the spec's order.
+std::vector<DimRange> parse_dims(const py::dict& spec) {
+  std::vector<DimRange> dims;
+  if (!spec.contains("dims")) return dims;
+  py::object v = spec["dims"];
+  if (!py::isinstance<py::dict>(v) || py::len(v) > kMaxDims)
+    throw SpecError("spec.dims must be an object of at most " + std::to_string(kMaxDims) + " dims");
+  for (auto item : v.cast<py::dict>()) {
+    if (!py::isinstance<py::str>(item.first)) throw SpecError("spec.dims names must be strings");
+    DimRange d;
+    d.name = item.first.cast<std::string>();
+    const std::string where = "spec.dims." + d.name;
+    if (!py::isinstance<py::dict>(item.second)) throw SpecError(where + " must be an object");
+    const py::dict r = item.second.cast<py::dict>();
+    d.min = int_field(r, "min", where);
+    d.max = int_field(r, "max", where);
+    if (d.min < 1 || d.max < d.min || d.max > (int64_t{1} << 31)) throw SpecError(where + ": needs 1 <= min <= max <= 2**31");
+    dims.push_back(std::move(d));
+  }
+  return dims;
+}
+
+// A buffer shape entry: an int, a dim name, or [k, dim name] (k * dim).
+SymDim parse_shape_entry(py::handle v, const std::vector<DimRange>& dims, const std::string& where) {
+  auto dim_index = [&](py::handle name) {
+    const std::string n = name.cast<std::string>();
+    for (size_t i = 0; i < dims.size(); ++i)
+      if (dims[i].name == n) return static_cast<int>(i);
+    throw SpecError(where + " names '" + n + "', not a dim of spec.dims");
+  };
+  auto is_int = [](py::handle x) { return py::isinstance<py::int_>(x) && !py::isinstance<py::bool_>(x); };
+  SymDim d;
+  if (is_int(v)) {
+    d.k = as_int64(v, where);
+  } else if (py::isinstance<py::str>(v)) {
+    d.dim = dim_index(v);
+  } else if (py::isinstance<py::list>(v) && py::len(v) == 2 && is_int(v.cast<py::list>()[0]) &&
+             py::isinstance<py::str>(v.cast<py::list>()[1])) {
+    d.k = as_int64(v.cast<py::list>()[0], where);
+    d.dim = dim_index(v.cast<py::list>()[1]);
+  } else {
+    throw SpecError(where + " must hold ints" + std::string(dims.empty() ? "" : ", dim names or [k, dim name]"));
+  }
+  return d;
+}
+
 OpKind parse_kind(const std::string& name, const std::string& where) {
   if (name == "linear") return OpKind::linear;
   if (name == "conv2d") return OpKind::conv2d;
@@ -267,6 +315,8 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
     throw SpecError("spec.format must be 'sparseprune.executable'");
   if (int_field(spec, "version", "spec") != 1) throw SpecError("spec.version must be 1");
   auto plan = std::make_unique<Plan>();
+  const std::vector<DimRange> dims = parse_dims(spec);
+  plan->set_dims(dims);
   py::object buffers = field(spec, "buffers", "spec");
   if (!py::isinstance<py::list>(buffers)) throw SpecError("spec.buffers must be a list");
   int i = 0;
@@ -277,18 +327,15 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
     py::object shape = field(b, "shape", where);
     if (!py::isinstance<py::list>(shape) || py::len(shape) == 0 || py::len(shape) > 8)
       throw SpecError(where + ".shape must be a non-empty list of at most 8 ints");
-    std::vector<int64_t> dims;
-    for (py::handle d : shape) {
-      if (!py::isinstance<py::int_>(d) || py::isinstance<py::bool_>(d)) throw SpecError(where + ".shape must hold ints");
-      dims.push_back(as_int64(d, where + ".shape"));
-    }
+    SymShape sym;
+    for (py::handle d : shape) sym.push_back(parse_shape_entry(d, dims, where + ".shape"));
     int alias = -1;
     if (b.contains("alias_of") && !b["alias_of"].is_none()) {
       const int64_t a = int_field(b, "alias_of", where);
       if (a < 0 || a > (1 << 30)) throw SpecError(where + ".alias_of is out of range");
       alias = static_cast<int>(a);
     }
-    plan->add_buffer(dims, alias);
+    plan->add_buffer(sym, alias);
   }
   auto id_list = [&](const char* key) {
     py::object v = field(spec, key, "spec");
@@ -422,6 +469,10 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       case OpKind::constant: {
         const auto v = float_vector(arrays, str_field(o, "weight", where) + ".value");
         op.table.assign(v.data(), v.data() + v.shape(0));
+        if (o.contains("shape")) {  // the value's shape (out's at the dims' max values)
+          for (int d : int_list_field(o, "shape", where, int64_t{1} << 30)) op.value_shape.push_back(d);
+          if (op.value_shape.empty()) throw SpecError(where + ".shape must not be empty");
+        }
         break;
       }
       case OpKind::embedding: {
@@ -467,23 +518,32 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
   return plan;
 }
 
-std::vector<py::array_t<float>> run_plan(const Plan& plan, const std::vector<py::array>& inputs, int n_threads) {
+std::vector<py::array_t<float>> run_plan(const Plan& plan, const std::vector<py::array>& inputs, int n_threads,
+                                         const std::vector<int64_t>& dims) {
   if (inputs.size() != plan.inputs().size())
     throw py::value_error("expected " + std::to_string(plan.inputs().size()) + " inputs, got " + std::to_string(inputs.size()));
   if (n_threads < 0) throw py::value_error("n_threads must be >= 0");
+  // The plan at these dim values (range-checked, every op's shape rule checked, cached); the
+  // inputs must have its shapes.
+  std::shared_ptr<const PlanInstance> inst;
+  try {
+    inst = plan.instance(dims);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
   std::vector<py::array_t<float, py::array::c_style>> held;
   std::vector<const float*> in_ptrs;
   int64_t batch = -1;
   for (size_t k = 0; k < inputs.size(); ++k) {
     const std::string name = "input " + std::to_string(k);
     require_dtype<float>(inputs[k], name.c_str(), "float32");
-    const auto& want = plan.shape(plan.inputs()[k]);
+    const auto& want = inst->shape(plan.inputs()[k]);
     bool ok = inputs[k].ndim() == static_cast<py::ssize_t>(want.size()) + 1;
     for (size_t d = 0; ok && d < want.size(); ++d) ok = inputs[k].shape(static_cast<py::ssize_t>(d) + 1) == want[d];
     if (!ok) {
       std::string w = "(batch";
       for (int64_t d : want) w += ", " + std::to_string(d);
-      throw py::value_error(name + " must have shape " + w + ")");
+      throw py::value_error(name + " must have shape " + w + ")" + (dims.empty() ? "" : " at these dim values"));
     }
     if (batch >= 0 && inputs[k].shape(0) != batch) throw py::value_error("all inputs must have the same batch size");
     batch = inputs[k].shape(0);
@@ -494,15 +554,35 @@ std::vector<py::array_t<float>> run_plan(const Plan& plan, const std::vector<py:
   std::vector<float*> out_ptrs;
   for (int b : plan.outputs()) {
     std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(batch)};
-    for (int64_t d : plan.shape(b)) shape.push_back(static_cast<py::ssize_t>(d));
+    for (int64_t d : inst->shape(b)) shape.push_back(static_cast<py::ssize_t>(d));
     outs.emplace_back(shape);
     out_ptrs.push_back(outs.back().mutable_data());
   }
   if (batch > 0) {
     py::gil_scoped_release release;
-    plan.run(in_ptrs, batch, out_ptrs, n_threads);
+    plan.run(*inst, in_ptrs, batch, out_ptrs, n_threads);
   }
   return outs;
+}
+
+// Shapes as the spec writes them: ints, dim names, [k, dim name].
+py::list sym_shapes(const Plan& p, const std::vector<int>& buffers) {
+  py::list out;
+  for (int b : buffers) {
+    py::list shape;
+    for (const SymDim& d : p.sym_shape(b)) {
+      if (d.dim < 0) shape.append(py::int_(d.k));
+      else if (d.k == 1) shape.append(py::str(p.dims()[d.dim].name));
+      else {
+        py::list entry;
+        entry.append(py::int_(d.k));
+        entry.append(py::str(p.dims()[d.dim].name));
+        shape.append(entry);
+      }
+    }
+    out.append(shape);
+  }
+  return out;
 }
 
 }  // namespace
@@ -511,17 +591,15 @@ void bind_plan(py::module_& m) {
   py::register_exception<SpecError>(m, "SpecError", PyExc_ValueError);
   py::class_<Plan>(m, "Plan", "A whole model as one native plan (see sparseprune.runtime).")
       .def(py::init(&build_plan), py::arg("spec_json"), py::arg("arrays"))
-      .def("run", &run_plan, py::arg("inputs"), py::arg("n_threads") = 0,
-           "Run the whole plan in one call with the GIL released; returns the outputs.")
-      .def_property_readonly("input_shapes", [](const Plan& p) {
-        std::vector<std::vector<int64_t>> s;
-        for (int b : p.inputs()) s.push_back(p.shape(b));
-        return s;
-      })
-      .def_property_readonly("output_shapes", [](const Plan& p) {
-        std::vector<std::vector<int64_t>> s;
-        for (int b : p.outputs()) s.push_back(p.shape(b));
-        return s;
+      .def("run", &run_plan, py::arg("inputs"), py::arg("n_threads") = 0, py::arg("dims") = std::vector<int64_t>{},
+           "Run the whole plan in one call with the GIL released; returns the outputs. dims: one value "
+           "per dim of the spec (in its order), which the inputs' shapes must match.")
+      .def_property_readonly("input_shapes", [](const Plan& p) { return sym_shapes(p, p.inputs()); })
+      .def_property_readonly("output_shapes", [](const Plan& p) { return sym_shapes(p, p.outputs()); })
+      .def_property_readonly("dims", [](const Plan& p) {
+        std::vector<std::tuple<std::string, int64_t, int64_t>> out;
+        for (const DimRange& d : p.dims()) out.emplace_back(d.name, d.min, d.max);
+        return out;
       })
       .def_property_readonly("n_ops", &Plan::n_ops);
 }

@@ -24,13 +24,28 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return out + ")";
 }
 
+std::string sym_str(const SymShape& s, const std::vector<DimRange>& dims) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) {
+    out += i ? ", " : "";
+    if (s[i].dim < 0) out += std::to_string(s[i].k);
+    else out += (s[i].k == 1 ? "" : std::to_string(s[i].k) + "*") + dims[s[i].dim].name;
+  }
+  return out + ")";
+}
+
 int64_t pool_out(int64_t in, int k, int s, int p) { return (in + 2 * p - k) / s + 1; }
+
+constexpr int64_t kMaxSize = int64_t{1} << 31;  // a per-sample dimension (the validator's MAX_DIM)
 
 int64_t product(std::vector<int64_t>::const_iterator a, std::vector<int64_t>::const_iterator b) {
   return std::accumulate(a, b, int64_t{1}, std::multiplies<int64_t>());
 }
 
 bool is_binary(OpKind k) { return k == OpKind::add || k == OpKind::sub || k == OpKind::mul || k == OpKind::div; }
+
+// Elementwise ops may write over an input (the very same elements; see add_op and check_op).
+bool runs_in_place(OpKind k) { return k == OpKind::activation || is_binary(k) || k == OpKind::affine; }
 
 // Buffers the op reads.
 std::vector<int> reads(const PlanOp& op) {
@@ -75,35 +90,80 @@ std::shared_ptr<const DenseWeights> DenseWeights::make(int64_t rows, int64_t col
   return w;
 }
 
-int Plan::add_buffer(const std::vector<int64_t>& shape, int alias_of) {
-  if (finalized_) fail("the plan is finalized");
-  const std::string where = "buffer " + std::to_string(shapes_.size());
-  int64_t n = 1;
-  for (int64_t d : shape) {
-    if (d < 1 || d > (int64_t{1} << 31)) fail(where + " has a bad dimension in " + shape_str(shape));
-    if (n > kMaxSampleElements / d) fail(where + " " + shape_str(shape) + " is too large");  // checked before n * d can overflow
-    n *= d;
+void Plan::set_dims(std::vector<DimRange> dims) {
+  if (finalized_ || !sym_shapes_.empty()) fail("dims must be set before the buffers");
+  if (dims.size() > static_cast<size_t>(kMaxDims)) fail("at most " + std::to_string(kMaxDims) + " dims");
+  for (size_t i = 0; i < dims.size(); ++i) {
+    const DimRange& d = dims[i];
+    if (d.name.empty()) fail("dims[" + std::to_string(i) + "] has no name");
+    for (size_t j = 0; j < i; ++j)
+      if (dims[j].name == d.name) fail("dim '" + d.name + "' is declared twice");
+    if (d.min < 1 || d.max < d.min || d.max > kMaxSize)
+      fail("dim '" + d.name + "' needs 1 <= min <= max <= 2**31, got " + std::to_string(d.min) + ".." +
+           std::to_string(d.max));
+  }
+  dims_ = std::move(dims);
+}
+
+int Plan::add_buffer(const SymShape& shape, int alias_of) {
+  if (finalized_ || !bounds_.empty()) fail("buffers must be added before the ops");
+  const std::string where = "buffer " + std::to_string(sym_shapes_.size());
+  if (shape.empty() || shape.size() > 8) fail(where + " must have 1 to 8 dimensions");
+  // Sizes at the dims' max values; the element count as coef * prod(dim ** power), so aliases
+  // are compared for every value of the dims.
+  int64_t n = 1, coef = 1;
+  std::vector<int> power(dims_.size(), 0);
+  for (const SymDim& d : shape) {
+    if (d.dim < -1 || d.dim >= static_cast<int>(dims_.size())) fail(where + " names an unknown dim");
+    const int64_t hi = d.dim < 0 ? 1 : dims_[d.dim].max;
+    if (d.k < 1 || d.k > kMaxSize || hi > kMaxSize / d.k)
+      fail(where + " has a bad dimension in " + sym_str(shape, dims_));
+    const int64_t size = d.k * hi;
+    if (n > kMaxSampleElements / size) fail(where + " " + sym_str(shape, dims_) + " is too large");  // checked before n * size can overflow
+    n *= size;
+    coef *= d.k;  // <= n
+    if (d.dim >= 0) ++power[d.dim];
   }
   if (alias_of < 0) {
     if (storage_per_sample_ > kMaxSampleElements - n)
       fail(where + ": the buffers need more than " + std::to_string(kMaxSampleElements) + " elements per sample");
     storage_per_sample_ += n;
   }
-  if (alias_of >= static_cast<int>(shapes_.size()))
-    fail("buffer " + std::to_string(shapes_.size()) + ": alias_of must name an earlier buffer");
-  if (alias_of >= 0 && numel_[alias_of] != n)
-    fail("buffer " + std::to_string(shapes_.size()) + ": alias of buffer " + std::to_string(alias_of) +
-         " must have the same element count");
-  shapes_.push_back(shape);
-  numel_.push_back(n);
+  if (alias_of >= static_cast<int>(sym_shapes_.size())) fail(where + ": alias_of must name an earlier buffer");
+  if (alias_of >= 0) {
+    int64_t coef_a = 1;
+    std::vector<int> power_a(dims_.size(), 0);
+    for (const SymDim& d : sym_shapes_[alias_of]) {
+      coef_a *= d.k;
+      if (d.dim >= 0) ++power_a[d.dim];
+    }
+    if (coef_a != coef || power_a != power)
+      fail(where + ": alias of buffer " + std::to_string(alias_of) + " must have the same element count");
+  }
+  sym_shapes_.push_back(shape);
   alias_.push_back(alias_of < 0 ? -1 : alias_of);
-  return static_cast<int>(shapes_.size()) - 1;
+  return static_cast<int>(sym_shapes_.size()) - 1;
+}
+
+std::string Plan::dims_str(const std::vector<int64_t>& values) const {
+  std::string out;
+  for (size_t i = 0; i < values.size(); ++i) out += (i ? ", " : "") + dims_[i].name + "=" + std::to_string(values[i]);
+  return out;
+}
+
+PlanInstance::PlanInstance(const Plan& plan, std::vector<int64_t> dims) : plan_(&plan), dims_(std::move(dims)) {
+  for (const SymShape& sym : plan.sym_shapes_) {
+    std::vector<int64_t> shape;
+    for (const SymDim& d : sym) shape.push_back(d.dim < 0 ? d.k : d.k * dims_[d.dim]);  // <= the size at max
+    numel_.push_back(product(shape.begin(), shape.end()));
+    shapes_.push_back(std::move(shape));
+  }
 }
 
 void Plan::check_buffer(int id, const std::string& what) const {
-  if (id < 0 || id >= static_cast<int>(shapes_.size()))
+  if (id < 0 || id >= static_cast<int>(sym_shapes_.size()))
     fail(what + " = " + std::to_string(id) + " is not a buffer id (0.." +
-         std::to_string(static_cast<int>(shapes_.size()) - 1) + ")");
+         std::to_string(static_cast<int>(sym_shapes_.size()) - 1) + ")");
 }
 
 void Plan::set_io(const std::vector<int>& inputs, const std::vector<int>& outputs) {
@@ -132,21 +192,60 @@ void Plan::add_op(PlanOp op) {
     check_buffer(op.in2, where + ".k");
     check_buffer(op.in3, where + ".v");
   }
+  if (bounds_.empty()) {  // the buffers are complete: their shapes at the dims' min and max values
+    std::vector<int64_t> lo, hi;
+    for (const DimRange& d : dims_) lo.push_back(d.min), hi.push_back(d.max);
+    bounds_.emplace_back(new PlanInstance(*this, lo));
+    if (hi != lo) bounds_.emplace_back(new PlanInstance(*this, hi));
+  }
   if (op.kind == OpKind::constant) {
-    if (static_cast<int64_t>(op.table.size()) != numel_[op.out])
-      fail(where + ": constant must hold " + std::to_string(numel_[op.out]) + " values (one sample)");
-    ops_.push_back(std::move(op));
+    if (op.value_shape.empty()) {  // out's shape, which must be static
+      for (const SymDim& d : sym_shapes_[op.out]) {
+        if (d.dim >= 0) fail(where + ": a constant writing a buffer with dims needs its value's shape");
+        op.value_shape.push_back(d.k);
+      }
+    }
+    int64_t n = 1;
+    for (int64_t d : op.value_shape) {
+      if (d < 1 || d > kMaxSize || n > kMaxSampleElements / d) fail(where + ": bad constant shape");
+      n *= d;
+    }
+    if (static_cast<int64_t>(op.table.size()) != n)
+      fail(where + ": constant must hold " + std::to_string(n) + " values (one sample)");
+    if (op.value_shape != bounds_.back()->shape(op.out))
+      fail(where + ": the constant's shape must be out's shape at the dims' max values " +
+           shape_str(bounds_.back()->shape(op.out)));
+  }
+  const bool elementwise = runs_in_place(op.kind);
+  for (int b : reads(op))
+    if (!elementwise && root(b) == root(op.out))
+      fail(where + ": output must not share storage with an input (only elementwise ops run in place)");
+  for (const auto& inst : bounds_) {
+    try {
+      inst->check_op(op, where);
+    } catch (const std::invalid_argument& e) {
+      if (dims_.empty()) throw;
+      fail(std::string(e.what()) + " (with dims " + dims_str(inst->dims()) + ")");
+    }
+  }
+  ops_.push_back(std::move(op));
+}
+
+void PlanInstance::check_op(const PlanOp& op, const std::string& where) const {
+  if (op.kind == OpKind::constant) {  // out is the value's leading block
+    const auto& so = shapes_[op.out];
+    bool ok = so.size() == op.value_shape.size();
+    for (size_t d = 0; ok && d < so.size(); ++d) ok = so[d] <= op.value_shape[d];
+    if (!ok) fail(where + ": output " + shape_str(so) + " must fit in the constant " + shape_str(op.value_shape));
     return;
   }
   const auto& si = shapes_[op.in];
   const auto& so = shapes_[op.out];
-  const bool elementwise = op.kind == OpKind::activation || is_binary(op.kind) || op.kind == OpKind::affine;
-  for (int b : reads(op))
-    if (!elementwise && root(b) == root(op.out))
-      fail(where + ": output must not share storage with an input (only elementwise ops run in place)");
+  const bool elementwise = runs_in_place(op.kind);
   if (elementwise)  // in place only on the very same elements
     for (int b : reads(op))
-      if (root(b) == root(op.out) && b != op.out && numel_[b] != numel_[op.out]) fail(where + ": bad in-place operand");
+      if (plan_->root(b) == plan_->root(op.out) && b != op.out && numel_[b] != numel_[op.out])
+        fail(where + ": bad in-place operand");
   switch (op.kind) {
     case OpKind::linear: {
       if (!op.linear == !op.dense) fail(where + ": linear needs exactly one of sparse or dense weights");
@@ -333,10 +432,9 @@ void Plan::add_op(PlanOp op) {
       break;
     }
   }
-  ops_.push_back(std::move(op));
 }
 
-std::vector<int64_t> Plan::mask_strides(const PlanOp& op) const {
+std::vector<int64_t> PlanInstance::mask_strides(const PlanOp& op) const {
   // The target [groups..., L, S]; the mask right-aligned against it, each dim 1 or full, the
   // group dims all 1 or all full. Returns {sample, group, row, key} strides, empty if it does not fit.
   const auto& sq = shapes_[op.in];
@@ -365,32 +463,41 @@ std::vector<int64_t> Plan::mask_strides(const PlanOp& op) const {
 void Plan::finalize() {
   if (finalized_) return;
   if (ops_.empty()) fail("a plan needs at least one op");
-  const int n = static_cast<int>(shapes_.size());
+  const int n = static_cast<int>(sym_shapes_.size());
   // Lifetime of each storage root in op steps: inputs from step -1, outputs to the end.
-  std::vector<int> first(n, -2), last(n, -2);
+  first_.assign(n, -2);
+  last_.assign(n, -2);
   std::vector<bool> written(n, false);
-  for (int b : inputs_) written[root(b)] = true, first[root(b)] = -1, last[root(b)] = -1;
+  for (int b : inputs_) written[root(b)] = true, first_[root(b)] = -1, last_[root(b)] = -1;
   const int end = static_cast<int>(ops_.size());
   for (int i = 0; i < end; ++i) {
     const PlanOp& op = ops_[i];
     for (int b : reads(op)) {
       if (!written[root(b)]) fail("ops[" + std::to_string(i) + "] reads buffer " + std::to_string(b) + " before any op writes it");
-      last[root(b)] = i;
+      last_[root(b)] = i;
     }
     const int o = root(op.out);
-    if (!written[o]) first[o] = i;
+    if (!written[o]) first_[o] = i;
     written[o] = true;
-    last[o] = std::max(last[o], i);
+    last_[o] = std::max(last_[o], i);
   }
   for (int b : outputs_) {
     if (!written[root(b)]) fail("output buffer " + std::to_string(b) + " is never written");
-    last[root(b)] = end;
+    last_[root(b)] = end;
   }
+  for (const auto& inst : bounds_) inst->lay_out();
+  finalized_ = true;
+}
+
+void PlanInstance::lay_out() {
   // Greedy interval placement, largest first: a root takes the lowest offset where it does not
   // overlap a placed root whose lifetime meets its own.
+  const auto& first = plan_->first_;
+  const auto& last = plan_->last_;
+  const int n = static_cast<int>(shapes_.size());
   std::vector<int> roots;
   for (int b = 0; b < n; ++b)
-    if (alias_[b] < 0 && written[b]) roots.push_back(b);
+    if (plan_->alias_[b] < 0 && first[b] != -2) roots.push_back(b);
   std::stable_sort(roots.begin(), roots.end(), [&](int a, int b) { return numel_[a] > numel_[b]; });
   offset_.assign(n, 0);
   std::vector<int> placed;
@@ -410,13 +517,68 @@ void Plan::finalize() {
     placed.push_back(b);
     arena_per_sample_ = std::max(arena_per_sample_, at + size);
   }
-  finalized_ = true;
 }
 
-void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_threads) const {
-  if (op.kind == OpKind::constant) {  // the same values in every sample
-    const size_t n = op.table.size();
-    for (int64_t b = 0; b < batch; ++b) std::memcpy(buf[op.out] + b * static_cast<int64_t>(n), op.table.data(), n * sizeof(float));
+std::shared_ptr<const PlanInstance> Plan::instance(const std::vector<int64_t>& dims) const {
+  if (!finalized_) fail("instance() before finalize()");
+  if (dims.size() != dims_.size())
+    fail("expected " + std::to_string(dims_.size()) + " dim values, got " + std::to_string(dims.size()));
+  for (size_t i = 0; i < dims.size(); ++i)
+    if (dims[i] < dims_[i].min || dims[i] > dims_[i].max)
+      fail("dim '" + dims_[i].name + "' = " + std::to_string(dims[i]) + " is outside its range " +
+           std::to_string(dims_[i].min) + ".." + std::to_string(dims_[i].max));
+  for (const auto& inst : bounds_)  // never change after finalize: read without the lock
+    if (inst->dims_ == dims) return inst;
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex_);
+    for (auto it = cache_.begin(); it != cache_.end(); ++it)
+      if ((*it)->dims_ == dims) {
+        cache_.splice(cache_.begin(), cache_, it);
+        return cache_.front();
+      }
+  }
+  // A new assignment: every op's shape rule on its concrete shapes, then the arena (outside the
+  // lock: other lengths keep running meanwhile).
+  std::shared_ptr<PlanInstance> inst(new PlanInstance(*this, dims));
+  for (size_t i = 0; i < ops_.size(); ++i) {
+    try {
+      inst->check_op(ops_[i], "ops[" + std::to_string(i) + "]");
+    } catch (const std::invalid_argument& e) {
+      fail(std::string(e.what()) + " (with dims " + dims_str(dims) + ")");
+    }
+  }
+  inst->lay_out();
+  std::lock_guard<std::mutex> lock(cache_mutex_);
+  for (const auto& cached : cache_)  // made by another thread meanwhile: keep one
+    if (cached->dims_ == dims) return cached;
+  cache_.push_front(inst);
+  if (cache_.size() > kInstanceCache) cache_.pop_back();
+  return inst;
+}
+
+void PlanInstance::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_threads) const {
+  if (op.kind == OpKind::constant) {  // the same values in every sample: the value's leading block
+    const auto& so = shapes_[op.out];
+    const int64_t n = numel_[op.out];
+    float* y = buf[op.out];
+    if (batch < 1) return;
+    if (so == op.value_shape) {
+      std::memcpy(y, op.table.data(), static_cast<size_t>(n) * sizeof(float));
+    } else {  // row by row (rows of the last dim), the value's multi-index walked like an odometer
+      const size_t r = so.size();
+      const int64_t len = so.back();
+      std::vector<int64_t> idx(r, 0);
+      for (int64_t row = 0; row < n / len; ++row) {
+        int64_t src = 0;
+        for (size_t d = 0; d + 1 < r; ++d) src = src * op.value_shape[d] + idx[d];
+        std::memcpy(y + row * len, op.table.data() + src * op.value_shape[r - 1], static_cast<size_t>(len) * sizeof(float));
+        for (size_t d = r - 1; d-- > 0;) {
+          if (++idx[d] < so[d]) break;
+          idx[d] = 0;
+        }
+      }
+    }
+    for (int64_t b = 1; b < batch; ++b) std::memcpy(y + b * n, y, static_cast<size_t>(n) * sizeof(float));
     return;
   }
   const float* x = buf[op.in];
@@ -618,21 +780,23 @@ void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_thre
   }
 }
 
-void Plan::run(const std::vector<const float*>& inputs, int64_t batch, const std::vector<float*>& outputs,
-               int n_threads) const {
+void Plan::run(const PlanInstance& inst, const std::vector<const float*>& inputs, int64_t batch,
+               const std::vector<float*>& outputs, int n_threads) const {
   if (!finalized_) fail("run() before finalize()");
+  if (inst.plan_ != this) fail("run() with another plan's instance");
   // The arena is the calling thread's own (concurrent calls never share it), kept between calls
-  // so a service does not pay fresh page faults on every request; laid out by finalize(). Not
+  // so a service does not pay fresh page faults on every request; laid out per instance. Not
   // zero-filled: every op writes all of its output.
   static thread_local ScratchBuffer arena;
-  float* base = arena.get(std::max<int64_t>(batch * arena_per_sample_, 16));
-  std::vector<float*> buf(shapes_.size());
-  for (size_t b = 0; b < shapes_.size(); ++b) buf[b] = base + batch * offset_[root(static_cast<int>(b))];
+  float* base = arena.get(std::max<int64_t>(batch * inst.arena_per_sample_, 16));
+  const size_t n = sym_shapes_.size();
+  std::vector<float*> buf(n);
+  for (size_t b = 0; b < n; ++b) buf[b] = base + batch * inst.offset_[root(static_cast<int>(b))];
   for (size_t k = 0; k < inputs_.size(); ++k)
-    std::memcpy(buf[inputs_[k]], inputs[k], static_cast<size_t>(batch * numel_[inputs_[k]]) * sizeof(float));
-  for (const PlanOp& op : ops_) run_op(op, buf.data(), batch, n_threads);
+    std::memcpy(buf[inputs_[k]], inputs[k], static_cast<size_t>(batch * inst.numel_[inputs_[k]]) * sizeof(float));
+  for (const PlanOp& op : ops_) inst.run_op(op, buf.data(), batch, n_threads);
   for (size_t k = 0; k < outputs_.size(); ++k)
-    std::memcpy(outputs[k], buf[outputs_[k]], static_cast<size_t>(batch * numel_[outputs_[k]]) * sizeof(float));
+    std::memcpy(outputs[k], buf[outputs_[k]], static_cast<size_t>(batch * inst.numel_[outputs_[k]]) * sizeof(float));
 }
 
 }  // namespace sparseprune

@@ -13,13 +13,13 @@ import json
 import os
 import tempfile
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from sparseprune._native import _C
 from sparseprune.config import resolve_threads
-from sparseprune.runtime.spec import SPEC_FORMAT, SpecError, validate
+from sparseprune.runtime.spec import SPEC_FORMAT, SpecError, batch_shape_str, shape_json, validate
 
 SPEC_KEY = "sparseprune_spec"  # safetensors metadata key holding the JSON spec
 # "int64" inputs (token ids) must lie in [0, MAX_INT_INPUT): float32, which carries them to the
@@ -46,6 +46,11 @@ class Executable:
     size (including 0 and 1): float32, or for an input the spec marks "int64" (input_dtypes; token
     ids) an array of any integer dtype with values in [0, 2**24), or for a "bool" input (an
     attention padding mask, True = padding) a bool array.
+
+    A spec with dims (see sparseprune.runtime.spec) serves every size in the dims' ranges from one
+    plan: input_shapes then hold dim names ("seq") or [k, "seq"] entries, run() reads the dims'
+    values off the inputs and does only the work of those sizes, and the outputs get the concrete
+    shapes.
     """
 
     def __init__(self, *args, **kwargs):
@@ -88,7 +93,9 @@ class Executable:
             raise ValueError(f"expected {len(layout.input_shapes)} input(s) [{want}], got {len(inputs)}")
         arrays = []
         batch = None
-        for name, shape, dtype, x in zip(layout.input_names, layout.input_shapes, layout.input_dtypes, inputs):
+        env: Dict[str, int] = {}
+        for k, (name, shape, dtype, x) in enumerate(zip(layout.input_names, layout.input_shapes, layout.input_dtypes,
+                                                         inputs)):
             ids, mask = dtype == "int64", dtype == "bool"
             kind = "an integer (token id)" if ids else "a bool (padding mask)" if mask else "a float32"
             if not isinstance(x, np.ndarray):
@@ -104,8 +111,7 @@ class Executable:
                                 f"(expected shape {_batch_shape(shape)})")
             if dtype == "float32" and x.dtype != np.float32:
                 raise TypeError(f"{name} must be float32, got {x.dtype} (expected shape {_batch_shape(shape)})")
-            if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
-                raise ValueError(f"{name} must have shape {_batch_shape(shape)}, got {tuple(x.shape)}")
+            layout.match_input(k, x.shape, env)  # static sizes; the dims' values, in range and agreeing
             if batch is not None and x.shape[0] != batch:
                 raise ValueError(
                     f"{name} has batch size {x.shape[0]}, but input 0 has {batch}: all inputs share the batch")
@@ -121,7 +127,7 @@ class Executable:
                 x = (x != 0).astype(np.float32)  # nonzero -> 1.0
             arrays.append(np.ascontiguousarray(x))
         threads = _check_threads(n_threads) or self._n_threads
-        outs = self._plan.run(arrays, resolve_threads(threads))
+        outs = self._plan.run(arrays, resolve_threads(threads), [env[name] for name, _, _ in layout.dims])
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     __call__ = run
@@ -139,13 +145,20 @@ class Executable:
     # --- description ---------------------------------------------------------------------------
 
     @property
-    def input_shapes(self) -> Tuple[Tuple[int, ...], ...]:
-        """Per-sample shapes of the inputs (the batch dimension comes first at run time)."""
-        return self._layout.input_shapes
+    def input_shapes(self) -> Tuple[Tuple[Any, ...], ...]:
+        """Per-sample shapes of the inputs (the batch dimension comes first at run time): ints, and
+        for dynamic dims the spec's entries (a dim name "seq", or [k, "seq"] for k * seq)."""
+        return tuple(tuple(shape_json(s)) for s in self._layout.input_shapes)
 
     @property
-    def output_shapes(self) -> Tuple[Tuple[int, ...], ...]:
-        return self._layout.output_shapes
+    def output_shapes(self) -> Tuple[Tuple[Any, ...], ...]:
+        """Per-sample shapes of the outputs, symbolic entries as in input_shapes."""
+        return tuple(tuple(shape_json(s)) for s in self._layout.output_shapes)
+
+    @property
+    def dims(self) -> Dict[str, Tuple[int, int]]:
+        """The dynamic dims: name -> (min, max); empty when every shape is static."""
+        return {name: (lo, hi) for name, lo, hi in self._layout.dims}
 
     @property
     def input_dtypes(self) -> Tuple[str, ...]:
@@ -264,8 +277,7 @@ class Executable:
         raise TypeError("an Executable cannot be pickled: use .save(path) and sparseprune.runtime.load(path)")
 
 
-def _batch_shape(shape: Sequence[int]) -> str:
-    return "(batch" + "".join(f", {d}" for d in shape) + ")"
+_batch_shape = batch_shape_str
 
 
 def _parse_json(text: Union[str, bytes], what: str) -> Any:

@@ -159,18 +159,23 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
 
     Every buffer holds float32 between ops, as in the native plan; each op computes in float64.
     Inputs are converted to float32 (for "int64" inputs: integer token ids). An embedding id that
-    is not an integer in [0, rows) raises ValueError."""
+    is not an integer in [0, rows) raises ValueError. A spec with dims runs at the dim values the
+    inputs' shapes give (checked like every other shape rule)."""
     layout: PlanLayout = validate(spec, arrays)
     if len(inputs) != len(layout.input_shapes):
         raise ValueError(f"expected {len(layout.input_shapes)} inputs, got {len(inputs)}")
+    env = layout.infer_dims([np.shape(x) for x in inputs])
+    if env:
+        validate(spec, arrays, at=env)
+    shapes = layout.concrete_shapes(env)
     batch = np.shape(inputs[0])[0]
     storage: Dict[int, np.ndarray] = {}
 
     def read(b: int) -> np.ndarray:
-        return storage[layout.roots[b]].reshape((batch,) + layout.shapes[b])
+        return storage[layout.roots[b]].reshape((batch,) + shapes[b])
 
     def write(b: int, value: np.ndarray) -> None:
-        numel = math.prod(layout.shapes[b])  # not -1: that cannot reshape a batch of 0
+        numel = math.prod(shapes[b])  # not -1: that cannot reshape a batch of 0
         storage[layout.roots[b]] = np.asarray(value, dtype=np.float32).reshape(batch, numel).copy()
 
     for b, x in zip(layout.spec["inputs"], inputs):
@@ -213,7 +218,7 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
             write(op["out"], np.transpose(read(op["in"]), (0,) + tuple(p + 1 for p in op["perm"])))
         elif kind == "slice":
             x, axis = read(op["in"]), op["axis"] + 1
-            n = layout.shapes[op["out"]][op["axis"]]
+            n = shapes[op["out"]][op["axis"]]
             index = [slice(None)] * x.ndim
             index[axis] = slice(op["start"], op["start"] + (n - 1) * op["step"] + 1, op["step"])
             write(op["out"], x[tuple(index)])
@@ -221,11 +226,12 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
             write(op["out"], np.concatenate([read(b) for b in op["inputs"]], axis=op["axis"] + 1))
         elif kind == "embedding":
             write(op["out"], _embedding(read(op["in"]), arrays[f"{op['weight']}.table"]))
-        elif kind == "constant":
-            value = arrays[f"{op['weight']}.value"]
+        elif kind == "constant":  # the leading block of the value (stored at the dims' max values)
+            so = shapes[op["out"]]
+            value = arrays[f"{op['weight']}.value"].reshape(op.get("shape", so))[tuple(slice(0, d) for d in so)]
             write(op["out"], np.broadcast_to(value, (batch,) + value.shape))
         elif kind in ("add", "sub", "mul", "div"):
-            rank = len(layout.shapes[op["out"]])
+            rank = len(shapes[op["out"]])
             a, b = (_batch_broadcastable(read(op[key]), rank) for key in ("a", "b"))
             with np.errstate(divide="ignore", invalid="ignore"):  # x / 0 and 0 / 0 as in torch
                 y = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[kind](a, b)
@@ -244,7 +250,7 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
             write(op["out"], np.pad(x, [(0, 0)] + [tuple(p) for p in op["pads"]], constant_values=op["value"]))
         elif kind == "expand":
             x = read(op["in"])
-            out_shape = layout.shapes[op["out"]]
+            out_shape = shapes[op["out"]]
             write(op["out"], np.broadcast_to(_batch_broadcastable(x, len(out_shape)), (batch,) + out_shape))
         elif kind == "softmax":
             x = read(op["in"]).astype(np.float64)

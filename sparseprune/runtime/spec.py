@@ -6,6 +6,16 @@ of ops over them. Weights live in a flat dict of numpy arrays named `<weight>.<p
 top-level "input_dtypes" marks inputs as "float32" (the default) or "int64" (token ids, converted
 to float32 by Executable.run before the native plan sees them).
 
+Dynamic per-sample dims: an optional top-level "dims" ({"seq": {"min": 1, "max": 512}, ...}, at
+most MAX_DIMS identifiers) lets one spec serve every size in a range. A buffer shape entry is an
+int >= 1, a dim name ("seq") or [k, "seq"] (k * seq: a view flattening a dynamic dim with a static
+one). Run time infers each dim from the inputs' shapes (every dim appears in some input). Op
+fields stay static. Shape rules are checked on concrete shapes, at the dims' min values, at their
+max values and at a point where different dims take different values (so a rule relating two dims
+does not pass only because they coincide at min and max); the native plan checks them again for
+every assignment it runs. Memory limits hold at the max values. A "constant" writing a buffer with
+dims stores its value at the max values (op field "shape") and writes the leading block.
+
 validate() accepts a spec only when every field is known and well typed, every buffer id is in
 range, every op's shapes agree, every buffer an op reads was written before (by an input or an
 earlier op), an op's output shares storage with what it reads only for elementwise ops, scalars
@@ -22,9 +32,11 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import reprlib
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -39,6 +51,7 @@ ACTIVATIONS = ("relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", 
 # Limits shared with csrc/bindings/plan.cpp and csrc/kernels/plan.cpp (the native side refuses
 # anything beyond them too).
 MAX_RANK = 8
+MAX_DIMS = 8  # entries of spec.dims
 MAX_KERNEL_PATTERNS = 64  # the native pattern kernel's limit (PackedConv::kMaxPatterns)
 MAX_DIM = 1 << 31
 MAX_PAIR = 1 << 20  # kernel/stride/padding/dilation entries
@@ -91,8 +104,10 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
     "permute": (frozenset({"in", "out", "perm"}), frozenset()),
     "cat": (frozenset({"inputs", "out", "axis"}), frozenset()),
     "embedding": (frozenset({"in", "out", "weight"}), frozenset()),
-    # constant: writes array <weight>.value (one sample's values, flat) into every sample of out
-    "constant": (frozenset({"out", "weight"}), frozenset()),
+    # constant: writes array <weight>.value (one sample's values, flat) into every sample of out;
+    # shape: the value's per-sample shape (static; required when out has dims: the value is
+    # stored at the dims' max values and a run writes its leading block out[i, j, ..] = value[i, j, ..])
+    "constant": (frozenset({"out", "weight"}), frozenset({"shape"})),
     # slice: out index i along `axis` (a per-sample dim) is in index start + i * step
     "slice": (frozenset({"in", "out", "axis", "start", "step"}), frozenset()),
     # reduce: "mean" or "sum" over the per-sample "axes" (sorted, unique, at least one); out keeps
@@ -123,7 +138,7 @@ ATTENTION_LAYOUTS = ("sequence_first", "heads_first")
 INPUT_DTYPES = ("float32", "int64", "bool")
 _TOP_FIELDS = {"format", "version", "buffers", "inputs", "outputs", "ops"}
 # metadata: free-form producer information (a JSON object), not executed; input_dtypes: see above.
-_TOP_OPTIONAL = {"metadata", "input_dtypes"}
+_TOP_OPTIONAL = {"metadata", "input_dtypes", "dims"}
 _BUFFER_FIELDS = {"shape"}
 _BUFFER_OPTIONAL = {"alias_of", "name"}
 
@@ -143,19 +158,87 @@ class SpecError(ValueError):
     """An executable spec or its arrays are not valid; the message names the field."""
 
 
+# A per-sample shape entry: an int, a dim name, or (k, dim name) for k * dim (JSON: [k, name]).
+Dim = Union[int, str, Tuple[int, str]]
+Shape = Tuple[Dim, ...]
+
+
+def resolve_shape(shape: Sequence[Dim], env: Mapping[str, int]) -> Tuple[int, ...]:
+    """The concrete shape of a (checked) symbolic shape for the dim values `env`."""
+    return tuple(d if isinstance(d, int) else env[d] if isinstance(d, str) else d[0] * env[d[1]] for d in shape)
+
+
+def shape_json(shape: Sequence[Dim]) -> List[Any]:
+    """A shape as the spec writes it: ints, dim names and [k, name] lists."""
+    return [list(d) if isinstance(d, tuple) else d for d in shape]
+
+
+def batch_shape_str(shape: Sequence[Any]) -> str:
+    """'(batch, seq, 768)' for a per-sample shape, k * dim entries written 'k*seq'."""
+    def entry(d: Any) -> str:
+        return f"{d[0]}*{d[1]}" if isinstance(d, (tuple, list)) else str(d)
+    return "(batch" + "".join(f", {entry(d)}" for d in shape) + ")"
+
+
 @dataclass(frozen=True)
 class PlanLayout:
-    """What validate() learned: per-sample shapes, storage roots and the canonical spec."""
+    """What validate() learned: per-sample shapes, storage roots and the canonical spec.
+
+    Shapes are symbolic (entries int, dim name, or (k, dim name)) when the spec has dims; use
+    concrete_shapes() for one assignment of the dims, infer_dims() to read it off the inputs."""
 
     spec: Dict[str, Any]  # canonical: ints are Python ints, optional fields filled in
-    shapes: Tuple[Tuple[int, ...], ...]
+    shapes: Tuple[Shape, ...]
     roots: Tuple[int, ...]
-    input_shapes: Tuple[Tuple[int, ...], ...]
-    output_shapes: Tuple[Tuple[int, ...], ...]
+    input_shapes: Tuple[Shape, ...]
+    output_shapes: Tuple[Shape, ...]
     input_names: Tuple[str, ...]
     output_names: Tuple[str, ...]
     used_arrays: frozenset
     input_dtypes: Tuple[str, ...] = ()  # per input, "float32" or "int64" (validate() fills it in)
+    dims: Tuple[Tuple[str, int, int], ...] = ()  # (name, min, max) in spec order; () = all static
+
+    def concrete_shapes(self, env: Mapping[str, int]) -> Tuple[Tuple[int, ...], ...]:
+        """Every buffer's shape for the dim values `env` (as infer_dims returns)."""
+        return tuple(resolve_shape(s, env) for s in self.shapes)
+
+    def infer_dims(self, input_shapes: Sequence[Sequence[int]]) -> Dict[str, int]:
+        """The dim values the inputs' shapes ([batch, *per-sample] each, one per input) give; see
+        match_input for the errors."""
+        env: Dict[str, int] = {}
+        for k, shape in enumerate(input_shapes):
+            self.match_input(k, shape, env)
+        return env
+
+    def match_input(self, k: int, shape: Sequence[int], env: Dict[str, int]) -> None:
+        """Check input k's array shape ([batch, *per-sample]) and record the values it gives its
+        dims in `env` (which holds those of the inputs before it). Raises ValueError naming the
+        input when the rank or a static size differs, a dim's value differs from an earlier
+        input's, or is outside the dim's [min, max]."""
+        name, want, got = self.input_names[k], self.input_shapes[k], tuple(shape)
+        if len(got) != len(want) + 1:
+            raise ValueError(f"{name} must have shape {batch_shape_str(want)}, got {got}")
+        if got[1:] == want:  # static (a shape with dims never equals one of ints)
+            return
+        for axis, (d, size) in enumerate(zip(want, got[1:]), start=1):
+            if isinstance(d, int):
+                if size != d:
+                    raise ValueError(f"{name} must have shape {batch_shape_str(want)}, got {got}")
+                continue
+            mult, dim = (1, d) if isinstance(d, str) else d
+            lo, hi = next((lo, hi) for n, lo, hi in self.dims if n == dim)
+            allowed = f"allowed {lo}..{hi}" if mult == 1 else f"allowed {mult}*{lo}..{mult}*{hi}"
+            if size % mult:
+                raise ValueError(f"{name} has size {size} along axis {axis}, not a multiple of {mult} "
+                                 f"(the axis is {mult} * dim {dim!r}), {allowed}")
+            value = size // mult
+            if not lo <= value <= hi:
+                raise ValueError(f"{name} has size {size} along axis {axis} (dim {dim!r} = {value}), {allowed}")
+            if env.setdefault(dim, value) != value:
+                first = next(self.input_names[j] for j in range(k + 1)
+                             if any(e == dim or (isinstance(e, tuple) and e[1] == dim) for e in self.input_shapes[j]))
+                raise ValueError(f"{name} has size {size} along axis {axis} (dim {dim!r} = {value}), but "
+                                 f"{first} gives dim {dim!r} = {env[dim]}: the inputs must agree")
 
 
 def _is_int(v: Any) -> bool:
@@ -201,8 +284,10 @@ def _check_fields(obj: Mapping, required, optional, where: str) -> None:
         raise SpecError(f"{where} has unknown field {_short(unknown[0])} (allowed: {allowed})")
 
 
-def _shape_str(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+def _shape_str(shape: Sequence[Any]) -> str:
+    def entry(d: Any) -> str:
+        return f"{d[0]}*{d[1]}" if isinstance(d, (tuple, list)) else str(d)
+    return "(" + ", ".join(entry(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 class _Arrays:
@@ -216,6 +301,9 @@ class _Arrays:
                 raise TypeError(f"array names must be strings, got {_short(key)}")
         self.arrays = arrays
         self.used: set = set()
+        # False on the second and later passes over the ops (another dim assignment): the costly
+        # checks of array contents (row pointers, kernel patterns) ran on the first.
+        self.deep = True
 
     def get(self, name: str, dtypes, what: str, required: bool = True, ndim: int = 1) -> Optional[np.ndarray]:
         if name not in self.arrays:
@@ -336,6 +424,14 @@ def _check_metadata(meta: Any) -> None:
             raise SpecError(f"spec.metadata holds a {type(value).__name__}, not a JSON value")
 
 
+def _buffer_id(v: Any, where: str, n_buf: int) -> int:
+    if not _is_int(v):
+        raise SpecError(f"{where} must be a buffer id (int), got {type(v).__name__}")
+    if not 0 <= int(v) < n_buf:
+        raise SpecError(f"{where} = {_short(int(v))} is not a buffer id (0..{n_buf - 1})")
+    return int(v)
+
+
 def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
     span = d * (k - 1) + 1
     return (size + 2 * p - span) // s + 1 if size + 2 * p >= span else 0
@@ -444,9 +540,76 @@ def _check_attention_mask(where: str, o: Mapping, op: Dict[str, Any], shapes: Se
                         f"= {_shape_str(target)}, each dim 1 or full (the head dims all 1 or all full)")
 
 
-def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
+
+_DIM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def _parse_dims(raw: Any) -> Dict[str, Tuple[int, int]]:
+    """spec.dims: {name: {"min": int >= 1, "max": int >= min}}, at most MAX_DIMS names."""
+    if not isinstance(raw, Mapping) or len(raw) > MAX_DIMS:
+        raise SpecError(f"spec.dims must be an object of at most {MAX_DIMS} dims, got {_short(raw)}")
+    dims: Dict[str, Tuple[int, int]] = {}
+    for name, r in raw.items():
+        if not isinstance(name, str) or not _DIM_NAME.fullmatch(name):
+            raise SpecError(f"spec.dims: the name {_short(name)} is not an identifier (letters, digits, _)")
+        where = f"spec.dims.{name}"
+        if not isinstance(r, Mapping):
+            raise SpecError(f"{where} must be an object {{\"min\": int, \"max\": int}}, got {_short(r)}")
+        _check_fields(r, ("min", "max"), (), where)
+        lo = _int(r["min"], f"{where}.min", 1, MAX_DIM)
+        dims[name] = (lo, _int(r["max"], f"{where}.max", lo, MAX_DIM))
+    return dims
+
+
+def _shape_entry(v: Any, where: str, dims: Mapping[str, Tuple[int, int]]) -> Dim:
+    """One entry of a buffer shape in a spec with dims: int, dim name or [k, dim name]."""
+    if _is_int(v):
+        return _int(v, where, 1, MAX_DIM)
+    name, k = v, 1
+    if isinstance(v, list) and len(v) == 2 and _is_int(v[0]) and isinstance(v[1], str):
+        k, name = _int(v[0], f"{where}[0]", 1, MAX_DIM), v[1]
+    elif not isinstance(v, str):
+        raise SpecError(f"{where} must be an int >= 1, a dim name or [k, dim name], got {_short(v)}")
+    if name not in dims:
+        raise SpecError(f"{where} names {_short(name)}, not a dim of spec.dims {sorted(dims)}")
+    return name if k == 1 else (k, name)
+
+
+def _monomial(shape: Sequence[Dim]) -> Tuple[int, Tuple[Tuple[str, int], ...]]:
+    """A symbolic element count as coefficient * product of dims ** powers: two shapes hold the
+    same number of elements for every dim assignment iff their monomials are equal."""
+    coef, powers = 1, Counter()
+    for d in shape:
+        if isinstance(d, int):
+            coef *= d
+        else:
+            k, name = (1, d) if isinstance(d, str) else d
+            coef *= k
+            powers[name] += 1
+    return coef, tuple(sorted(powers.items()))
+
+
+def _check_points(dims: Mapping[str, Tuple[int, int]]) -> List[Dict[str, int]]:
+    """Dim assignments the shape rules are checked at: all min, all max, and one where the dims
+    take distinct values inside their ranges (where the ranges allow)."""
+    lo = {name: a for name, (a, _) in dims.items()}
+    hi = {name: b for name, (_, b) in dims.items()}
+    mid = {name: min(b, (a + b) // 2 + i) for i, (name, (a, b)) in enumerate(dims.items())}
+    points = [lo]
+    for env in (hi, mid):
+        if env not in points:
+            points.append(env)
+    return points
+
+
+def _env_str(env: Mapping[str, int]) -> str:
+    return ", ".join(f"{name}={v}" for name, v in env.items())
+
+
+def validate(spec: Any, arrays: Mapping[str, Any], *, at: Optional[Mapping[str, int]] = None) -> PlanLayout:
     """Check `spec` (a dict, as parsed from JSON) against `arrays`; return the layout.
 
+    at: one more dim assignment (as PlanLayout.infer_dims returns) to check the shape rules at.
     Raises SpecError (ValueError) naming the field, or TypeError for arrays of the wrong type.
     """
     if not isinstance(spec, Mapping):
@@ -462,12 +625,14 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
     if "metadata" in spec:
         _check_metadata(spec["metadata"])
     store = _Arrays(arrays)
+    dims = _parse_dims(spec["dims"]) if "dims" in spec else {}
+    max_env = {name: hi for name, (_, hi) in dims.items()}
 
-    # Buffers.
+    # Buffers: symbolic shapes; sizes and memory are bounded at the dims' max values.
     raw_buffers = spec["buffers"]
     if not isinstance(raw_buffers, list) or not raw_buffers:
         raise SpecError("spec.buffers must be a non-empty list")
-    shapes: List[Tuple[int, ...]] = []
+    shapes: List[Shape] = []
     roots: List[int] = []
     names: List[str] = []
     buffers_out = []
@@ -480,11 +645,17 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
         shape = b["shape"]
         if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK:
             raise SpecError(f"{where}.shape must be a list of 1 to {MAX_RANK} ints, got {_short(shape)}")
-        dims = tuple(_int(d, f"{where}.shape[{k}]", 1, MAX_DIM) for k, d in enumerate(shape))
-        numel = math.prod(dims)
+        if dims:
+            sym = tuple(_shape_entry(d, f"{where}.shape[{k}]", dims) for k, d in enumerate(shape))
+        else:
+            sym = tuple(_int(d, f"{where}.shape[{k}]", 1, MAX_DIM) for k, d in enumerate(shape))
+        at_max = resolve_shape(sym, max_env)
+        if max(at_max) > MAX_DIM:
+            raise SpecError(f"{where}.shape {_short(shape)} has a size above {MAX_DIM} at the dims' max values")
+        numel = math.prod(at_max)
         if numel > MAX_SAMPLE_ELEMENTS:
-            raise SpecError(
-                f"{where}.shape {_shape_str(dims)} holds more than {MAX_SAMPLE_ELEMENTS} elements per sample")
+            raise SpecError(f"{where}.shape {_shape_str(shape_json(sym))} holds more than {MAX_SAMPLE_ELEMENTS} "
+                            "elements per sample" + (" at the dims' max values" if at_max != sym else ""))
         alias = b.get("alias_of")
         if alias is None:
             roots.append(i)
@@ -495,28 +666,25 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
             alias = _int(alias, f"{where}.alias_of", 0, MAX_DIM)
             if alias >= i:
                 raise SpecError(f"{where}.alias_of = {alias} must name an earlier buffer (0..{i - 1})")
-            if math.prod(shapes[alias]) != numel:
+            if _monomial(shapes[alias]) != _monomial(sym):
                 raise SpecError(
-                    f"{where}.shape {_shape_str(dims)} must have the element count of buffer {alias} "
-                    f"{_shape_str(shapes[alias])} it is an alias of"
+                    f"{where}.shape {_shape_str(shape_json(sym))} must have the element count of buffer {alias} "
+                    f"{_shape_str(shape_json(shapes[alias]))} it is an alias of"
+                    + (" for every value of the dims" if dims else "")
                 )
             roots.append(roots[alias])
         name = _str(b["name"], f"{where}.name") if "name" in b else ""
-        shapes.append(dims)
+        shapes.append(sym)
         names.append(name)
         # Aliases point at the buffer owning the storage: equivalent, and no alias chains.
-        entry = {"shape": list(dims), "alias_of": None if alias is None else roots[i]}
+        entry = {"shape": shape_json(sym), "alias_of": None if alias is None else roots[i]}
         if name:
             entry["name"] = name
         buffers_out.append(entry)
     n_buf = len(shapes)
 
     def buffer_id(v: Any, where: str) -> int:
-        if not _is_int(v):
-            raise SpecError(f"{where} must be a buffer id (int), got {type(v).__name__}")
-        if not 0 <= int(v) < n_buf:
-            raise SpecError(f"{where} = {_short(int(v))} is not a buffer id (0..{n_buf - 1})")
-        return int(v)
+        return _buffer_id(v, where, n_buf)
 
     def id_list(key: str) -> List[int]:
         v = spec[key]
@@ -540,10 +708,84 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
     else:
         input_dtypes = ("float32",) * len(inputs)
 
-    # Ops.
+    if dims:  # run() reads the dims off the inputs
+        in_inputs = {d if isinstance(d, str) else d[1] for b in inputs for d in shapes[b] if not isinstance(d, int)}
+        for name in dims:
+            if name not in in_inputs:
+                raise SpecError(f"spec.dims.{name} appears in no input's shape (run() reads the dims off the inputs)")
+
+    # Ops: every shape rule is checked on concrete shapes, at each check point (one when the spec
+    # has no dims). Rules that hold at the dims' min, max and a generic point hold for the shapes
+    # the lowering emits; the native plan checks every assignment it runs anyway.
     raw_ops = spec["ops"]
     if not isinstance(raw_ops, list) or not raw_ops:
         raise SpecError("spec.ops must be a non-empty list")
+    points = _check_points(dims) if dims else [{}]
+    if at:
+        if set(at) != set(dims) or any(not dims[n][0] <= at[n] <= dims[n][1] for n in dims):
+            raise ValueError(f"at = {_short(dict(at))} must give every dim of {dims} a value in its range")
+        points.append({name: int(at[name]) for name in dims})
+    max_shapes = [resolve_shape(sym, max_env) for sym in shapes]
+    for k, env in enumerate(points):
+        store.deep = k == 0  # array contents do not depend on the dims: checked once
+        try:
+            ops_out, written = _check_ops(raw_ops, [resolve_shape(sym, env) for sym in shapes], shapes, max_shapes,
+                                          roots, input_roots, store)
+        except SpecError as exc:
+            if not dims:
+                raise
+            raise SpecError(f"{exc} (with dims {_env_str(env)})") from None
+
+    for k, b in enumerate(outputs):
+        if roots[b] not in written:
+            raise SpecError(f"spec.outputs[{k}] = {b} is a buffer that no input or op writes")
+    unused = sorted(set(store.arrays) - store.used)
+    if unused:
+        raise SpecError(f"array {_short(unused[0])} is not used by any op (a misspelled name?)")
+
+    canonical: Dict[str, Any] = {
+        "format": SPEC_FORMAT,
+        "version": SPEC_VERSION,
+        "buffers": buffers_out,
+        "inputs": inputs,
+        "outputs": outputs,
+        "ops": ops_out,
+    }
+    if "input_dtypes" in spec:
+        canonical["input_dtypes"] = list(input_dtypes)
+    if dims:
+        canonical["dims"] = {name: {"min": lo, "max": hi} for name, (lo, hi) in dims.items()}
+    if "metadata" in spec:
+        canonical["metadata"] = copy.deepcopy(dict(spec["metadata"]))
+
+    def io_name(b: int, kind: str, k: int) -> str:
+        return f"{kind} {k}" + (f" ({_short(names[b])})" if names[b] else "")
+
+    return PlanLayout(
+        spec=canonical,
+        shapes=tuple(shapes),
+        roots=tuple(roots),
+        input_shapes=tuple(shapes[b] for b in inputs),
+        output_shapes=tuple(shapes[b] for b in outputs),
+        input_names=tuple(io_name(b, "input", k) for k, b in enumerate(inputs)),
+        output_names=tuple(io_name(b, "output", k) for k, b in enumerate(outputs)),
+        used_arrays=frozenset(store.used),
+        input_dtypes=input_dtypes,
+        dims=tuple((name, lo, hi) for name, (lo, hi) in dims.items()),
+    )
+
+
+def _check_ops(raw_ops: list, shapes: Sequence[Tuple[int, ...]], sym_shapes: Sequence[Shape],
+               max_shapes: Sequence[Tuple[int, ...]], roots: Sequence[int], input_roots: Sequence[int],
+               store: "_Arrays") -> Tuple[List[Dict[str, Any]], set]:
+    """Check every op with the concrete buffer `shapes` of one dim assignment (sym_shapes and
+    max_shapes: the symbolic ones and those at the dims' max values, for a constant's value).
+    Returns the canonical ops and the storage roots written."""
+    n_buf = len(shapes)
+
+    def buffer_id(v: Any, where: str) -> int:
+        return _buffer_id(v, where, n_buf)
+
     written = set(input_roots)
     ops_out = []
     for i, o in enumerate(raw_ops):
@@ -588,9 +830,23 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
         if kind == "constant":
             op["weight"] = w = _str(o["weight"], f"{where}.weight")
             value = store.get(f"{w}.value", (np.dtype(np.float32),), "float32 constant values")
-            if value.shape[0] != math.prod(so):
-                raise SpecError(f"array {_short(w + '.value')} must hold one sample of out {_shape_str(so)}: "
-                                f"{math.prod(so)} values, got {value.shape[0]}")
+            # The value is one sample of out at the dims' max values; a run writes its leading block.
+            vs = so
+            if "shape" in o:
+                raw = o["shape"]
+                if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_RANK:
+                    raise SpecError(f"{where}.shape must be a list of 1 to {MAX_RANK} ints, got {_short(raw)}")
+                vs = tuple(_int(d, f"{where}.shape[{k}]", 1, MAX_DIM) for k, d in enumerate(raw))
+                if vs != max_shapes[out]:
+                    raise SpecError(f"{where}.shape {_shape_str(vs)} must be out's shape at the dims' max values "
+                                    f"{_shape_str(max_shapes[out])} (buffer {out} {_shape_str(sym_shapes[out])})")
+                op["shape"] = list(vs)
+            elif max_shapes[out] != sym_shapes[out]:
+                raise SpecError(f"{where} writes buffer {out} {_shape_str(sym_shapes[out])}, which has dims: it needs "
+                                f"a field 'shape' (the value's shape at the dims' max values)")
+            if value.shape[0] != math.prod(vs):
+                raise SpecError(f"array {_short(w + '.value')} must hold one sample of out {_shape_str(vs)}: "
+                                f"{math.prod(vs)} values, got {value.shape[0]}")
             written.add(roots[out])
             ops_out.append(op)
             continue
@@ -637,8 +893,9 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
                 ptr = store.get(f"{w}.indptr", (np.dtype(np.int64),), "int64 row pointers")
                 idx = store.get(f"{w}.indices", _INDEX_DTYPES, "column indices")
                 val = store.get(f"{w}.values", (np.dtype(np.float32),), "float32 values")
-                _check_row_pointers(ptr, idx, n_row_groups, n_col_groups, f"{w}.indptr", f"{w}.indices",
-                                    f"{n_col_groups} {'columns' if c == 1 else 'column blocks'}")
+                if store.deep:
+                    _check_row_pointers(ptr, idx, n_row_groups, n_col_groups, f"{w}.indptr", f"{w}.indices",
+                                        f"{n_col_groups} {'columns' if c == 1 else 'column blocks'}")
                 if val.shape[0] != idx.shape[0] * r * c:
                     raise SpecError(
                         f"array {_short(w + '.values')} must have {idx.shape[0] * r * c} entries, got {val.shape[0]}")
@@ -693,15 +950,16 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
                 ptr = store.get(f"{w}.row_ptr", (np.dtype(np.int64),), "int64 row pointers")
                 taps = store.get(f"{w}.taps", _INDEX_DTYPES, "kernel taps")
                 val = store.get(f"{w}.values", (np.dtype(np.float32),), "float32 values")
-                _check_row_pointers(ptr, taps, cout, (cin // g) * kh * kw, f"{w}.row_ptr", f"{w}.taps",
-                                    "taps of a filter (in_channels / groups * kh * kw)")
+                if store.deep:
+                    _check_row_pointers(ptr, taps, cout, (cin // g) * kh * kw, f"{w}.row_ptr", f"{w}.taps",
+                                        "taps of a filter (in_channels / groups * kh * kw)")
                 if val.shape[0] != taps.shape[0]:
                     raise SpecError(
                         f"array {_short(w + '.values')} must have len(taps) = {taps.shape[0]} entries, got {val.shape[0]}")
                 if fmt == "pattern":
                     if kh * kw > 64:
                         raise SpecError(f"{where}: format 'pattern' needs kernels of at most 64 taps, got {kh}x{kw}")
-                    n = _count_patterns(ptr, taps, kh * kw)
+                    n = _count_patterns(ptr, taps, kh * kw) if store.deep else 0
                     if n > MAX_KERNEL_PATTERNS:
                         raise SpecError(f"{where}: format 'pattern' allows at most {MAX_KERNEL_PATTERNS} distinct "
                                         f"kernel patterns, the weight has {n}")
@@ -837,38 +1095,4 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
             want_out(si + (table.shape[1],))
         written.add(roots[out])
         ops_out.append(op)
-
-    for k, b in enumerate(outputs):
-        if roots[b] not in written:
-            raise SpecError(f"spec.outputs[{k}] = {b} is a buffer that no input or op writes")
-    unused = sorted(set(store.arrays) - store.used)
-    if unused:
-        raise SpecError(f"array {_short(unused[0])} is not used by any op (a misspelled name?)")
-
-    canonical: Dict[str, Any] = {
-        "format": SPEC_FORMAT,
-        "version": SPEC_VERSION,
-        "buffers": buffers_out,
-        "inputs": inputs,
-        "outputs": outputs,
-        "ops": ops_out,
-    }
-    if "input_dtypes" in spec:
-        canonical["input_dtypes"] = list(input_dtypes)
-    if "metadata" in spec:
-        canonical["metadata"] = copy.deepcopy(dict(spec["metadata"]))
-
-    def io_name(b: int, kind: str, k: int) -> str:
-        return f"{kind} {k}" + (f" ({_short(names[b])})" if names[b] else "")
-
-    return PlanLayout(
-        spec=canonical,
-        shapes=tuple(shapes),
-        roots=tuple(roots),
-        input_shapes=tuple(shapes[b] for b in inputs),
-        output_shapes=tuple(shapes[b] for b in outputs),
-        input_names=tuple(io_name(b, "input", k) for k, b in enumerate(inputs)),
-        output_names=tuple(io_name(b, "output", k) for k, b in enumerate(outputs)),
-        used_arrays=frozenset(store.used),
-        input_dtypes=input_dtypes,
-    )
+    return ops_out, written

@@ -141,7 +141,7 @@ def verify(executable: Executable, example_inputs: Sequence[torch.Tensor], expec
     """Run `executable` on the example inputs; raise VerificationError unless every output is
     within fp32 tolerance of `expected`. Returns the largest absolute difference."""
     got = executable.run(*[x.contiguous().numpy() for x in example_inputs])
-    got = list(got) if isinstance(got, tuple) else [got]
+    got = list(got.values()) if isinstance(got, dict) else list(got) if isinstance(got, (tuple, list)) else [got]
     worst = 0.0
     for k, (y, ref) in enumerate(zip(got, expected)):
         if y.shape != ref.shape:

@@ -19,6 +19,7 @@ import numpy as np
 
 from sparseprune._native import _C
 from sparseprune.config import resolve_threads
+from sparseprune.runtime.signature import bind_inputs, structure_outputs
 from sparseprune.runtime.spec import SPEC_FORMAT, SpecError, batch_shape_str, shape_json, validate
 
 SPEC_KEY = "sparseprune_spec"  # safetensors metadata key holding the JSON spec
@@ -79,15 +80,26 @@ class Executable:
         self._spec_json = spec_json
         self._plan = plan
         self._n_threads = _check_threads(n_threads)
+        spec = layout.spec
+        buffers = spec["buffers"]
+        self._input_names = tuple(buffers[b].get("name") or f"input_{k}" for k, b in enumerate(spec["inputs"]))
+        self._output_names = tuple(buffers[b].get("name") or f"output_{k}" for k, b in enumerate(spec["outputs"]))
+        metadata = spec.get("metadata")
+        self._output_kind = metadata.get("output_kind") if isinstance(metadata, dict) else None
+        self._id_limits = _id_limits(spec, owned)
         return self
 
     # --- running -------------------------------------------------------------------------------
 
-    def run(self, *inputs: np.ndarray, n_threads: Optional[int] = None):
-        """The outputs for `inputs` (numpy arrays, one per model input: float32, integer ids for an
-        "int64" input, bool for a "bool" padding mask): one array when the model has one output,
-        else a tuple. n_threads overrides the executable's setting."""
+    def run(self, *inputs: np.ndarray, n_threads: Optional[int] = None, **named: np.ndarray):
+        """The outputs for the inputs, given in order and/or by name (numpy arrays, one per model
+        input: float32, integer ids for an "int64" input, bool or integer 0/1 for a "bool" mask).
+        The outputs come back as the model returned them when compile recorded it (an array, a
+        tuple, a list, or a dict by name for a dict / transformers ModelOutput); otherwise one
+        array for one output, else a tuple. n_threads overrides the executable's setting."""
         layout = self._layout
+        if named:
+            inputs = tuple(bind_inputs(self.input_names, inputs, named))
         if len(inputs) != len(layout.input_shapes):
             want = ", ".join(f"{n} {_batch_shape(s)}" for n, s in zip(layout.input_names, layout.input_shapes))
             raise ValueError(f"expected {len(layout.input_shapes)} input(s) [{want}], got {len(inputs)}")
@@ -119,16 +131,28 @@ class Executable:
             if ids:
                 if x.size:
                     lo, hi = int(x.min()), int(x.max())
-                    if lo < 0 or hi >= MAX_INT_INPUT:
+                    limit, table = self._id_limits.get(k, (MAX_INT_INPUT, None))
+                    if lo < 0 or hi >= limit:
+                        where = f" (rows of embedding '{table}')" if table else " for an int64 input"
                         raise ValueError(f"{name} holds the id {lo if lo < 0 else hi}, out of range "
-                                         f"[0, {MAX_INT_INPUT}) for an int64 input")
+                                         f"[0, {limit}){where}")
                 x = x.astype(np.float32)  # exact below 2**24
             if mask:
                 x = (x != 0).astype(np.float32)  # nonzero -> 1.0
             arrays.append(np.ascontiguousarray(x))
         threads = _check_threads(n_threads) or self._n_threads
         outs = self._plan.run(arrays, resolve_threads(threads), [env[name] for name, _, _ in layout.dims])
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return structure_outputs(self._output_kind, self._output_names, outs)
+
+    @property
+    def input_names(self) -> Tuple[str, ...]:
+        """The inputs' names (the model's argument names when compiled from torch)."""
+        return self._input_names
+
+    @property
+    def output_names(self) -> Tuple[str, ...]:
+        """The outputs' names (the keys of a dict / ModelOutput the model returned)."""
+        return self._output_names
 
     __call__ = run
 
@@ -333,3 +357,28 @@ def weight_bytes_ratio(executable: Executable) -> float:
 
 
 __all__ = ["Executable", "load", "file_size", "weight_bytes_ratio", "SPEC_KEY"]
+
+
+def _id_limits(spec: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Dict[int, Tuple[int, Optional[str]]]:
+    """Per int64 input (by position): the rows of the smallest embedding table its ids index, so
+    run() names the input and the real range (the native plan checks them again)."""
+    buffers = spec["buffers"]
+
+    def root(b: int) -> int:
+        while buffers[b].get("alias_of") is not None:
+            b = buffers[b]["alias_of"]
+        return b
+
+    position = {root(b): k for k, b in enumerate(spec["inputs"])}
+    limits: Dict[int, Tuple[int, Optional[str]]] = {}
+    for op in spec["ops"]:
+        if op["op"] != "embedding":
+            continue
+        k = position.get(root(op["in"]))
+        table = arrays.get(f"{op['weight']}.table")
+        if k is None or table is None:
+            continue
+        rows = int(table.shape[0])
+        if k not in limits or rows < limits[k][0]:
+            limits[k] = (rows, op.get("name") or op["weight"])
+    return limits

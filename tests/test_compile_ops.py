@@ -436,7 +436,7 @@ def test_embedding_with_integer_ids(gen, tmp_path):
     other = torch.randint(0, 20, (3, 6), generator=gen)
     _assert_close(exe.run(other.numpy()), _torch(model, other))
 
-    with pytest.raises(ValueError, match=r"not a row index in \[0, 20\)"):
+    with pytest.raises(ValueError, match=r"holds the id 20, out of range \[0, 20\)"):
         exe.run(np.full((2, 6), 20, dtype=np.int64))
     with pytest.raises(ValueError, match="out of range"):
         exe.run(np.full((2, 6), -1, dtype=np.int64))

@@ -64,6 +64,13 @@ def _pool_out(size, k, s, p):
     return (size + 2 * p - k) // s + 1 if size + 2 * p >= k else 0
 
 
+def _broadcast(a, b):
+    try:
+        return tuple(np.broadcast_shapes(tuple(a), tuple(b)))
+    except ValueError:
+        return None
+
+
 class _Graph:
     """Builds a spec op by op: every op reads buffers already written (by an input or an earlier
     op) whose shapes fit it, and writes a new buffer, an earlier one of the right shape, an alias
@@ -254,19 +261,32 @@ class _Graph:
 
     def op_binary(self, kind):
         a = self.choice(self.readable())
-        b = self.choice(self.readable(lambda s: s == self.shapes[a]))
+        b = self.choice(self.readable(lambda s: _broadcast(s, self.shapes[a]) is not None))
+        if self.coin(0.3):  # a fresh operand of a shape that broadcasts against a's (1s and a shorter rank)
+            sa = self.shapes[a][self.dim(0, len(self.shapes[a]) - 1):]
+            b = self.add_buffer(tuple(d if self.coin() else 1 for d in sa))
+            self.ops.append({"op": "constant", "out": b, "weight": self.weight_name()})
+            self.arrays[self.ops[-1]["weight"] + ".value"] = self.values(math.prod(self.shapes[b]))
+            self.written.add(self.roots[b])
+        out = _broadcast(self.shapes[a], self.shapes[b])
         op = {"op": kind, "a": a, "b": b}
         if kind == "add" or self.coin(0.3):
             self.activation(op)
-        op["out"] = self.target(self.shapes[a], [a, b], in_place=[a, b])
+        op["out"] = self.target(out, [a, b], in_place=[x for x in (a, b) if self.shapes[x] == out])
         self.ops.append(op)
         return True
 
     def op_add(self):
         return self.op_binary("add")
 
+    def op_sub(self):
+        return self.op_binary("sub")
+
     def op_mul(self):
         return self.op_binary("mul")
+
+    def op_div(self):
+        return self.op_binary("div")
 
     def op_affine(self):
         src = self.choice(self.readable())
@@ -373,7 +393,53 @@ class _Graph:
             bools = [b for b in masks if b in self.mask_inputs]
             op["key_mask"] = self.choice(bools if bools and self.coin(0.8) else masks)
             reads.append(op["key_mask"])
+        if self.coin(0.4):  # a mask broadcasting to (heads, L, S): any buffer of a fitting shape
+            groups = (heads,) if layout == "sequence_first" else sq[:-2]
+            full = groups + (sq[-2], sk[-2])
+
+            def fits(s):
+                if len(s) > len(full):
+                    return False
+                m = (1,) * (len(full) - len(s)) + s
+                lead = m[:len(groups)]
+                return all(x in (1, t) for x, t in zip(m, full)) and (set(lead) <= {1} or lead == groups)
+            mask_bufs = self.readable(fits)
+            if mask_bufs:
+                op["mask"] = self.choice(mask_bufs)
+                op["mask_kind"] = self.choice(["bool", "additive"])
+                reads.append(op["mask"])
         op["out"] = self.target(sq[:-1] + (sv[-1],), reads)
+        self.ops.append(op)
+        return True
+
+    def op_reduce(self):
+        src = self.choice(self.readable())
+        si = self.shapes[src]
+        axes = sorted(self.draw(st.sets(st.integers(0, len(si) - 1), min_size=1)))
+        op = {"op": "reduce", "kind": self.choice(["mean", "sum"]), "in": src, "axes": axes}
+        op["out"] = self.target(tuple(1 if d in axes else n for d, n in enumerate(si)), [src])
+        self.ops.append(op)
+        return True
+
+    def op_pad(self):
+        src = self.choice(self.readable())
+        si = self.shapes[src]
+        pads = [[self.dim(0, 2), self.dim(0, 2)] for _ in si]
+        op = {"op": "pad", "in": src, "pads": pads, "value": self.choice([0, 0.0, -1.5, float(self.rng.normal())])}
+        op["out"] = self.target(tuple(n + b + a for n, (b, a) in zip(si, pads)), [src])
+        self.ops.append(op)
+        return True
+
+    def op_expand(self):
+        srcs = self.readable(lambda s: math.prod(s) <= 64 and len(s) < 8)
+        if not srcs:
+            return False
+        src = self.choice(srcs)
+        si = self.shapes[src]
+        out = tuple(self.dim(1, 4) if d == 1 else d for d in si)
+        out = tuple(self.dim(1, 3) for _ in range(self.dim(0, 1))) + out
+        op = {"op": "expand", "in": src}
+        op["out"] = self.target(out, [src])
         self.ops.append(op)
         return True
 

@@ -245,6 +245,11 @@ OpKind parse_kind(const std::string& name, const std::string& where) {
   if (name == "embedding") return OpKind::embedding;
   if (name == "constant") return OpKind::constant;
   if (name == "slice") return OpKind::slice;
+  if (name == "sub") return OpKind::sub;
+  if (name == "div") return OpKind::div;
+  if (name == "reduce") return OpKind::reduce;
+  if (name == "pad") return OpKind::pad;
+  if (name == "expand") return OpKind::expand;
   throw SpecError(where + ".op '" + name + "' is not a known op");
 }
 
@@ -312,7 +317,8 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       if (x < 0 || x > (1 << 30)) throw SpecError(where + "." + key + " is out of range");
       return static_cast<int>(x);
     };
-    if (op.kind == OpKind::add || op.kind == OpKind::mul || op.kind == OpKind::matmul) {
+    const bool binary = op.kind == OpKind::add || op.kind == OpKind::sub || op.kind == OpKind::mul || op.kind == OpKind::div;
+    if (binary || op.kind == OpKind::matmul) {
       op.in = id("a");
       op.in2 = id("b");
     } else if (op.kind == OpKind::attention) {
@@ -320,6 +326,13 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       op.in2 = id("k");
       op.in3 = id("v");
       if (o.contains("key_mask")) op.in4 = id("key_mask");
+      if (o.contains("mask") != o.contains("mask_kind")) throw SpecError(where + ": mask and mask_kind come together");
+      if (o.contains("mask")) {
+        op.in5 = id("mask");
+        const std::string kind = str_field(o, "mask_kind", where);
+        if (kind != "bool" && kind != "additive") throw SpecError(where + ".mask_kind must be 'bool' or 'additive'");
+        op.mask_additive = kind == "additive";
+      }
     } else if (op.kind == OpKind::cat) {
       op.ins = int_list_field(o, "inputs", where, 1 << 30);
     } else if (op.kind == OpKind::constant) {
@@ -330,8 +343,8 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
     }
     op.out = id("out");
     try {
-      const bool takes_activation = op.kind == OpKind::linear || op.kind == OpKind::conv2d || op.kind == OpKind::add ||
-                                  op.kind == OpKind::mul || op.kind == OpKind::affine || op.kind == OpKind::activation;
+      const bool takes_activation = op.kind == OpKind::linear || op.kind == OpKind::conv2d || binary ||
+                                  op.kind == OpKind::affine || op.kind == OpKind::activation;
     if (takes_activation) op.act = parse_activation(op.kind == OpKind::activation ? str_field(o, "kind", where)
                                                               : activation_field(o, where));
     } catch (const SpecError&) {
@@ -380,6 +393,30 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
         op.axis = static_cast<int>(axis);
         op.start = start;
         op.step = step;
+        break;
+      }
+      case OpKind::reduce: {
+        const std::string kind = str_field(o, "kind", where);
+        if (kind != "mean" && kind != "sum") throw SpecError(where + ".kind must be 'mean' or 'sum'");
+        op.reduce_mean = kind == "mean";
+        op.axes = int_list_field(o, "axes", where, 64);  // order and range: checked with the shapes
+        break;
+      }
+      case OpKind::pad: {
+        py::object v = field(o, "pads", where);
+        if (!py::isinstance<py::list>(v) || py::len(v) > 8) throw SpecError(where + ".pads must be a list of pairs");
+        for (py::handle p : v) {
+          if (!py::isinstance<py::list>(p) || py::len(p) != 2) throw SpecError(where + ".pads must hold [before, after] pairs");
+          std::array<int64_t, 2> pair{};
+          for (int k = 0; k < 2; ++k) {
+            py::object e = p.cast<py::list>()[k];
+            if (!py::isinstance<py::int_>(e) || py::isinstance<py::bool_>(e)) throw SpecError(where + ".pads must hold ints");
+            pair[k] = as_int64(e, where + ".pads");
+            if (pair[k] < 0 || pair[k] > (int64_t{1} << 31)) throw SpecError(where + ".pads holds an out-of-range value");
+          }
+          op.pads.push_back(pair);
+        }
+        op.pad_value = number_field(o, "value", where);
         break;
       }
       case OpKind::constant: {

@@ -32,8 +32,31 @@ GroupView group_view(const AttentionArgs& a, int64_t g) {
           a.D, a.D, a.Dv, a.Dv};
 }
 
+// Applies the mask to the scores of queries l0 .. l0 + rows - 1 of group g; dead[r] = row r has
+// no finite-weight key left among those softmax will read (causal: keys s <= l).
+void apply_mask(const AttentionArgs& a, int64_t g, int64_t l0, int64_t rows, float* scores, int64_t ld_s,
+                std::vector<char>& dead) {
+  dead.assign(static_cast<size_t>(rows), 0);
+  const float* base = a.mask + (g / a.groups_per_sample) * a.mask_stride[0] + (g % a.groups_per_sample) * a.mask_stride[1];
+  const int64_t cs = a.mask_stride[3];
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* m = base + (l0 + r) * a.mask_stride[2];
+    float* row = scores + r * ld_s;
+    if (a.mask_additive) {
+      for (int64_t s = 0; s < a.S; ++s) row[s] += m[s * cs];
+    } else {
+      for (int64_t s = 0; s < a.S; ++s) row[s] = m[s * cs] != 0.0f ? row[s] : -INFINITY;
+    }
+    const int64_t valid = a.causal ? std::min(a.S, l0 + r + 1) : a.S;
+    bool all_inf = true;
+    for (int64_t s = 0; s < valid && all_inf; ++s) all_inf = row[s] == -INFINITY;
+    dead[static_cast<size_t>(r)] = all_inf;
+  }
+}
+
 void attend_group(const AttentionArgs& a, int64_t g, std::vector<float>& kt, std::vector<float>& vp,
                   std::vector<float>& scores) {
+  std::vector<char> dead;
   const GroupView w = group_view(a, g);
   kt.resize(static_cast<size_t>(packed_b_size(a.D, a.S)));
   vp.resize(static_cast<size_t>(packed_b_size(a.S, a.Dv)));
@@ -52,7 +75,11 @@ void attend_group(const AttentionArgs& a, int64_t g, std::vector<float>& kt, std
         if (mask[s] != 0.0f)
           for (int64_t r = 0; r < rows; ++r) scores[static_cast<size_t>(r * ld_s + s)] = -INFINITY;
     }
+    if (a.mask) apply_mask(a, g, l0, rows, scores.data(), ld_s, dead);
     softmax_rows(scores.data(), ld_s, scores.data(), ld_s, rows, a.S, a.causal ? l0 : -1, 1);
+    if (a.mask)
+      for (int64_t r = 0; r < rows; ++r)
+        if (dead[static_cast<size_t>(r)]) std::fill(scores.begin() + r * ld_s, scores.begin() + (r + 1) * ld_s, 0.0f);
     gemm_panels(scores.data(), ld_s, vp.data(), rows, a.Dv, a.S, 1.0f, nullptr, w.out + l0 * w.ld_out, w.ld_out, 0,
                 v_panels);
   }

@@ -23,6 +23,14 @@ struct AttentionArgs {
   // key_padding_mask); null for none. Group g belongs to sample g / groups_per_sample.
   const float* key_mask = nullptr;
   int64_t groups_per_sample = 1;
+  // mask: group g, query l, key s reads mask[(g / groups_per_sample) * mask_stride[0] +
+  // (g % groups_per_sample) * mask_stride[1] + l * mask_stride[2] + s * mask_stride[3]] (a
+  // stride of 0 broadcasts); null for none. Bool (mask_additive false): 0 = this query does not
+  // attend this key (-inf score); additive: added to the scaled score. With a mask, a query row
+  // left with only -inf scores gives zeros (torch's SDPA), not NaN.
+  const float* mask = nullptr;
+  int64_t mask_stride[4] = {0, 0, 0, 0};
+  bool mask_additive = false;
   int n_threads = 0;
 };
 

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "kernels/attention.h"
+#include "kernels/broadcast.h"
 #include "kernels/gemm.h"
 #include "kernels/partition.h"
 #include "kernels/scratch.h"
@@ -29,6 +30,8 @@ int64_t product(std::vector<int64_t>::const_iterator a, std::vector<int64_t>::co
   return std::accumulate(a, b, int64_t{1}, std::multiplies<int64_t>());
 }
 
+bool is_binary(OpKind k) { return k == OpKind::add || k == OpKind::sub || k == OpKind::mul || k == OpKind::div; }
+
 // Buffers the op reads.
 std::vector<int> reads(const PlanOp& op) {
   if (op.kind == OpKind::constant) return {};
@@ -36,6 +39,7 @@ std::vector<int> reads(const PlanOp& op) {
   if (op.in2 >= 0) r.push_back(op.in2);
   if (op.in3 >= 0) r.push_back(op.in3);
   if (op.in4 >= 0) r.push_back(op.in4);
+  if (op.in5 >= 0) r.push_back(op.in5);
   if (op.kind == OpKind::cat) r = op.ins;
   return r;
 }
@@ -51,6 +55,11 @@ Activation parse_activation(const std::string& name) {
   if (name == "sigmoid") return Activation::sigmoid;
   if (name == "tanh") return Activation::tanh;
   if (name == "hardswish") return Activation::hardswish;
+  if (name == "gelu_tanh") return Activation::gelu_tanh;
+  if (name == "hardsigmoid") return Activation::hardsigmoid;
+  if (name == "sqrt") return Activation::sqrt;
+  if (name == "rsqrt") return Activation::rsqrt;
+  if (name == "exp") return Activation::exp;
   fail("unknown activation '" + name + "'");
 }
 
@@ -118,7 +127,7 @@ void Plan::add_op(PlanOp op) {
   }
   for (int b : reads(op)) check_buffer(b, where + ".in");
   check_buffer(op.out, where + ".out");
-  if (op.kind == OpKind::add || op.kind == OpKind::mul || op.kind == OpKind::matmul) check_buffer(op.in2, where + ".b");
+  if (is_binary(op.kind) || op.kind == OpKind::matmul) check_buffer(op.in2, where + ".b");
   if (op.kind == OpKind::attention) {
     check_buffer(op.in2, where + ".k");
     check_buffer(op.in3, where + ".v");
@@ -131,8 +140,7 @@ void Plan::add_op(PlanOp op) {
   }
   const auto& si = shapes_[op.in];
   const auto& so = shapes_[op.out];
-  const bool elementwise = op.kind == OpKind::activation || op.kind == OpKind::add || op.kind == OpKind::mul ||
-                           op.kind == OpKind::affine;
+  const bool elementwise = op.kind == OpKind::activation || is_binary(op.kind) || op.kind == OpKind::affine;
   for (int b : reads(op))
     if (!elementwise && root(b) == root(op.out))
       fail(where + ": output must not share storage with an input (only elementwise ops run in place)");
@@ -168,10 +176,15 @@ void Plan::add_op(PlanOp op) {
       if (numel_[op.in] != numel_[op.out]) fail(where + ": input and output sizes differ");
       break;
     case OpKind::add:
+    case OpKind::sub:
     case OpKind::mul:
-      if (numel_[op.in] != numel_[op.out] || numel_[op.in2] != numel_[op.out])
-        fail(where + ": operands and output must have the same size (no broadcasting)");
+    case OpKind::div: {  // numpy broadcasting; the in-place rule above keeps a broadcast operand apart from out
+      std::vector<int64_t> want;
+      if (!broadcast_shapes(si, shapes_[op.in2], &want))
+        fail(where + ": operands " + shape_str(si) + " and " + shape_str(shapes_[op.in2]) + " do not broadcast");
+      if (so != want) fail(where + ": output must have the broadcast shape " + shape_str(want) + ", got " + shape_str(so));
       break;
+    }
     case OpKind::maxpool2d:
     case OpKind::avgpool2d: {
       for (int d = 0; d < 2; ++d) {
@@ -236,6 +249,9 @@ void Plan::add_op(PlanOp op) {
       if (!std::isfinite(op.scale)) fail(where + ": scale must be finite");
       if (op.in4 >= 0 && shapes_[op.in4] != std::vector<int64_t>{op.sequence_first ? sk[0] : sk[sk.size() - 2]})
         fail(where + ": key_mask must have one entry per key");
+      if (op.in5 >= 0 && mask_strides(op).empty())
+        fail(where + ": mask " + shape_str(shapes_[op.in5]) + " must broadcast to (heads, q rows, keys), each dim 1 or "
+             "full (the head dims all 1 or all full)");
       break;
     }
     case OpKind::permute: {
@@ -279,6 +295,35 @@ void Plan::add_op(PlanOp op) {
              std::to_string(len) + " leaves the input's " + std::to_string(si[op.axis]) + " entries");
       break;
     }
+    case OpKind::reduce: {
+      if (op.axes.empty() || op.axes.size() > si.size()) fail(where + ": reduce needs 1 to rank axes");
+      std::vector<int64_t> want = si;
+      for (size_t i = 0; i < op.axes.size(); ++i) {
+        if (op.axes[i] < 0 || op.axes[i] >= static_cast<int>(si.size()) || (i > 0 && op.axes[i] <= op.axes[i - 1]))
+          fail(where + ": reduce axes must be sorted, unique and in range [0, " + std::to_string(si.size()) + ")");
+        want[op.axes[i]] = 1;
+      }
+      if (so != want) fail(where + ": output must have shape " + shape_str(want) + ", got " + shape_str(so));
+      break;
+    }
+    case OpKind::pad: {
+      if (op.pads.size() != si.size()) fail(where + ": pads must hold one pair per dim (" + std::to_string(si.size()) + ")");
+      std::vector<int64_t> want = si;
+      for (size_t d = 0; d < si.size(); ++d) {
+        if (op.pads[d][0] < 0 || op.pads[d][1] < 0 || op.pads[d][0] > (int64_t{1} << 31) || op.pads[d][1] > (int64_t{1} << 31))
+          fail(where + ": pads out of range");
+        want[d] += op.pads[d][0] + op.pads[d][1];
+      }
+      if (so != want) fail(where + ": output must have shape " + shape_str(want) + ", got " + shape_str(so));
+      if (!std::isfinite(op.pad_value)) fail(where + ": pad value must be finite");
+      break;
+    }
+    case OpKind::expand: {
+      std::vector<int64_t> want;
+      if (si.size() > so.size() || !broadcast_shapes(si, so, &want) || want != so)
+        fail(where + ": input " + shape_str(si) + " does not broadcast to the output " + shape_str(so));
+      break;
+    }
     case OpKind::embedding: {
       if (op.table_rows < 1 || op.table.empty() || static_cast<int64_t>(op.table.size()) % op.table_rows)
         fail(where + ": bad embedding table");
@@ -289,6 +334,32 @@ void Plan::add_op(PlanOp op) {
     }
   }
   ops_.push_back(std::move(op));
+}
+
+std::vector<int64_t> Plan::mask_strides(const PlanOp& op) const {
+  // The target [groups..., L, S]; the mask right-aligned against it, each dim 1 or full, the
+  // group dims all 1 or all full. Returns {sample, group, row, key} strides, empty if it does not fit.
+  const auto& sq = shapes_[op.in];
+  const auto& sk = shapes_[op.in2];
+  const auto& sm = shapes_[op.in5];
+  std::vector<int64_t> target;
+  if (op.sequence_first) target = {op.heads, sq[0], sk[0]};
+  else target.assign(sq.begin(), sq.end() - 1), target.push_back(sk[sk.size() - 2]);
+  if (sm.size() > target.size()) return {};
+  std::vector<int64_t> m(target.size() - sm.size(), 1);
+  m.insert(m.end(), sm.begin(), sm.end());
+  const size_t n_groups = target.size() - 2;
+  bool lead_ones = true, lead_full = true;
+  for (size_t d = 0; d < target.size(); ++d) {
+    if (m[d] != 1 && m[d] != target[d]) return {};
+    if (d < n_groups) lead_ones = lead_ones && m[d] == 1, lead_full = lead_full && m[d] == target[d];
+  }
+  if (!lead_ones && !lead_full) return {};
+  const int64_t L = target[n_groups], S = target[n_groups + 1];
+  const int64_t row = m[n_groups] == L && L > 1 ? m[n_groups + 1] : 0;  // a row of the mask: S or 1 floats
+  const int64_t key = m[n_groups + 1] == S && S > 1 ? 1 : 0;
+  const int64_t plane = m[n_groups] * m[n_groups + 1];
+  return {numel_[op.in5], lead_full && !lead_ones ? plane : 0, row, key};
 }
 
 void Plan::finalize() {
@@ -401,7 +472,14 @@ void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_thre
     case OpKind::activation: affine_map(x, y, n_out, 1.0f, 0.0f, op.act, n_threads); break;
     case OpKind::affine: affine_map(x, y, n_out, op.scale, op.shift, op.act, n_threads); break;
     case OpKind::add:
-    case OpKind::mul: binary_map(x, buf[op.in2], y, n_out, op.kind == OpKind::mul, op.act, n_threads); break;
+    case OpKind::sub:
+    case OpKind::mul:
+    case OpKind::div: {
+      const BinaryOp bop = op.kind == OpKind::add ? BinaryOp::add : op.kind == OpKind::sub ? BinaryOp::sub
+                           : op.kind == OpKind::mul ? BinaryOp::mul : BinaryOp::div;
+      broadcast_binary(x, si, buf[op.in2], shapes_[op.in2], y, shapes_[op.out], batch, bop, op.act, n_threads);
+      break;
+    }
     case OpKind::maxpool2d:
     case OpKind::avgpool2d: {
       const auto& so = shapes_[op.out];
@@ -477,9 +555,13 @@ void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_thre
       }
       a.scale = op.scale;
       a.causal = op.causal;
-      if (op.in4 >= 0) {
-        a.key_mask = buf[op.in4];
-        a.groups_per_sample = op.sequence_first ? op.heads : product(si.begin(), si.end() - 2);
+      a.groups_per_sample = op.sequence_first ? op.heads : product(si.begin(), si.end() - 2);
+      if (op.in4 >= 0) a.key_mask = buf[op.in4];
+      if (op.in5 >= 0) {
+        const std::vector<int64_t> st = mask_strides(op);
+        a.mask = buf[op.in5];
+        std::copy(st.begin(), st.end(), a.mask_stride);
+        a.mask_additive = op.mask_additive;
       }
       a.n_threads = n_threads;
       attention(a);
@@ -522,6 +604,9 @@ void Plan::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_thre
       }
       break;
     }
+    case OpKind::reduce: reduce_axes(x, si, op.axes, op.reduce_mean, y, batch, n_threads); break;
+    case OpKind::pad: pad_constant(x, si, op.pads, op.pad_value, y, batch, n_threads); break;
+    case OpKind::expand: broadcast_copy(x, si, y, shapes_[op.out], batch, n_threads); break;
     case OpKind::embedding: {
       const int64_t dim = static_cast<int64_t>(op.table.size()) / op.table_rows;
       const int64_t bad = embedding_lookup(x, n_in, op.table.data(), op.table_rows, dim, y);

@@ -3,6 +3,7 @@
 // is built (see bindings/plan.cpp); run() checks only the data itself (embedding ids).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -20,7 +21,7 @@ Activation parse_activation(const std::string& name);  // throws std::invalid_ar
 
 enum class OpKind {
   linear, conv2d, activation, add, mul, maxpool2d, avgpool2d, global_avgpool, softmax, layernorm,
-  affine, matmul, attention, permute, cat, embedding, constant, slice
+  affine, matmul, attention, permute, cat, embedding, constant, slice, sub, div, reduce, pad, expand
 };
 
 // A dense Linear weight, packed once for the GEMM kernel (W^T in 16-column panels).
@@ -33,9 +34,9 @@ struct DenseWeights {
 
 struct PlanOp {
   OpKind kind = OpKind::activation;
-  // in2: add/mul/matmul second operand, attention k, conv2d residual (optional); in3: attention v
-  // in4: attention key mask (optional)
-  int in = -1, in2 = -1, in3 = -1, in4 = -1, out = -1;
+  // in2: add/sub/mul/div/matmul second operand, attention k, conv2d residual (optional); in3: attention v
+  // in4: attention key mask (optional); in5: attention mask (optional)
+  int in = -1, in2 = -1, in3 = -1, in4 = -1, in5 = -1, out = -1;
   std::vector<int> ins;                       // cat operands
   Activation act = Activation::none;
   std::shared_ptr<const PackedLinear> linear;  // linear: sparse weights, or
@@ -50,6 +51,11 @@ struct PlanOp {
   bool transpose_b = false;          // matmul
   bool causal = false, sequence_first = false;
   int heads = 1;                     // attention (sequence_first layout)
+  bool mask_additive = false;        // attention mask (in5): additive, else bool
+  std::vector<int> axes;             // reduce: per-sample axes, sorted, unique
+  bool reduce_mean = false;          // reduce: mean, else sum
+  std::vector<std::array<int64_t, 2>> pads;  // pad: [before, after] per per-sample dim
+  float pad_value = 0.0f;
   std::vector<int> perm;             // permute, over per-sample dims
   int axis = 0;                      // cat, slice: over per-sample dims
   int64_t start = 0, step = 1;       // slice: out index i along axis reads in index start + i * step
@@ -89,6 +95,7 @@ class Plan {
   int root(int buffer) const { return alias_[buffer] >= 0 ? root(alias_[buffer]) : buffer; }
   void check_buffer(int id, const std::string& what) const;
   void run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_threads) const;
+  std::vector<int64_t> mask_strides(const PlanOp& op) const;  // attention mask; empty: does not fit
 
   std::vector<std::vector<int64_t>> shapes_;
   std::vector<int64_t> numel_;

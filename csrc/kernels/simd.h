@@ -8,6 +8,9 @@
 #endif
 
 #include <cstdint>
+#if defined(__SSE2__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace sparseprune {
 
@@ -44,7 +47,9 @@ inline float hmax8(vf8 v) {
 // the result flushes towards 0, above 88 it saturates at e^88. NaN stays NaN.
 inline vf8 exp8(vf8 x) {
   const vf8 hi = splat8(88.0f), lo = splat8(-87.0f);
-  const vf8 xc = x > hi ? hi : (x < lo ? lo : x);  // NaN compares false and passes through
+  // NaN compares false and becomes lo here (a NaN must never reach the float -> int conversion
+  // below: that is undefined behaviour); the last line puts it back.
+  const vf8 xc = x < hi ? (x > lo ? x : lo) : hi;
   const vf8 t = xc * splat8(1.44269504088896341f) + splat8(0.5f);
   vi8 n = __builtin_convertvector(t, vi8);           // truncation...
   vf8 fn = __builtin_convertvector(n, vf8);
@@ -63,6 +68,21 @@ inline vf8 exp8(vf8 x) {
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   const vf8 y = p * scale;
   return x != x ? x : y;
+}
+
+// Lane-wise IEEE square root (sqrt of a negative is NaN, of -0 is -0).
+inline vf8 sqrt8(vf8 x) {
+#if defined(__AVX__)
+  return reinterpret_cast<vf8>(_mm256_sqrt_ps(reinterpret_cast<__m256>(x)));
+#elif defined(__SSE2__)
+  const vf4 lo = reinterpret_cast<vf4>(_mm_sqrt_ps(reinterpret_cast<__m128>(__builtin_shufflevector(x, x, 0, 1, 2, 3))));
+  const vf4 hi = reinterpret_cast<vf4>(_mm_sqrt_ps(reinterpret_cast<__m128>(__builtin_shufflevector(x, x, 4, 5, 6, 7))));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7);
+#else
+  vf8 y;
+  for (int i = 0; i < 8; ++i) y[i] = __builtin_sqrtf(x[i]);  // -fno-math-errno: no errno branch
+  return y;
+#endif
 }
 
 // erf(x) by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), odd-extended.

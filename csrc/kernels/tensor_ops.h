@@ -7,7 +7,8 @@
 
 namespace sparseprune {
 
-enum class Activation { none, relu, relu6, gelu, silu, sigmoid, tanh, hardswish };
+// gelu_tanh: torch's gelu(approximate="tanh"); hardsigmoid: relu6(x + 3) / 6.
+enum class Activation { none, relu, relu6, gelu, silu, sigmoid, tanh, hardswish, gelu_tanh, hardsigmoid, sqrt, rsqrt, exp };
 
 // dst[i] = act(src[i] * scale + shift) for i < n (src may equal dst).
 void affine_map(const float* src, float* dst, int64_t n, float scale, float shift, Activation a, int n_threads);

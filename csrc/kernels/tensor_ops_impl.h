@@ -14,6 +14,24 @@
 namespace sparseprune {
 namespace SP_ISA_NS {
 
+// tanh(x) = sign(x) (1 - e^(-2|x|)) / (1 + e^(-2|x|)): no cancellation for large |x|.
+inline vf8 tanh8(vf8 x) {
+  const vf8 one = splat8(1.0f);
+  const vf8 ax = x < splat8(0.0f) ? -x : x;
+  const vf8 e = exp8(splat8(-2.0f) * ax);
+  const vf8 y = (one - e) / (one + e);
+  return x < splat8(0.0f) ? -y : (x != x ? x : y);
+}
+
+// e^x over all floats, as torch.exp: exp8 is exact only in [-87, 88] (it clamps outside), so
+// beyond that take e^(x/2) squared: overflows to inf above ~88.7, underflows to 0 (via the
+// subnormals, with their lost bits) below ~-87.3.
+inline vf8 exp8_full(vf8 x) {
+  const vf8 ax = x < splat8(0.0f) ? -x : x;
+  const vf8 h = exp8(x * splat8(0.5f));
+  return ax > splat8(87.0f) ? h * h : exp8(x);
+}
+
 template <Activation A>
 inline vf8 activate8(vf8 x) {
   const vf8 one = splat8(1.0f);
@@ -25,29 +43,42 @@ inline vf8 activate8(vf8 x) {
   if constexpr (A == Activation::gelu) return splat8(0.5f) * x * (one + erf8(x * splat8(0.70710678118654752f)));
   if constexpr (A == Activation::silu) return x / (one + exp8(-x));
   if constexpr (A == Activation::sigmoid) return one / (one + exp8(-x));
-  if constexpr (A == Activation::tanh) {
-    // tanh(x) = sign(x) (1 - e^(-2|x|)) / (1 + e^(-2|x|)): no cancellation for large |x|.
-    const vf8 ax = x < splat8(0.0f) ? -x : x;
-    const vf8 e = exp8(splat8(-2.0f) * ax);
-    const vf8 y = (one - e) / (one + e);
-    return x < splat8(0.0f) ? -y : (x != x ? x : y);
-  }
+  if constexpr (A == Activation::tanh) return tanh8(x);
   if constexpr (A == Activation::hardswish) return x * min8(max8(x + splat8(3.0f), splat8(0.0f)), splat8(6.0f)) / splat8(6.0f);
+  if constexpr (A == Activation::gelu_tanh) {
+    // 0.5 x (1 + tanh(u)) = x / (1 + e^(-2u)): no cancellation when tanh(u) is near -1 (x < -3).
+    const vf8 u = splat8(0.79788456080286536f) * (x + splat8(0.044715f) * x * x * x);  // sqrt(2 / pi)
+    return x / (one + exp8_full(splat8(-2.0f) * u));
+  }
+  if constexpr (A == Activation::hardsigmoid) {
+    const vf8 r = min8(max8(x + splat8(3.0f), splat8(0.0f)), splat8(6.0f)) / splat8(6.0f);
+    return x != x ? x : r;  // max8/min8 would turn NaN into 0: keep it, as torch does
+  }
+  if constexpr (A == Activation::sqrt) return sqrt8(x);
+  if constexpr (A == Activation::rsqrt) return one / sqrt8(x);
+  if constexpr (A == Activation::exp) return exp8_full(x);
   return x;
 }
 
-template <Activation A>
+// Affine false: scale 1, shift 0 skipped (x * 1 + 0 would turn -0 into +0: rsqrt(-0) is -inf).
+template <Activation A, bool Affine>
 inline void map_range(const float* src, float* dst, int64_t n, float scale, float shift) {
   const vf8 vs = splat8(scale), vh = splat8(shift);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    *reinterpret_cast<vf8_unaligned*>(dst + i) = activate8<A>(load8(src + i) * vs + vh);
+    *reinterpret_cast<vf8_unaligned*>(dst + i) = activate8<A>(Affine ? load8(src + i) * vs + vh : load8(src + i));
   if (i < n) {
     float tmp[8] = {0};
     std::copy(src + i, src + n, tmp);
-    const vf8 r = activate8<A>(load8(tmp) * vs + vh);
+    const vf8 r = activate8<A>(Affine ? load8(tmp) * vs + vh : load8(tmp));
     for (int64_t j = 0; j < n - i; ++j) dst[i + j] = r[j];
   }
+}
+
+template <Activation A>
+inline void map_range(const float* src, float* dst, int64_t n, float scale, float shift) {
+  if (scale == 1.0f && shift == 0.0f) map_range<A, false>(src, dst, n, scale, shift);
+  else map_range<A, true>(src, dst, n, scale, shift);
 }
 
 inline void activation_map_body(const float* src, float* dst, int64_t n, float scale, float shift, Activation a) {
@@ -60,6 +91,11 @@ inline void activation_map_body(const float* src, float* dst, int64_t n, float s
     case Activation::sigmoid: map_range<Activation::sigmoid>(src, dst, n, scale, shift); break;
     case Activation::tanh: map_range<Activation::tanh>(src, dst, n, scale, shift); break;
     case Activation::hardswish: map_range<Activation::hardswish>(src, dst, n, scale, shift); break;
+    case Activation::gelu_tanh: map_range<Activation::gelu_tanh>(src, dst, n, scale, shift); break;
+    case Activation::hardsigmoid: map_range<Activation::hardsigmoid>(src, dst, n, scale, shift); break;
+    case Activation::sqrt: map_range<Activation::sqrt>(src, dst, n, scale, shift); break;
+    case Activation::rsqrt: map_range<Activation::rsqrt>(src, dst, n, scale, shift); break;
+    case Activation::exp: map_range<Activation::exp>(src, dst, n, scale, shift); break;
   }
 }
 

@@ -16,6 +16,11 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 
 def activate(x: np.ndarray, kind) -> np.ndarray:
     x = x.astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # inf and NaN as torch gives them
+        return _activate(x, kind).astype(np.float32)
+
+
+def _activate(x: np.ndarray, kind) -> np.ndarray:
     if kind is None:
         y = x
     elif kind == "relu":
@@ -32,9 +37,19 @@ def activate(x: np.ndarray, kind) -> np.ndarray:
         y = np.tanh(x)
     elif kind == "hardswish":
         y = x * np.clip(x + 3.0, 0.0, 6.0) / 6.0
+    elif kind == "gelu_tanh":  # torch's gelu(approximate="tanh")
+        y = 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+    elif kind == "hardsigmoid":
+        y = np.clip(x + 3.0, 0.0, 6.0) / 6.0
+    elif kind == "sqrt":
+        y = np.sqrt(x)
+    elif kind == "rsqrt":
+        y = 1.0 / np.sqrt(x)
+    elif kind == "exp":
+        y = np.exp(x)
     else:
         raise ValueError(f"unknown activation {kind!r}")
-    return y.astype(np.float32)
+    return y
 
 
 def dense_linear_weight(op: Mapping, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -93,10 +108,15 @@ def _pool(x: np.ndarray, op: Mapping, is_max: bool) -> np.ndarray:
     return stacked.max(axis=0) if is_max else stacked.sum(axis=0) / (kh * kw)  # count_include_pad
 
 
-def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, op: Mapping, key_mask=None) -> np.ndarray:
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, op: Mapping, key_mask=None, mask=None) -> np.ndarray:
     """q [batch, ..., L, D], k [batch, ..., S, D], v [batch, ..., S, Dv] (leading dims equal) ->
-    [batch, ..., L, Dv], in float64. key_mask [batch, S]: nonzero keys get no weight."""
+    [batch, ..., L, Dv], in float64. key_mask [batch, S]: nonzero keys get no weight. mask
+    [batch, ...] broadcasting to the scores [batch, ..., L, S]: op["mask_kind"] "bool" (nonzero =
+    may attend) or "additive"; with it, a row with no key left gives zeros (as torch's SDPA)."""
     scores = op["scale"] * (q @ np.swapaxes(k, -1, -2))
+    if mask is not None:
+        mask = mask.astype(np.float64).reshape((mask.shape[0],) + (1,) * (scores.ndim - mask.ndim) + mask.shape[1:])
+        scores = np.where(mask != 0, scores, -np.inf) if op["mask_kind"] == "bool" else scores + mask
     if op["causal"]:
         n_q, n_k = scores.shape[-2:]
         scores = np.where(np.arange(n_k)[None, :] > np.arange(n_q)[:, None], -np.inf, scores)
@@ -105,13 +125,22 @@ def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, op: Mapping, key_mas
         scores = np.where(masked, -np.inf, scores)
     with np.errstate(invalid="ignore"):  # a row with every key masked is NaN, as in torch
         p = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        return (p / p.sum(axis=-1, keepdims=True)) @ v
+        p = p / p.sum(axis=-1, keepdims=True)
+    if mask is not None:
+        p = np.where((scores == -np.inf).all(axis=-1, keepdims=True), 0.0, p)
+    return p @ v
 
 
 def _heads(x: np.ndarray, heads: int) -> np.ndarray:
     """(batch, rows, heads * d) -> (batch, heads, rows, d)."""
     n, rows, e = x.shape
     return x.reshape(n, rows, heads, e // heads).transpose(0, 2, 1, 3)
+
+
+def _batch_broadcastable(x: np.ndarray, rank: int) -> np.ndarray:
+    """(batch, *shape) as float64 with 1s inserted after the batch up to `rank` per-sample dims, so
+    numpy broadcasts the per-sample shapes right-aligned (not against the batch)."""
+    return x.astype(np.float64).reshape((x.shape[0],) + (1,) * (rank + 1 - x.ndim) + x.shape[1:])
 
 
 def _embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -173,12 +202,12 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
             write(op["out"], op["scale"] * (a @ (np.swapaxes(b, -1, -2) if op["transpose_b"] else b)))
         elif kind == "attention":
             q, k, v = (read(op[key]).astype(np.float64) for key in ("q", "k", "v"))
-            mask = read(op["key_mask"]) if "key_mask" in op else None
+            masks = [read(op[key]) if key in op else None for key in ("key_mask", "mask")]
             if op["layout"] == "sequence_first":  # (batch, rows, heads * dim), head h at columns h * dim
-                y = _attention(_heads(q, op["heads"]), _heads(k, op["heads"]), _heads(v, op["heads"]), op, mask)
+                y = _attention(_heads(q, op["heads"]), _heads(k, op["heads"]), _heads(v, op["heads"]), op, *masks)
                 y = y.transpose(0, 2, 1, 3).reshape(batch, q.shape[1], v.shape[2])
             else:
-                y = _attention(q, k, v, op, mask)
+                y = _attention(q, k, v, op, *masks)
             write(op["out"], y)
         elif kind == "permute":
             write(op["out"], np.transpose(read(op["in"]), (0,) + tuple(p + 1 for p in op["perm"])))
@@ -195,13 +224,28 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
         elif kind == "constant":
             value = arrays[f"{op['weight']}.value"]
             write(op["out"], np.broadcast_to(value, (batch,) + value.shape))
-        elif kind in ("add", "mul"):
-            a, b = read(op["a"]).astype(np.float64), read(op["b"]).astype(np.float64)
-            write(op["out"], activate(a + b if kind == "add" else a * b, op["activation"]))
+        elif kind in ("add", "sub", "mul", "div"):
+            rank = len(layout.shapes[op["out"]])
+            a, b = (_batch_broadcastable(read(op[key]), rank) for key in ("a", "b"))
+            with np.errstate(divide="ignore", invalid="ignore"):  # x / 0 and 0 / 0 as in torch
+                y = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[kind](a, b)
+            write(op["out"], activate(y, op["activation"]))
         elif kind in ("maxpool2d", "avgpool2d"):
             write(op["out"], _pool(read(op["in"]), op, kind == "maxpool2d"))
         elif kind == "global_avgpool":
             write(op["out"], read(op["in"]).astype(np.float64).mean(axis=(2, 3)))
+        elif kind == "reduce":
+            x = read(op["in"]).astype(np.float64)
+            axes = tuple(a + 1 for a in op["axes"])
+            with np.errstate(invalid="ignore"):  # inf - inf is NaN, as in torch
+                write(op["out"], x.mean(axis=axes) if op["kind"] == "mean" else x.sum(axis=axes))
+        elif kind == "pad":
+            x = read(op["in"])
+            write(op["out"], np.pad(x, [(0, 0)] + [tuple(p) for p in op["pads"]], constant_values=op["value"]))
+        elif kind == "expand":
+            x = read(op["in"])
+            out_shape = layout.shapes[op["out"]]
+            write(op["out"], np.broadcast_to(_batch_broadcastable(x, len(out_shape)), (batch,) + out_shape))
         elif kind == "softmax":
             x = read(op["in"]).astype(np.float64)
             e = np.exp(x - x.max(axis=-1, keepdims=True))

@@ -33,7 +33,8 @@ from sparseprune.formats import BLOCK_SHAPES
 SPEC_FORMAT = "sparseprune.executable"
 SPEC_VERSION = 1
 
-ACTIVATIONS = ("relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish")
+ACTIVATIONS = ("relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "gelu_tanh", "hardsigmoid", "sqrt",
+               "rsqrt", "exp")
 
 # Limits shared with csrc/bindings/plan.cpp and csrc/kernels/plan.cpp (the native side refuses
 # anything beyond them too).
@@ -67,8 +68,12 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
         frozenset({"activation", "format", "residual"}),
     ),
     "activation": (frozenset({"kind", "in", "out"}), frozenset()),
+    # add, sub, mul, div: numpy broadcasting between a's and b's per-sample shapes; out has the
+    # broadcast shape
     "add": (frozenset({"a", "b", "out"}), frozenset({"activation"})),
+    "sub": (frozenset({"a", "b", "out"}), frozenset({"activation"})),
     "mul": (frozenset({"a", "b", "out"}), frozenset({"activation"})),
+    "div": (frozenset({"a", "b", "out"}), frozenset({"activation"})),
     "maxpool2d": (frozenset({"in", "out", "kernel", "stride", "padding"}), frozenset()),
     "avgpool2d": (frozenset({"in", "out", "kernel", "stride", "padding"}), frozenset()),
     "global_avgpool": (frozenset({"in", "out"}), frozenset()),
@@ -76,8 +81,13 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
     "layernorm": (frozenset({"in", "out", "weight", "eps"}), frozenset()),
     "affine": (frozenset({"in", "out", "scale", "shift"}), frozenset({"activation"})),
     "matmul": (frozenset({"a", "b", "out", "transpose_b", "scale"}), frozenset()),
-    # key_mask: a buffer of one entry per key; nonzero = a padding key no query attends to
-    "attention": (frozenset({"q", "k", "v", "out", "layout", "heads", "scale", "causal"}), frozenset({"key_mask"})),
+    # key_mask: a buffer of one entry per key; nonzero = a padding key no query attends to.
+    # mask + mask_kind (both or neither): a buffer broadcasting to [heads, q rows, keys] (see
+    # _check_attention_mask); "bool": nonzero = this query may attend this key (torch SDPA's bool
+    # attn_mask), "additive": added to the scaled scores. With a mask, a query row left with no
+    # key gives zeros (torch's SDPA); with key_mask alone it gives NaN.
+    "attention": (frozenset({"q", "k", "v", "out", "layout", "heads", "scale", "causal"}),
+                  frozenset({"key_mask", "mask", "mask_kind"})),
     "permute": (frozenset({"in", "out", "perm"}), frozenset()),
     "cat": (frozenset({"inputs", "out", "axis"}), frozenset()),
     "embedding": (frozenset({"in", "out", "weight"}), frozenset()),
@@ -85,18 +95,29 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
     "constant": (frozenset({"out", "weight"}), frozenset()),
     # slice: out index i along `axis` (a per-sample dim) is in index start + i * step
     "slice": (frozenset({"in", "out", "axis", "start", "step"}), frozenset()),
+    # reduce: "mean" or "sum" over the per-sample "axes" (sorted, unique, at least one); out keeps
+    # them as size 1 (keepdim)
+    "reduce": (frozenset({"in", "out", "kind", "axes"}), frozenset()),
+    # pad: "pads" one [before, after] pair per per-sample dim; out dim = in dim + before + after,
+    # filled with "value" around the input
+    "pad": (frozenset({"in", "out", "pads", "value"}), frozenset()),
+    # expand: in broadcast (numpy rules) to out's shape
+    "expand": (frozenset({"in", "out"}), frozenset()),
 }
 # Ops that may write over what they read (out sharing storage with an operand).
-_ELEMENTWISE = {"activation", "add", "mul", "affine"}
+_ELEMENTWISE = {"activation", "add", "sub", "mul", "div", "affine"}
+_BINARY = ("add", "sub", "mul", "div")
 # The buffer fields each op reads, in order ("cat" reads the list in its "inputs" field).
 _READS: Dict[str, Tuple[str, ...]] = {
     "add": ("a", "b"),
+    "sub": ("a", "b"),
     "mul": ("a", "b"),
+    "div": ("a", "b"),
     "matmul": ("a", "b"),
     "attention": ("q", "k", "v"),
     "constant": (),
 }
-_ACTIVATED = {"linear", "conv2d", "add", "mul", "affine"}  # ops with an optional "activation"
+_ACTIVATED = {"linear", "conv2d", "add", "sub", "mul", "div", "affine"}  # ops with an optional "activation"
 LINEAR_FORMATS = ("csr", "bsr", "dense")
 ATTENTION_LAYOUTS = ("sequence_first", "heads_first")
 INPUT_DTYPES = ("float32", "int64", "bool")
@@ -324,6 +345,99 @@ def _pool_out(size: int, k: int, s: int, p: int) -> int:
     return (size + 2 * p - k) // s + 1 if size + 2 * p >= k else 0
 
 
+def broadcast_shape(a: Sequence[int], b: Sequence[int]) -> Optional[Tuple[int, ...]]:
+    """numpy's broadcast of two shapes (right-aligned, size-1 dims stretch), or None if they clash."""
+    rank = max(len(a), len(b))
+    a, b = (1,) * (rank - len(a)) + tuple(a), (1,) * (rank - len(b)) + tuple(b)
+    if any(x != y and 1 not in (x, y) for x, y in zip(a, b)):
+        return None
+    return tuple(max(x, y) for x, y in zip(a, b))
+
+
+def _check_binary(where: str, op: Mapping, shapes: Sequence[Tuple[int, ...]]) -> None:
+    """add/sub/mul/div: a and b broadcast (numpy rules) to out's shape. In place needs no rule of
+    its own: buffers sharing storage have one element count, so an operand sharing out's storage
+    is never stretched (each element is read before its own position is written)."""
+    sa, sb, so = shapes[op["a"]], shapes[op["b"]], shapes[op["out"]]
+    want = broadcast_shape(sa, sb)
+    if want is None:
+        raise SpecError(f"{where}: a {_shape_str(sa)} and b {_shape_str(sb)} do not broadcast (numpy rules: "
+                        "right-aligned dims must be equal or 1)")
+    if want != so:
+        raise SpecError(f"{where}: output buffer {op['out']} must have the broadcast shape {_shape_str(want)}, "
+                        f"got {_shape_str(so)}")
+
+
+REDUCE_KINDS = ("mean", "sum")
+
+
+def _check_reduce(where: str, o: Mapping, op: Dict[str, Any], si: Tuple[int, ...], so: Tuple[int, ...]) -> None:
+    kind = o["kind"]
+    if not isinstance(kind, str) or kind not in REDUCE_KINDS:
+        raise SpecError(f"{where}.kind must be one of {REDUCE_KINDS}, got {_short(kind)}")
+    axes = o["axes"]
+    rank = len(si)
+    if not isinstance(axes, list) or not 1 <= len(axes) <= rank or not all(_is_int(a) for a in axes):
+        raise SpecError(f"{where}.axes must be a list of 1 to {rank} ints (per-sample axes of input "
+                        f"{_shape_str(si)}), got {_short(axes)}")
+    axes = [int(a) for a in axes]
+    if any(not 0 <= a < rank for a in axes):
+        raise SpecError(f"{where}.axes = {_short(axes)} holds an axis out of range [0, {rank})")
+    if any(b <= a for a, b in zip(axes, axes[1:])):
+        raise SpecError(f"{where}.axes = {_short(axes)} must be sorted and unique")
+    op["kind"], op["axes"] = kind, axes
+    want = tuple(1 if d in axes else n for d, n in enumerate(si))
+    if so != want:
+        raise SpecError(f"{where}: output buffer {op['out']} must have shape {_shape_str(want)} (the input with the "
+                        f"reduced axes kept as 1), got {_shape_str(so)}")
+
+
+def _check_pad(where: str, o: Mapping, op: Dict[str, Any], si: Tuple[int, ...], so: Tuple[int, ...]) -> None:
+    pads = o["pads"]
+    if not isinstance(pads, list) or len(pads) != len(si):
+        raise SpecError(f"{where}.pads must be a list of {len(si)} [before, after] pairs (one per dim of input "
+                        f"{_shape_str(si)}), got {_short(pads)}")
+    op["pads"] = [_pair_int(p, f"{where}.pads[{d}]") for d, p in enumerate(pads)]
+    op["value"] = _number(o["value"], f"{where}.value")
+    want = tuple(n + b + a for n, (b, a) in zip(si, op["pads"]))
+    if so != want:
+        raise SpecError(f"{where}: output buffer {op['out']} must have shape {_shape_str(want)} (input plus pads), "
+                        f"got {_shape_str(so)}")
+
+
+def _pair_int(v: Any, where: str) -> List[int]:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise SpecError(f"{where} must be a list of 2 ints [before, after], got {_short(v)}")
+    return [_int(x, f"{where}[{i}]", 0, MAX_DIM) for i, x in enumerate(v)]
+
+
+MASK_KINDS = ("bool", "additive")
+
+
+def _check_attention_mask(where: str, o: Mapping, op: Dict[str, Any], shapes: Sequence[Tuple[int, ...]]) -> None:
+    """attention's optional mask: its per-sample shape broadcasts (numpy rules) to
+    [*groups, q rows, keys], groups = [heads] (sequence_first) or q's leading dims (heads_first),
+    with the group dims all 1 or all equal to the groups: [k], [q, k], [1, 1, k], [1, q, k],
+    [heads, q, k] ([1, q, 1] too)."""
+    if ("mask" in o) != ("mask_kind" in o):
+        raise SpecError(f"{where}: mask and mask_kind come together, got only {'mask' if 'mask' in o else 'mask_kind'}")
+    if "mask" not in o:
+        return
+    kind = o["mask_kind"]
+    if not isinstance(kind, str) or kind not in MASK_KINDS:
+        raise SpecError(f"{where}.mask_kind must be one of {MASK_KINDS}, got {_short(kind)}")
+    op["mask_kind"] = kind
+    sq, sk, sm = shapes[op["q"]], shapes[op["k"]], shapes[op["mask"]]
+    groups = (op["heads"],) if op["layout"] == "sequence_first" else sq[:-2]
+    target = groups + (sq[-2], sk[-2])
+    padded = (1,) * (len(target) - len(sm)) + sm
+    lead = padded[:len(groups)]
+    if (len(sm) > len(target) or any(m not in (1, t) for m, t in zip(padded, target))
+            or not (all(m == 1 for m in lead) or lead == groups)):
+        raise SpecError(f"{where}.mask: buffer {op['mask']} {_shape_str(sm)} must broadcast to (heads, q rows, keys) "
+                        f"= {_shape_str(target)}, each dim 1 or full (the head dims all 1 or all full)")
+
+
 def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
     """Check `spec` (a dict, as parsed from JSON) against `arrays`; return the layout.
 
@@ -450,9 +564,9 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
             op["inputs"] = [buffer_id(x, f"{where}.inputs[{k}]") for k, x in enumerate(raw_ids)]
             reads = [(f"inputs[{k}]", b) for k, b in enumerate(op["inputs"])]
         else:
-            optional_reads = {"conv2d": "residual", "attention": "key_mask"}
-            extra = optional_reads.get(kind)
-            for key in _READS.get(kind, ("in",)) + ((extra,) if extra and extra in o else ()):
+            optional_reads = {"conv2d": ("residual",), "attention": ("key_mask", "mask")}
+            extra = tuple(key for key in optional_reads.get(kind, ()) if key in o)
+            for key in _READS.get(kind, ("in",)) + extra:
                 op[key] = buffer_id(o[key], f"{where}.{key}")
                 reads.append((key, op[key]))
         out = op["out"] = buffer_id(o["out"], f"{where}.out")
@@ -590,12 +704,8 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
                 raise SpecError(f"{where}.kind must be one of {ACTIVATIONS}, got {_short(o['kind'])}")
             op["kind"] = o["kind"]
             want_out(si)
-        elif kind in ("add", "mul"):
-            sb = shapes[op["b"]]
-            if sb != si:
-                raise SpecError(
-                    f"{where}: a {_shape_str(si)} and b {_shape_str(sb)} must have the same shape (no broadcasting)")
-            want_out(si)
+        elif kind in _BINARY:
+            _check_binary(where, op, shapes)
         elif kind in ("maxpool2d", "avgpool2d"):
             kh, kw = op["kernel"] = _pair(o["kernel"], f"{where}.kernel", 1)
             sh, sw = op["stride"] = _pair(o["stride"], f"{where}.stride", 1)
@@ -669,7 +779,16 @@ def validate(spec: Any, arrays: Mapping[str, Any]) -> PlanLayout:
             if "key_mask" in op and shapes[op["key_mask"]] != (sk[-2],):
                 raise SpecError(f"{where}.key_mask: buffer {op['key_mask']} {_shape_str(shapes[op['key_mask']])} must "
                                 f"have one entry per key: ({sk[-2]},)")
+            _check_attention_mask(where, o, op, shapes)
             want_out(sq[:-1] + (sv[-1],))
+        elif kind == "reduce":
+            _check_reduce(where, o, op, si, so)
+        elif kind == "pad":
+            _check_pad(where, o, op, si, so)
+        elif kind == "expand":
+            if broadcast_shape(si, so) != so:
+                raise SpecError(f"{where}: input {_shape_str(si)} does not broadcast to output buffer {out} "
+                                f"{_shape_str(so)} (numpy rules: right-aligned dims equal or 1, rank at most out's)")
         elif kind == "slice":
             axis = op["axis"] = _int(o["axis"], f"{where}.axis", 0, MAX_RANK)
             if axis >= len(si):

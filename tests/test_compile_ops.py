@@ -216,7 +216,8 @@ def test_mha_pruned_projections_go_csr(gen):
                        "attn.out_proj": "dense"}
 
 
-def test_mha_attention_weights_cannot_be_used(gen):
+@pytest.mark.parametrize("average", [True, False])
+def test_mha_attention_weights_are_computed_when_used(average, gen):
     class UsesWeights(nn.Module):
         def __init__(self):
             super().__init__()
@@ -224,11 +225,16 @@ def test_mha_attention_weights_cannot_be_used(gen):
             self.fc = nn.Linear(4, 4)
 
         def forward(self, x):
-            _out, weights = self.attn(x, x, x)
-            return self.fc(weights)
+            out, weights = self.attn(x, x, x, average_attn_weights=average)
+            return out, self.fc(weights)
 
-    with pytest.raises(UnsupportedOperation, match=r"module 'fc' \(Linear\).*attention weights"):
-        compile(UsesWeights(), (_randn(gen, 2, 4, 8),), policy="threshold")
+    model = UsesWeights().eval()
+    x = _randn(gen, 2, 4, 8)
+    exe = compile(model, (x,), policy="threshold")
+    for got, want in zip(exe.run(x.numpy()), _torch(model, x)):
+        _assert_close(got, want)
+    assert "softmax" in _ops(exe) and len(_ops(exe, "attention")) == 1
+    assert ("reduce" in _ops(exe)) == average  # the mean over heads
 
 
 # --- hand-written attention: matmul, transpose_b, dead transpose -------------------------------
@@ -390,7 +396,8 @@ def test_permute_and_transpose(gen):
         _assert_close(got[k], refs[k])
     for k in (2, 3):  # permutes of the input: exact copies
         np.testing.assert_array_equal(got[k], refs[k].numpy())
-    assert [o["perm"] for o in _ops(exe, "permute")] == [[2, 0, 1], [1, 0, 2], [2, 1, 0], [1, 2, 0]]
+    # t is read from the linear's output through the composed permutation (p stays lazy)
+    assert [o["perm"] for o in _ops(exe, "permute")] == [[2, 0, 1], [0, 2, 1], [2, 1, 0], [1, 2, 0]]
 
 
 def test_identity_permute_is_no_op(gen):
@@ -549,6 +556,44 @@ class _SDPAWithMask(nn.Module):
         return F.scaled_dot_product_attention(q, q, q, attn_mask=self.mask)
 
 
+class _LayerWithMask(nn.Module):
+    def __init__(self):  # one head: torch's slow path, which adds a float mask to the scores
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 1, 16, dropout=0.0, batch_first=True)
+        self.register_buffer("mask", torch.randn(4, 4))
+
+    def forward(self, x):
+        return self.layer(x, src_mask=self.mask)
+
+
+class _MHAWithBiasKV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+class _MHAWith3DMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.register_buffer("mask", torch.zeros(4, 4, 4, dtype=torch.bool))
+
+    def forward(self, x):
+        return self.attn(x, x, x, attn_mask=self.mask, need_weights=False)[0]
+
+
+class _MHACausalWithoutMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x.clone(), x, is_causal=True, need_weights=False)[0]
+
+
 class _SDPADropout(nn.Module):
     def forward(self, q):
         return F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
@@ -617,8 +662,10 @@ _FLOAT = torch.float32
 
 @pytest.mark.parametrize("build, shape, dtype, match", [
     (_SequenceFirstMHA, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\).*batch_first=False"),
-    (_MHAWithMask, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\).*attn_mask is not supported"),
-    (_SDPAWithMask, (2, 4, 8), _FLOAT, r"'torch\.nn\.functional\.scaled_dot_product_attention'.*attn_mask"),
+    (_MHAWithBiasKV, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\).*add_bias_kv or add_zero_attn"),
+    (_MHAWith3DMask, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\): a 3-D attn_mask"),
+    (_MHACausalWithoutMask, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\): is_causal=True without "
+                                               r"attn_mask"),
     (_SDPADropout, (2, 4, 8), _FLOAT, r"aten\.scaled_dot_product_attention.*dropout_p"),
     (_CatBatch, (2, 4, 8), _FLOAT, r"aten\.cat.*the batch dimension"),
     (_EmbeddingOfComputedIds, (2, 4), _FLOAT, r"conversion to torch\.int64"),
@@ -627,10 +674,8 @@ _FLOAT = torch.float32
     (_BroadcastMatmul, (2, 5, 8), _FLOAT, r"aten\.matmul.*no broadcasting"),
     (_EncoderWithPaddingMask, (2, 5, 8), _FLOAT,  # a mask held by the model, not a bool input
      r"depends on the batch size"),
-    (_encoder_with_wide_norm, (2, 5, 8), _FLOAT, r"encoder norm '0\.norm' over \(5, 8\)"),
-    (lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=nn.GELU(approximate="tanh"),
-                                        batch_first=True), (2, 5, 8), _FLOAT,
-     r"module '0' \(TransformerEncoderLayer\): encoder layer activation GELU\(approximate='tanh'\)"),
+    (_encoder_with_wide_norm, (2, 5, 8), _FLOAT,
+     r"aten\.layer_norm.*module 'norm' \(LayerNorm\): layer norm over \[5, 8\]"),
 ])
 def test_unsupported_attention_and_sequence_ops(build, shape, dtype, match):
     model = build().eval()
@@ -641,18 +686,17 @@ def test_unsupported_attention_and_sequence_ops(build, shape, dtype, match):
     assert UnsupportedOperation is sparseprune.UnsupportedOperation
 
 
-def test_encoder_layer_mask_argument_is_refused(gen):
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
-            self.register_buffer("mask", torch.zeros(4, 4))
-
-        def forward(self, x):
-            return self.layer(x, src_mask=self.mask)
-
-    with pytest.raises(UnsupportedOperation, match=r"module 'layer' \(TransformerEncoderLayer\).*encoder attention masks \(src_mask"):
-        compile(Model().eval(), (_randn(gen, 2, 4, 8),), policy="threshold")
+def test_masks_held_by_the_model_are_constants(gen):
+    """Bool and float attn_mask / src_mask buffers (the same in every sample) and SDPA's bool
+    mask reach the attention op as constant masks."""
+    x = _randn(gen, 2, 4, 8)
+    for model, kind in ((_MHAWithMask(), "bool"), (_SDPAWithMask(), "bool"), (_LayerWithMask(), "additive")):
+        model = model.eval()
+        exe = compile(model, (x,), policy="threshold")
+        _check(exe, model, x)
+        _check(exe, model, _randn(gen, 3, 4, 8))
+        (att,) = _ops(exe, "attention")
+        assert att["mask_kind"] == kind
 
 
 # --- convolution kernels: sparse or dense, by sparsity or by measurement -------------------------
@@ -1027,7 +1071,7 @@ def test_padding_masks(which, gen, tmp_path):
     x, pad = _randn(gen, 3, 9, d), _padding(gen, 3, 9)
     exe = compile(model, (x, pad))
     assert exe.input_dtypes == ("float32", "bool")
-    assert all("key_mask" in op for op in _ops(exe, "attention"))
+    assert all(op["mask_kind"] == "bool" for op in _ops(exe, "attention"))
     _assert_close(exe.run(x.numpy(), pad.numpy()), _torch(model, x, pad))
     x2, pad2 = _randn(gen, 5, 9, d), _padding(gen, 5, 9)  # other masks, other batch
     _assert_close(exe.run(x2.numpy(), pad2.numpy()), _torch(model, x2, pad2))
@@ -1050,10 +1094,15 @@ class _MaskAsData(nn.Module):
         return x + padding
 
 
-def test_padding_mask_errors(gen):
+def test_float_padding_mask_and_nested_tensor_refusal(gen):
     x = _randn(gen, 2, 5, 8)
-    with pytest.raises(UnsupportedOperation, match="a key padding mask must be a bool input"):
-        compile(_FloatMask().eval(), (x, torch.zeros(2, 5)))
+    model = _FloatMask().eval()  # a float key_padding_mask input: added to the scores
+    fmask = torch.zeros(2, 5).masked_fill(_padding(gen, 2, 5), float("-inf"))
+    exe = compile(model, (x, fmask))
+    assert [op["mask_kind"] for op in _ops(exe, "attention")] == ["additive"]
+    fmask2 = torch.randn(3, 5, generator=gen)
+    x2 = _randn(gen, 3, 5, 8)
+    _assert_close(exe.run(x2.numpy(), fmask2.numpy()), _torch(model, x2, fmask2))
     # A bool input used as data is 0/1, as torch promotes it (the ATen lowering runs it).
     data = torch.rand(2, 5, 8, generator=gen) > 0.5
     exe = compile(_MaskAsData().eval(), (x, data))
@@ -1064,3 +1113,4 @@ def test_padding_mask_errors(gen):
         with pytest.raises(UnsupportedOperation, match="enable_nested_tensor=False"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's own nested-tensor prototype warning while compile runs it
             compile(_MaskedEncoder(nested).eval(), (x, _padding(gen, 2, 5)))
+

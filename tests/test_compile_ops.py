@@ -1114,3 +1114,112 @@ def test_float_padding_mask_and_nested_tensor_refusal(gen):
             warnings.simplefilter("ignore")  # torch's own nested-tensor prototype warning while compile runs it
             compile(_MaskedEncoder(nested).eval(), (x, _padding(gen, 2, 5)))
 
+
+# --- torch's attention modules: masks, causal hints, all-padding rows ------------------------------
+
+
+def _assert_close_nan(got, ref):
+    """Equal NaN positions (a query with no key left), close elsewhere."""
+    ref = ref.detach().numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    _assert_close(np.nan_to_num(got), np.nan_to_num(ref))
+
+
+class _MaskedAttention(nn.Module):
+    """MultiheadAttention with a key padding mask input and an (L, L) attn_mask buffer."""
+
+    def __init__(self, float_masks, cross=False, heads=2, need_weights=False):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, heads, batch_first=True)
+        self.float_masks, self.cross, self.need_weights = float_masks, cross, need_weights
+        causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+        self.register_buffer("mask", torch.zeros(5, 5).masked_fill(causal, float("-inf")) if float_masks
+                             else causal)
+
+    def forward(self, x, padding):
+        kv = x * 1.0 if self.cross else x  # another tensor: torch's slow path
+        return self.attn(x, kv, kv, key_padding_mask=padding, attn_mask=self.mask, need_weights=self.need_weights)[0]
+
+
+def _as_mask(padding, float_masks):
+    return torch.zeros(padding.shape).masked_fill(padding, float("-inf")) if float_masks else padding
+
+
+@pytest.mark.parametrize("float_masks", [False, True], ids=["bool", "float"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_mha_padding_and_attn_mask_combined(float_masks, cross, gen):
+    torch.manual_seed(0)
+    model = _MaskedAttention(float_masks, cross).eval()
+    x, pad = _randn(gen, 3, 5, 8), _as_mask(_padding(gen, 3, 5), float_masks)
+    exe = compile(model, (x, pad), policy="threshold")
+    (att,) = _ops(exe, "attention")
+    assert att["mask_kind"] == ("additive" if float_masks else "bool") and att["causal"] is False
+    for batch in (3, 2):
+        xb, padb = _randn(gen, batch, 5, 8), _as_mask(_padding(gen, batch, 5), float_masks)
+        _assert_close(exe.run(xb.numpy(), padb.numpy()), _torch(model, xb, padb))
+
+
+class _CausalEncoder(nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("mask", torch.triu(torch.ones(6, 6, dtype=torch.bool), 1))
+
+    def forward(self, x, padding=None):
+        if isinstance(self.encoder, nn.TransformerEncoder):
+            return self.encoder(x, mask=self.mask, src_key_padding_mask=padding, is_causal=True)
+        return self.encoder(x, src_mask=self.mask, src_key_padding_mask=padding, is_causal=True)
+
+
+@pytest.mark.parametrize("with_padding", [False, True], ids=["causal", "causal_and_padding"])
+@pytest.mark.parametrize("heads", [2, 1], ids=["fused", "sdpa"])
+@pytest.mark.parametrize("which", ["layer", "layer_norm_first", "encoder"])
+def test_is_causal_through_encoder_layers(which, heads, with_padding, gen):
+    torch.manual_seed(0)
+    layer = _encoder_layer(d=8, heads=heads, ff=16, norm_first=which.endswith("norm_first"))
+    encoder = layer if which != "encoder" else nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    model = _CausalEncoder(encoder).eval()
+    x = _randn(gen, 2, 6, 8)
+    inputs = (x, _padding(gen, 2, 6)) if with_padding else (x,)
+    exe = compile(model, inputs, policy="threshold")
+    # torch's slow path (odd heads) lets the hint replace the mask unless a padding mask must be
+    # merged into it; its fused kernel (even heads) always applies the mask
+    hinted = heads == 1 and not with_padding
+    for att in _ops(exe, "attention"):
+        assert att["causal"] is hinted and ("mask" in att) is not hinted
+    xb = _randn(gen, 3, 6, 8)
+    more = (xb, _padding(gen, 3, 6)) if with_padding else (xb,)
+    _assert_close(exe.run(*[t.numpy() for t in more]), _torch(model, *more))
+
+
+@pytest.mark.parametrize("which", ["mha_self", "mha_cross", "mha_odd_heads", "mha_weights", "layer", "encoder"])
+def test_all_padding_rows_match_torch(which, gen):
+    """A sample whose keys are all padding: NaN where torch's fused/inference path or its
+    need_weights path gives NaN, zeros where its SDPA path does (compile's own check runs on it)."""
+    torch.manual_seed(0)
+    if which.startswith("mha"):
+        heads = 1 if which == "mha_odd_heads" else 2
+        model = _MaskedAttention(False, cross=which in ("mha_cross", "mha_weights"), heads=heads,
+                                 need_weights=which == "mha_weights").eval()
+        model.mask.zero_()  # no causal mask: padding only
+    else:
+        layer = _encoder_layer(d=8, heads=2, ff=16)
+        model = _MaskedEncoder(layer if which == "layer" else
+                               nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+    x, pad = _randn(gen, 3, 5, 8), _padding(gen, 3, 5)
+    pad[1] = True
+    with torch.no_grad():
+        ref = model(x, pad)
+    assert bool(torch.isnan(ref).any()) is (which not in ("mha_cross", "mha_odd_heads"))
+    exe = compile(model, (x, pad), policy="threshold")
+    _assert_close_nan(exe.run(x.numpy(), pad.numpy()), ref)
+
+
+def test_encoder_layer_with_tanh_gelu_runs_as_torch_does(gen):
+    """torch's fused encoder kernel runs exact GELU for any nn.GELU: the executable does the same."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=nn.GELU(approximate="tanh"),
+                                       batch_first=True).eval()
+    x = _randn(gen, 2, 5, 8)
+    exe = compile(layer, (x,), policy="threshold")
+    _check(exe, layer, _randn(gen, 3, 5, 8))
+    assert [o.get("activation") for o in _ops(exe, "linear") if o["name"] == "linear1"] == ["gelu"]

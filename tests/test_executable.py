@@ -428,6 +428,9 @@ def test_compile_an_already_converted_model(gen):
     assert SparseConv2d in kinds and SparseLinear in kinds
     exe = compile(converted, (x,), policy="threshold")
     assert [o["op"] for o in exe.spec["ops"]] == ["conv2d", "maxpool2d", "conv2d", "global_avgpool", "linear"]
+    # the converted layers' packed arrays and kernels, as convert chose them
+    assert [(row["kernel"], row["reason"]) for row in exe.metadata["layers"]] == [
+        (m.kernel, "already converted") for m in converted.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
     with torch.no_grad():
         np.testing.assert_allclose(exe.run(x.numpy()), model(x).numpy(), rtol=1e-5, atol=1e-6)
 

@@ -23,6 +23,7 @@ from torch import fx
 
 from sparseprune.compile.capture import Captured
 from sparseprune.compile.errors import CONVERT_HINT, UnsupportedOperation
+from sparseprune.compile.kernel_choice import _CONV_FORMATS, _conv_sparse_arrays
 from sparseprune.compile.lowering_base import LoweringBase
 from sparseprune.compile.values import _Merged, _NotComputed, _Param, _Ramp, _Size, _Tensor, _View
 
@@ -69,9 +70,10 @@ def _is_number(v: Any) -> bool:
 
 
 class AtenLowering(LoweringBase):
-    def __init__(self, captured: Captured, policy: str, threads: int):
+    def __init__(self, captured: Captured, policy: str, threads: int, converted: Optional[Dict] = None):
         program = captured.program
-        super().__init__(program.graph_module, int(captured.example_inputs[0].shape[0]), policy, threads)
+        super().__init__(program.graph_module, int(captured.example_inputs[0].shape[0]), policy, threads,
+                         converted)
         self.captured = captured
         self.program = program
         self.graph = program.graph_module.graph
@@ -472,9 +474,14 @@ class AtenLowering(LoweringBase):
                       "padding": padding, "dilation": dilation, "groups": groups}
             w_np = weight.detach().contiguous().numpy()
             b_np = None if bias is None else bias.detach().contiguous().numpy()
-            sparsity = 1.0 - np.count_nonzero(w_np) / max(w_np.size, 1)
-            kernel_name, arrays, reason = self.choose_conv_format(path, w_np, b_np, fields, sparsity, in_shape)
-            from sparseprune.compile.kernel_choice import _CONV_FORMATS
+            converted = None if node in self.bn_folds else self.converted_layer(self.param(node, w, "weight"))
+            if converted is not None:  # packed by convert: its arrays and kernel as they are
+                p = converted.packed
+                kernel_name, reason, sparsity = converted.kernel, "already converted", converted.sparsity
+                arrays = _conv_sparse_arrays(path, p.row_ptr, p.taps, p.values, p.bias)
+            else:
+                sparsity = 1.0 - np.count_nonzero(w_np) / max(w_np.size, 1)
+                kernel_name, arrays, reason = self.choose_conv_format(path, w_np, b_np, fields, sparsity, in_shape)
             if kernel_name != "sparse-conv":
                 fields = {**fields, "format": _CONV_FORMATS[kernel_name]}
             self.arrays.update(arrays)

@@ -27,7 +27,7 @@ from sparseprune.compile.aten_lowering import AtenLowering
 from sparseprune.compile.capture import capture
 from sparseprune.compile.errors import CONVERT_HINT, UnsupportedOperation, VerificationError
 from sparseprune.compile.passes import _compact, _drop_dead_ops, _fuse_activations, _fuse_residual_adds
-from sparseprune.compile.rewrites import rewrite_for_capture
+from sparseprune.compile.rewrites import converted_layers, rewrite_for_capture
 from sparseprune.config import resolve_threads
 from sparseprune.nn.sparse_conv import SparseConv2d
 from sparseprune.nn.sparse_linear import SparseLinear
@@ -139,7 +139,7 @@ def compile(
     work = rewrite_for_capture(work)  # torch's attention modules and converted layers, capturable
     with torch.no_grad():
         captured = capture(work, tuple(args), kwargs, dynamic_shapes)
-    lowering = AtenLowering(captured, policy, threads)
+    lowering = AtenLowering(captured, policy, threads, converted=converted_layers(work))
     lowering.lower()
     inputs, expected = captured.example_inputs, captured.expected
     dims = {name: {"min": lo, "max": hi} for name, lo, hi, _ in captured.dims.values()}

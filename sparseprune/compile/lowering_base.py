@@ -19,6 +19,7 @@ from sparseprune.compile.kernel_choice import (
     _linear_format_arrays,
     _one_conv_plan,
     _one_linear_plan,
+    _sparse_arrays,
 )
 from sparseprune.compile.values import _NotComputed, _Param, _Tensor
 from sparseprune.convert.selection import CSR_SPARSITY_THRESHOLD, MIN_BLOCK_FILL
@@ -35,7 +36,8 @@ class LoweringBase:
     """What a lowering builds (buffers, ops, arrays, the layer table) and the helpers shared by
     its op handlers. Subclasses define where(), sample_shape(), new_buffer() and shape_of()."""
 
-    def __init__(self, gm: fx.GraphModule, batch: int, policy: str, threads: int):
+    def __init__(self, gm: fx.GraphModule, batch: int, policy: str, threads: int,
+                 converted: Optional[Dict[Tuple[int, Tuple[int, ...]], Any]] = None):
         self.gm = gm
         self.batch = batch
         self.policy = policy
@@ -53,6 +55,8 @@ class LoweringBase:
         self.id_buffers: set = set()  # inputs holding integer ids (embedding lookups only)
         self.mask_buffers: set = set()  # bool inputs (attention masks)
         self.input_dtypes: List[str] = []
+        # (data pointer, shape) of a weight -> the SparseLinear / SparseConv2d convert packed it into
+        self.converted = dict(converted or {})
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -97,6 +101,9 @@ class LoweringBase:
 
     # --- weighted layers -----------------------------------------------------------------------
 
+    def converted_layer(self, weight: torch.Tensor) -> Optional[Any]:
+        return self.converted.get((weight.data_ptr(), tuple(weight.shape)))
+
     def linear_arrays(self, pair: Tuple[torch.Tensor, Optional[torch.Tensor]], path: str,
                       x_rows: int) -> Tuple[str, Dict[str, Any]]:
         """Pack a (weight [out, in], bias) pair once; returns its weight name and the spec fields."""
@@ -105,11 +112,18 @@ class LoweringBase:
             return name, self._linear_fields[name]
         name = path
         w_t, b_t = pair
-        weight = w_t.detach().to(torch.float32).cpu().contiguous().numpy()
-        bias = None if b_t is None else b_t.detach().to(torch.float32).cpu().numpy().reshape(-1)
-        rows, cols = weight.shape
-        sparsity = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
-        kernel, fmt, block, arrays, reason = self.choose_linear_format(name, weight, bias, sparsity, x_rows)
+        converted = self.converted_layer(w_t)
+        if converted is not None:  # packed by convert: its arrays and kernel as they are
+            p = converted.packed
+            fmt, block, (rows, cols) = p.format, tuple(p.block_shape), p.shape
+            arrays = _sparse_arrays(name, p.indptr, p.indices, p.values, p.bias)
+            kernel, reason, sparsity = converted.kernel, "already converted", converted.sparsity
+        else:
+            weight = w_t.detach().to(torch.float32).cpu().contiguous().numpy()
+            bias = None if b_t is None else b_t.detach().to(torch.float32).cpu().numpy().reshape(-1)
+            rows, cols = weight.shape
+            sparsity = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
+            kernel, fmt, block, arrays, reason = self.choose_linear_format(name, weight, bias, sparsity, x_rows)
         self.arrays.update(arrays)
         fields = {"weight": name, "format": fmt, "block": list(block), "rows": int(rows), "cols": int(cols)}
         self.packed_names[id(pair)] = name

@@ -2,7 +2,7 @@
 
 sparseprune's converted layers (SparseLinear, SparseConv2d run numpy in forward) become the
 equivalent nn.Linear / nn.Conv2d again (their packed weights read back, a fused ReLU kept): the
-lowering then packs them like any layer.
+lowering packs their weights as convert did (converted_layers).
 
 nn.MultiheadAttention, nn.TransformerEncoderLayer and nn.TransformerEncoder export to ATen graphs
 that move the batch axis (MHA computes in (L, N, E) layout, or calls fused fast-path kernels) and
@@ -30,7 +30,7 @@ The stand-ins follow the path torch takes in inference (eval, no_grad), where it
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -275,11 +275,20 @@ class _Conv2dReLU(nn.Conv2d):
 
 
 def _dense_layer(layer: nn.Module, path: str) -> nn.Module:
-    """A converted SparseLinear / SparseConv2d as the nn.Linear / nn.Conv2d it computes."""
+    """A converted SparseLinear / SparseConv2d as the nn.Linear / nn.Conv2d it computes (the
+    converted layer kept beside it, not as a submodule: see converted_layers)."""
     dense = layer.to_dense()
     if layer.relu:
         dense = _adopt(_LinearReLU if isinstance(dense, nn.Linear) else _Conv2dReLU, dense)
+    dense.__dict__["_sp_converted"] = layer
     return dense
+
+
+def converted_layers(model: nn.Module) -> Dict[Tuple[int, Tuple[int, ...]], nn.Module]:
+    """(data pointer, shape) of each stand-in's weight -> the SparseLinear / SparseConv2d it
+    replaced: the lowering packs those as convert did (the same arrays and kernel)."""
+    return {(m.weight.data_ptr(), tuple(m.weight.shape)): m.__dict__["_sp_converted"]
+            for m in model.modules() if "_sp_converted" in m.__dict__}
 
 
 _REWRITES = {

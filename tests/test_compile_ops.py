@@ -216,25 +216,31 @@ def test_mha_pruned_projections_go_csr(gen):
                        "attn.out_proj": "dense"}
 
 
+@pytest.mark.parametrize("padding", [False, True], ids=["no_mask", "padding_input"])
 @pytest.mark.parametrize("average", [True, False])
-def test_mha_attention_weights_are_computed_when_used(average, gen):
+def test_mha_attention_weights_are_computed_when_used(average, padding, gen):
     class UsesWeights(nn.Module):
         def __init__(self):
             super().__init__()
             self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
             self.fc = nn.Linear(4, 4)
 
-        def forward(self, x):
-            out, weights = self.attn(x, x, x, average_attn_weights=average)
+        def forward(self, x, pad=None):
+            out, weights = self.attn(x, x, x, key_padding_mask=pad, average_attn_weights=average)
             return out, self.fc(weights)
 
     model = UsesWeights().eval()
-    x = _randn(gen, 2, 4, 8)
-    exe = compile(model, (x,), policy="threshold")
-    for got, want in zip(exe.run(x.numpy()), _torch(model, x)):
-        _assert_close(got, want)
+    x = _randn(gen, 3, 4, 8)
+    inputs = (x,)
+    if padding:  # one sample all padding: NaN rows in both outputs, as torch's
+        pad = _padding(gen, 3, 4)
+        pad[1] = True
+        inputs = (x, pad)
+    exe = compile(model, inputs, policy="threshold")
+    for got, want in zip(exe.run(*[t.numpy() for t in inputs]), _torch(model, *inputs)):
+        _assert_close_nan(got, want)
     assert "softmax" in _ops(exe) and len(_ops(exe, "attention")) == 1
-    assert ("reduce" in _ops(exe)) == average  # the mean over heads
+    assert len(_ops(exe, "reduce")) == average + padding  # the mean over heads; the rows that keep a key
 
 
 # --- hand-written attention: matmul, transpose_b, dead transpose -------------------------------

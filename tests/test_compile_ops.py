@@ -216,19 +216,31 @@ def test_mha_pruned_projections_go_csr(gen):
                        "attn.out_proj": "dense"}
 
 
-def test_mha_attention_weights_cannot_be_used(gen):
+@pytest.mark.parametrize("padding", [False, True], ids=["no_mask", "padding_input"])
+@pytest.mark.parametrize("average", [True, False])
+def test_mha_attention_weights_are_computed_when_used(average, padding, gen):
     class UsesWeights(nn.Module):
         def __init__(self):
             super().__init__()
             self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
             self.fc = nn.Linear(4, 4)
 
-        def forward(self, x):
-            _out, weights = self.attn(x, x, x)
-            return self.fc(weights)
+        def forward(self, x, pad=None):
+            out, weights = self.attn(x, x, x, key_padding_mask=pad, average_attn_weights=average)
+            return out, self.fc(weights)
 
-    with pytest.raises(UnsupportedOperation, match=r"module 'fc' \(Linear\).*attention weights"):
-        compile(UsesWeights(), (_randn(gen, 2, 4, 8),), policy="threshold")
+    model = UsesWeights().eval()
+    x = _randn(gen, 3, 4, 8)
+    inputs = (x,)
+    if padding:  # one sample all padding: NaN rows in both outputs, as torch's
+        pad = _padding(gen, 3, 4)
+        pad[1] = True
+        inputs = (x, pad)
+    exe = compile(model, inputs, policy="threshold")
+    for got, want in zip(exe.run(*[t.numpy() for t in inputs]), _torch(model, *inputs)):
+        _assert_close_nan(got, want)
+    assert "softmax" in _ops(exe) and len(_ops(exe, "attention")) == 1
+    assert len(_ops(exe, "reduce")) == average + padding  # the mean over heads; the rows that keep a key
 
 
 # --- hand-written attention: matmul, transpose_b, dead transpose -------------------------------
@@ -390,7 +402,8 @@ def test_permute_and_transpose(gen):
         _assert_close(got[k], refs[k])
     for k in (2, 3):  # permutes of the input: exact copies
         np.testing.assert_array_equal(got[k], refs[k].numpy())
-    assert [o["perm"] for o in _ops(exe, "permute")] == [[2, 0, 1], [1, 0, 2], [2, 1, 0], [1, 2, 0]]
+    # t is read from the linear's output through the composed permutation (p stays lazy)
+    assert [o["perm"] for o in _ops(exe, "permute")] == [[2, 0, 1], [0, 2, 1], [2, 1, 0], [1, 2, 0]]
 
 
 def test_identity_permute_is_no_op(gen):
@@ -549,6 +562,44 @@ class _SDPAWithMask(nn.Module):
         return F.scaled_dot_product_attention(q, q, q, attn_mask=self.mask)
 
 
+class _LayerWithMask(nn.Module):
+    def __init__(self):  # one head: torch's slow path, which adds a float mask to the scores
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 1, 16, dropout=0.0, batch_first=True)
+        self.register_buffer("mask", torch.randn(4, 4))
+
+    def forward(self, x):
+        return self.layer(x, src_mask=self.mask)
+
+
+class _MHAWithBiasKV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+class _MHAWith3DMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.register_buffer("mask", torch.zeros(4, 4, 4, dtype=torch.bool))
+
+    def forward(self, x):
+        return self.attn(x, x, x, attn_mask=self.mask, need_weights=False)[0]
+
+
+class _MHACausalWithoutMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x.clone(), x, is_causal=True, need_weights=False)[0]
+
+
 class _SDPADropout(nn.Module):
     def forward(self, q):
         return F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
@@ -628,7 +679,10 @@ def test_sdpa_with_a_model_mask_compiles(gen):
 
 @pytest.mark.parametrize("build, shape, dtype, match", [
     (_SequenceFirstMHA, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\).*batch_first=False"),
-    (_MHAWithMask, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\).*attn_mask is not supported"),
+    (_MHAWithBiasKV, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\).*add_bias_kv or add_zero_attn"),
+    (_MHAWith3DMask, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\): a 3-D attn_mask"),
+    (_MHACausalWithoutMask, (2, 4, 8), _FLOAT, r"module 'attn' \(MultiheadAttention\): is_causal=True without "
+                                               r"attn_mask"),
     (_SDPADropout, (2, 4, 8), _FLOAT, r"aten\.scaled_dot_product_attention.*dropout_p"),
     (_CatBatch, (2, 4, 8), _FLOAT, r"aten\.cat.*the batch dimension"),
     (_EmbeddingOfComputedIds, (2, 4), _FLOAT, r"conversion to torch\.int64"),
@@ -637,10 +691,8 @@ def test_sdpa_with_a_model_mask_compiles(gen):
     (_BroadcastMatmul, (2, 5, 8), _FLOAT, r"aten\.matmul.*no broadcasting"),
     (_EncoderWithPaddingMask, (2, 5, 8), _FLOAT,  # a mask held by the model, not a bool input
      r"depends on the batch size"),
-    (_encoder_with_wide_norm, (2, 5, 8), _FLOAT, r"encoder norm '0\.norm' over \(5, 8\)"),
-    (lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=nn.GELU(approximate="tanh"),
-                                        batch_first=True), (2, 5, 8), _FLOAT,
-     r"module '0' \(TransformerEncoderLayer\): encoder layer activation GELU\(approximate='tanh'\)"),
+    (_encoder_with_wide_norm, (2, 5, 8), _FLOAT,
+     r"aten\.layer_norm.*module 'norm' \(LayerNorm\): layer norm over \[5, 8\]"),
 ])
 def test_unsupported_attention_and_sequence_ops(build, shape, dtype, match):
     model = build().eval()
@@ -651,18 +703,17 @@ def test_unsupported_attention_and_sequence_ops(build, shape, dtype, match):
     assert UnsupportedOperation is sparseprune.UnsupportedOperation
 
 
-def test_encoder_layer_mask_argument_is_refused(gen):
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
-            self.register_buffer("mask", torch.zeros(4, 4))
-
-        def forward(self, x):
-            return self.layer(x, src_mask=self.mask)
-
-    with pytest.raises(UnsupportedOperation, match=r"module 'layer' \(TransformerEncoderLayer\).*encoder attention masks \(src_mask"):
-        compile(Model().eval(), (_randn(gen, 2, 4, 8),), policy="threshold")
+def test_masks_held_by_the_model_are_constants(gen):
+    """Bool and float attn_mask / src_mask buffers (the same in every sample) and SDPA's bool
+    mask reach the attention op as constant masks."""
+    x = _randn(gen, 2, 4, 8)
+    for model, kind in ((_MHAWithMask(), "bool"), (_SDPAWithMask(), "bool"), (_LayerWithMask(), "additive")):
+        model = model.eval()
+        exe = compile(model, (x,), policy="threshold")
+        _check(exe, model, x)
+        _check(exe, model, _randn(gen, 3, 4, 8))
+        (att,) = _ops(exe, "attention")
+        assert att["mask_kind"] == kind
 
 
 # --- convolution kernels: sparse or dense, by sparsity or by measurement -------------------------
@@ -1037,7 +1088,7 @@ def test_padding_masks(which, gen, tmp_path):
     x, pad = _randn(gen, 3, 9, d), _padding(gen, 3, 9)
     exe = compile(model, (x, pad))
     assert exe.input_dtypes == ("float32", "bool")
-    assert all("key_mask" in op for op in _ops(exe, "attention"))
+    assert all(op["mask_kind"] == "bool" for op in _ops(exe, "attention"))
     _assert_close(exe.run(x.numpy(), pad.numpy()), _torch(model, x, pad))
     x2, pad2 = _randn(gen, 5, 9, d), _padding(gen, 5, 9)  # other masks, other batch
     _assert_close(exe.run(x2.numpy(), pad2.numpy()), _torch(model, x2, pad2))
@@ -1060,10 +1111,15 @@ class _MaskAsData(nn.Module):
         return x + padding
 
 
-def test_padding_mask_errors(gen):
+def test_float_padding_mask_and_nested_tensor_refusal(gen):
     x = _randn(gen, 2, 5, 8)
-    with pytest.raises(UnsupportedOperation, match="a key padding mask must be a bool input"):
-        compile(_FloatMask().eval(), (x, torch.zeros(2, 5)))
+    model = _FloatMask().eval()  # a float key_padding_mask input: added to the scores
+    fmask = torch.zeros(2, 5).masked_fill(_padding(gen, 2, 5), float("-inf"))
+    exe = compile(model, (x, fmask))
+    assert [op["mask_kind"] for op in _ops(exe, "attention")] == ["additive"]
+    fmask2 = torch.randn(3, 5, generator=gen)
+    x2 = _randn(gen, 3, 5, 8)
+    _assert_close(exe.run(x2.numpy(), fmask2.numpy()), _torch(model, x2, fmask2))
     # A bool input used as data is 0/1, as torch promotes it (the ATen lowering runs it).
     data = torch.rand(2, 5, 8, generator=gen) > 0.5
     exe = compile(_MaskAsData().eval(), (x, data))
@@ -1074,3 +1130,113 @@ def test_padding_mask_errors(gen):
         with pytest.raises(UnsupportedOperation, match="enable_nested_tensor=False"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's own nested-tensor prototype warning while compile runs it
             compile(_MaskedEncoder(nested).eval(), (x, _padding(gen, 2, 5)))
+
+
+# --- torch's attention modules: masks, causal hints, all-padding rows ------------------------------
+
+
+def _assert_close_nan(got, ref):
+    """Equal NaN positions (a query with no key left), close elsewhere."""
+    ref = ref.detach().numpy()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    _assert_close(np.nan_to_num(got), np.nan_to_num(ref))
+
+
+class _MaskedAttention(nn.Module):
+    """MultiheadAttention with a key padding mask input and an (L, L) attn_mask buffer."""
+
+    def __init__(self, float_masks, cross=False, heads=2, need_weights=False):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, heads, batch_first=True)
+        self.float_masks, self.cross, self.need_weights = float_masks, cross, need_weights
+        causal = torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)
+        self.register_buffer("mask", torch.zeros(5, 5).masked_fill(causal, float("-inf")) if float_masks
+                             else causal)
+
+    def forward(self, x, padding):
+        kv = x * 1.0 if self.cross else x  # another tensor: torch's slow path
+        return self.attn(x, kv, kv, key_padding_mask=padding, attn_mask=self.mask, need_weights=self.need_weights)[0]
+
+
+def _as_mask(padding, float_masks):
+    return torch.zeros(padding.shape).masked_fill(padding, float("-inf")) if float_masks else padding
+
+
+@pytest.mark.parametrize("float_masks", [False, True], ids=["bool", "float"])
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_mha_padding_and_attn_mask_combined(float_masks, cross, gen):
+    torch.manual_seed(0)
+    model = _MaskedAttention(float_masks, cross).eval()
+    x, pad = _randn(gen, 3, 5, 8), _as_mask(_padding(gen, 3, 5), float_masks)
+    exe = compile(model, (x, pad), policy="threshold")
+    (att,) = _ops(exe, "attention")
+    assert att["mask_kind"] == ("additive" if float_masks else "bool") and att["causal"] is False
+    for batch in (3, 2):
+        xb, padb = _randn(gen, batch, 5, 8), _as_mask(_padding(gen, batch, 5), float_masks)
+        _assert_close(exe.run(xb.numpy(), padb.numpy()), _torch(model, xb, padb))
+
+
+class _CausalEncoder(nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("mask", torch.triu(torch.ones(6, 6, dtype=torch.bool), 1))
+
+    def forward(self, x, padding=None):
+        if isinstance(self.encoder, nn.TransformerEncoder):
+            return self.encoder(x, mask=self.mask, src_key_padding_mask=padding, is_causal=True)
+        return self.encoder(x, src_mask=self.mask, src_key_padding_mask=padding, is_causal=True)
+
+
+@pytest.mark.parametrize("with_padding", [False, True], ids=["causal", "causal_and_padding"])
+@pytest.mark.parametrize("heads", [2, 1], ids=["fused", "sdpa"])
+@pytest.mark.parametrize("which", ["layer", "layer_norm_first", "encoder"])
+def test_is_causal_through_encoder_layers(which, heads, with_padding, gen):
+    torch.manual_seed(0)
+    layer = _encoder_layer(d=8, heads=heads, ff=16, norm_first=which.endswith("norm_first"))
+    encoder = layer if which != "encoder" else nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    model = _CausalEncoder(encoder).eval()
+    x = _randn(gen, 2, 6, 8)
+    inputs = (x, _padding(gen, 2, 6)) if with_padding else (x,)
+    exe = compile(model, inputs, policy="threshold")
+    # torch's slow path (odd heads) lets the hint replace the mask unless a padding mask must be
+    # merged into it; its fused kernel (even heads) always applies the mask
+    hinted = heads == 1 and not with_padding
+    for att in _ops(exe, "attention"):
+        assert att["causal"] is hinted and ("mask" in att) is not hinted
+    xb = _randn(gen, 3, 6, 8)
+    more = (xb, _padding(gen, 3, 6)) if with_padding else (xb,)
+    _assert_close(exe.run(*[t.numpy() for t in more]), _torch(model, *more))
+
+
+@pytest.mark.parametrize("which", ["mha_self", "mha_cross", "mha_odd_heads", "mha_weights", "layer", "encoder"])
+def test_all_padding_rows_match_torch(which, gen):
+    """A sample whose keys are all padding: NaN where torch's fused/inference path or its
+    need_weights path gives NaN, zeros where its SDPA path does (compile's own check runs on it)."""
+    torch.manual_seed(0)
+    if which.startswith("mha"):
+        heads = 1 if which == "mha_odd_heads" else 2
+        model = _MaskedAttention(False, cross=which in ("mha_cross", "mha_weights"), heads=heads,
+                                 need_weights=which == "mha_weights").eval()
+        model.mask.zero_()  # no causal mask: padding only
+    else:
+        layer = _encoder_layer(d=8, heads=2, ff=16)
+        model = _MaskedEncoder(layer if which == "layer" else
+                               nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+    x, pad = _randn(gen, 3, 5, 8), _padding(gen, 3, 5)
+    pad[1] = True
+    with torch.no_grad():
+        ref = model(x, pad)
+    assert bool(torch.isnan(ref).any()) is (which not in ("mha_cross", "mha_odd_heads"))
+    exe = compile(model, (x, pad), policy="threshold")
+    _assert_close_nan(exe.run(x.numpy(), pad.numpy()), ref)
+
+
+def test_encoder_layer_with_tanh_gelu_runs_as_torch_does(gen):
+    """torch's fused encoder kernel runs exact GELU for any nn.GELU: the executable does the same."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, activation=nn.GELU(approximate="tanh"),
+                                       batch_first=True).eval()
+    x = _randn(gen, 2, 5, 8)
+    exe = compile(layer, (x,), policy="threshold")
+    _check(exe, layer, _randn(gen, 3, 5, 8))
+    assert [o.get("activation") for o in _ops(exe, "linear") if o["name"] == "linear1"] == ["gelu"]

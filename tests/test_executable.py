@@ -428,6 +428,9 @@ def test_compile_an_already_converted_model(gen):
     assert SparseConv2d in kinds and SparseLinear in kinds
     exe = compile(converted, (x,), policy="threshold")
     assert [o["op"] for o in exe.spec["ops"]] == ["conv2d", "maxpool2d", "conv2d", "global_avgpool", "linear"]
+    # the converted layers' packed arrays and kernels, as convert chose them
+    assert [(row["kernel"], row["reason"]) for row in exe.metadata["layers"]] == [
+        (m.kernel, "already converted") for m in converted.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
     with torch.no_grad():
         np.testing.assert_allclose(exe.run(x.numpy()), model(x).numpy(), rtol=1e-5, atol=1e-6)
 
@@ -480,8 +483,8 @@ class _BatchMixingView(nn.Module):
         (_BatchMixingView(), (2, 4), r"aten\.view.*merging the batch"),
         (_Attention(), (2, 3, 4), r"module 'attn' \(MultiheadAttention\).*batch_first=False"),
         (nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")), (1, 2, 5, 5),
-         r"module '0' \(Conv2d\): padding_mode='reflect'"),
-        (nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=0)), (2, 4), r"module '1' \(Softmax\).*dim=0"),
+         r"aten\.pad.*module '0' \(Conv2d\): padding mode 'reflect'"),
+        (nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=0)), (2, 4), r"module '1' \(Softmax\): softmax over dim 0"),
         (nn.Sequential(nn.Conv2d(2, 2, 3), nn.MaxPool2d(2, ceil_mode=True)), (1, 2, 7, 7),
          r"module '1' \(MaxPool2d\): ceil_mode=True"),
         (nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU()), (2, 4), r"module '1' \(LeakyReLU\)"),

@@ -5,11 +5,11 @@ One table (`_HANDLERS`, filled by @lowers) maps each ATen overload to the method
 anything else is an UnsupportedOperation naming the ATen op and the module path. Nodes that
 depend on no input are computed once with torch and become constants (a dynamic dim's size is
 taken at its maximum: the executable writes the leading block of such a constant, see the
-runtime's "constant" op). Permutes and broadcasts stay lazy (aten_values._View) until an op needs
+runtime's "constant" op). Permutes and broadcasts stay lazy (values._View) until an op needs
 them in memory.
 
 Kernel choice (dense / CSR / block-sparse / the convolution kernels), the format arrays and the
-timing plans come from the shared lowering base (lowering.py / kernel_choice.py).
+timing plans come from the shared lowering base (lowering_base.py / kernel_choice.py).
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch import fx
 
-from sparseprune.compile.aten_values import _Merged, _Ramp, _Size, _View
 from sparseprune.compile.capture import Captured
 from sparseprune.compile.errors import CONVERT_HINT, UnsupportedOperation
-from sparseprune.compile.lowering import _Lowering
-from sparseprune.compile.values import _NotComputed, _Param, _Tensor
+from sparseprune.compile.kernel_choice import _CONV_FORMATS, _conv_sparse_arrays
+from sparseprune.compile.lowering_base import LoweringBase
+from sparseprune.compile.values import _Merged, _NotComputed, _Param, _Ramp, _Size, _Tensor, _View
 
 aten = torch.ops.aten
 InputKind = torch.export.graph_signature.InputKind
@@ -46,11 +46,12 @@ def lowers(*targets):
 _IDENTITY = (aten.dropout.default, aten.clone.default, aten.alias.default, aten.detach.default,
              aten.contiguous.default, aten.lift_fresh_copy.default)
 _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+             aten.unflatten.int,
              aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
 _ACTIVATIONS = {aten.relu.default: "relu", aten.silu.default: "silu", aten.sigmoid.default: "sigmoid",
                 aten.tanh.default: "tanh", aten.hardswish.default: "hardswish",
                 aten.hardsigmoid.default: "hardsigmoid", aten.sqrt.default: "sqrt", aten.rsqrt.default: "rsqrt",
-                aten.exp.default: "exp"}
+                aten.exp.default: "exp", aten.relu6.default: "relu6"}
 _BINARY = {aten.add.Tensor: "add", aten.sub.Tensor: "sub", aten.mul.Tensor: "mul", aten.div.Tensor: "div",
            aten.__and__.Tensor: "mul", aten.logical_and.default: "mul"}
 _SCALAR = {aten.add.Scalar: "add", aten.sub.Scalar: "sub", aten.mul.Scalar: "mul", aten.div.Scalar: "div"}
@@ -68,10 +69,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-class AtenLowering(_Lowering):
-    def __init__(self, captured: Captured, policy: str, threads: int):
+class AtenLowering(LoweringBase):
+    def __init__(self, captured: Captured, policy: str, threads: int, converted: Optional[Dict] = None):
         program = captured.program
-        super().__init__(program.graph_module, int(captured.example_inputs[0].shape[0]), policy, threads)
+        super().__init__(program.graph_module, int(captured.example_inputs[0].shape[0]), policy, threads,
+                         converted)
         self.captured = captured
         self.program = program
         self.graph = program.graph_module.graph
@@ -137,7 +139,8 @@ class AtenLowering(_Lowering):
         inside = ""
         if stack:
             path, cls = list(stack.values())[-1]
-            inside = f" inside module '{path}' ({getattr(cls, '__name__', cls)})"
+            cls = str(getattr(cls, "__name__", cls)).rsplit(".", 1)[-1]
+            inside = f" inside module '{path}' ({cls})" if path else f" inside the model ({cls})"
         return f"ATen op '{node.target}' (node '{node.name}'){inside}"
 
     def value(self, v: Any) -> Any:
@@ -211,11 +214,24 @@ class AtenLowering(_Lowering):
 
     def lower(self) -> None:
         self.find_bn_folds()
+        live = self.live_nodes()
         for node in self.graph.nodes:
             if node.op == "output":
                 self.lower_output(node)
-            else:
+            elif node.op == "placeholder" or node in live:
                 self.env[node] = self.lower_node(node)
+
+    def live_nodes(self) -> set:
+        """The nodes the outputs depend on (export keeps dead code, e.g. attention weights a
+        model does not use), with in-place ops and what they read."""
+        stack = [n for n in self.graph.nodes if n.op == "output" or n.target in _INPLACE]
+        live = set()
+        while stack:
+            node = stack.pop()
+            if node not in live:
+                live.add(node)
+                stack.extend(node.all_input_nodes)
+        return live
 
     def lower_output(self, node: fx.Node) -> None:
         for k, item in enumerate(node.args[0]):
@@ -458,9 +474,14 @@ class AtenLowering(_Lowering):
                       "padding": padding, "dilation": dilation, "groups": groups}
             w_np = weight.detach().contiguous().numpy()
             b_np = None if bias is None else bias.detach().contiguous().numpy()
-            sparsity = 1.0 - np.count_nonzero(w_np) / max(w_np.size, 1)
-            kernel_name, arrays, reason = self.choose_conv_format(path, w_np, b_np, fields, sparsity, in_shape)
-            from sparseprune.compile.kernel_choice import _CONV_FORMATS
+            converted = None if node in self.bn_folds else self.converted_layer(self.param(node, w, "weight"))
+            if converted is not None:  # packed by convert: its arrays and kernel as they are
+                p = converted.packed
+                kernel_name, reason, sparsity = converted.kernel, "already converted", converted.sparsity
+                arrays = _conv_sparse_arrays(path, p.row_ptr, p.taps, p.values, p.bias)
+            else:
+                sparsity = 1.0 - np.count_nonzero(w_np) / max(w_np.size, 1)
+                kernel_name, arrays, reason = self.choose_conv_format(path, w_np, b_np, fields, sparsity, in_shape)
             if kernel_name != "sparse-conv":
                 fields = {**fields, "format": _CONV_FORMATS[kernel_name]}
             self.arrays.update(arrays)
@@ -570,10 +591,11 @@ class AtenLowering(_Lowering):
             raise self.fail(node, "alpha != 1")
         if _is_number(a) or _is_number(b):
             return self.scalar_arith(node, kind, a, b)
-        if isinstance(a, _Param) and node.target is aten.__and__.Tensor and bool(a.tensor.all()):
-            return b  # True & mask
-        if isinstance(b, _Param) and node.target is aten.__and__.Tensor and bool(b.tensor.all()):
-            return a
+        if kind == "mul":  # x * ones, mask & True (when that keeps x's shape): x itself
+            for x, c, x_arg in ((a, b, node.args[0]), (b, a, node.args[1])):
+                if isinstance(c, _Param) and not isinstance(x, _Param) and bool((c.tensor == 1).all()) and \
+                        tuple(x_arg.meta["val"].shape) == tuple(node.meta["val"].shape):
+                    return x
         if isinstance(a, _Param):
             if kind == "div":
                 raise self.fail(node, "a constant divided by an activation")
@@ -598,6 +620,14 @@ class AtenLowering(_Lowering):
             x = _Tensor(self.buf(node, x))
             a, b = (x, b) if not _is_number(a) else (a, x)
         return super().scalar_arith(node, kind, a, b)
+
+    @lowers(aten.logical_not.default, aten.bitwise_not.default)
+    def _not(self, node: fx.Node) -> Any:
+        """~mask of a bool tensor: 1 - mask (bool values are 0/1 float32 in the executor)."""
+        if node.meta["val"].dtype != torch.bool:
+            raise self.fail(node, "a bitwise not of integers")
+        src = self.buf(node, self.value(node.args[0]))
+        return self.emit({"op": "affine", "in": src, "scale": -1.0, "shift": 1.0, "name": node.name}, node)
 
     @lowers(aten.pow.Tensor_Scalar)
     def _pow(self, node: fx.Node) -> Any:
@@ -701,11 +731,11 @@ class AtenLowering(_Lowering):
     def shape_of(self, buffer: int) -> Tuple[Any, ...]:
         return tuple(tuple(d) if isinstance(d, list) else d for d in self.buffers[buffer]["shape"])
 
-    @lowers(aten.transpose.int, aten.permute.default)
+    @lowers(aten.transpose.int, aten.swapaxes.default, aten.swapdims.default, aten.permute.default)
     def _permute(self, node: fx.Node) -> Any:
         x = self.value(node.args[0])
         ndim = len(node.meta["val"].shape)
-        if node.target is aten.transpose.int:
+        if node.target is not aten.permute.default:
             dims = list(range(ndim))
             d0, d1 = node.args[1] % ndim, node.args[2] % ndim
             dims[d0], dims[d1] = dims[d1], dims[d0]
@@ -737,7 +767,7 @@ class AtenLowering(_Lowering):
             return _Tensor(src)
         return _View(src, None, tuple(shape))
 
-    @lowers(aten.cat.default)
+    @lowers(aten.cat.default, aten.concat.default)
     def _cat(self, node: fx.Node) -> Any:
         tensors, dim = self.args(node, ("tensors", "dim"), (0,))
         ndim = len(node.meta["val"].shape)
@@ -790,21 +820,42 @@ class AtenLowering(_Lowering):
         return self.emit_shaped({"op": "slice", "in": src, "axis": axis, "start": int(i), "step": 1,
                                  "name": f"{node.name}_slice"}, out_shape, f"{node.name}_slice")
 
-    @lowers(aten.split.Tensor, aten.split_with_sizes.default)
+    @lowers(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int)
     def _split(self, node: fx.Node) -> Any:
-        x, sizes, dim = self.args(node, ("input", "split_size", "dim"), (0,))
+        """Consecutive parts along a per-sample axis: split (sizes or a part size), chunk (a part
+        count: parts of ceil(length / chunks), the last shorter), unbind (parts of 1, axis dropped)."""
+        if node.target is aten.unbind.int:
+            (x, dim), sizes = self.args(node, ("input", "dim"), (0,)), None
+        else:
+            x, sizes, dim = self.args(node, ("input", "split_size", "dim"), (0,))
         src = self.buf(node, x)
         axis = self.sample_axis(node, src, dim)
         length = self.shape_of(src)[axis]
         if not isinstance(length, int):
             raise self.fail(node, "splitting a dynamic dimension")
+        if node.target is aten.unbind.int:
+            sizes = 1
+        elif node.target is aten.chunk.default:
+            sizes = -(-length // sizes)
         if isinstance(sizes, int):
             sizes = [min(sizes, length - s) for s in range(0, length, sizes)]
         parts, start = [], 0
-        for k, size in enumerate(sizes):
-            parts.append(_Tensor(self.slice_axis(node, src, axis, start, start + size, 1, f"{node.name}_{k}")))
+        for k, (size, val) in enumerate(zip(sizes, node.meta["val"])):
+            part = self.slice_axis(node, src, axis, start, start + size, 1, f"{node.name}_{k}")
+            shape = tuple(self.dim(d, node) for d in val.shape[1:])
+            parts.append(self.reshape_to(node, part, shape) if shape != self.shape_of(part) else _Tensor(part))
             start += size
         return tuple(parts)
+
+    @lowers(aten.narrow.default)
+    def _narrow(self, node: fx.Node) -> Any:
+        x, dim, start, length = self.args(node, ("input", "dim", "start", "length"))
+        src = self.buf(node, x)
+        axis = self.sample_axis(node, src, dim)
+        if not isinstance(start, int) or not isinstance(length, int):
+            raise self.fail(node, "narrow with bounds computed from the inputs")
+        start = start % self.shape_of(src)[axis] if start < 0 else start
+        return _Tensor(self.slice_axis(node, src, axis, start, start + length, 1, node.name))
 
     # --- reductions, pooling, padding ------------------------------------------------------------
 

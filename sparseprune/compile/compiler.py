@@ -1,51 +1,34 @@
 """compile(): lower a (pruned) PyTorch model to one native executable (issue 5).
 
-The model is copied, put in eval mode, its prunings made permanent, BatchNorms folded into the
-convolutions before them and ReLUs after Linear/Conv marked for fusion (convert.fusion), then
-traced with torch.fx. ShapeProp on the example inputs gives every value's shape; each node is
-lowered to an op of the executable spec (sparseprune.runtime.spec) over buffers whose shapes are
-per sample, so the executable runs any batch size. A final pass fuses an activation into the
-op producing its input and drops buffers nothing uses. The executable is then run on the example
-inputs and must match the model within fp32 tolerance.
+The model is copied, put in eval mode and its prunings made permanent; torch's attention modules
+and already converted layers are swapped for capturable stand-ins (rewrites.py). torch.export
+captures it at the ATen level with the batch dynamic (capture.py), and each ATen node is lowered
+to ops of the executable spec (sparseprune.runtime.spec) over per-sample buffers (aten_lowering.py,
+on the kernel choice of lowering_base.py / kernel_choice.py), so the executable runs any batch
+size. Final passes fuse activations and shortcut adds into the ops producing their inputs and drop
+what nothing reads (passes.py). The executable is then run on the example inputs and must match
+the model within fp32 tolerance.
 
-Anything the executor cannot run stops compile with UnsupportedOperation naming the op and the
-module path; sparseprune.convert still works for such models (it replaces supported layers one
-by one and leaves the rest to torch).
-
-Modules of this package: compiler.py (this flow), lowering.py (node -> ops, with the mixins
-lowering_attention.py and lowering_tensors.py), kernel_choice.py (format arrays, timing plans),
-passes.py (fusions, dead ops, compaction), torch_ops.py (recognised torch ops, the tracer),
-values.py (what nodes lower to), errors.py.
+Anything the executor cannot run stops compile with UnsupportedOperation naming the ATen op (or
+the module setting) and the module path; sparseprune.convert still works for such models (it
+replaces supported layers one by one and leaves the rest to torch).
 """
 from __future__ import annotations
 
 import copy
 import sys
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch import nn
 
-from sparseprune.compile.errors import (
-    CONVERT_HINT,
-    UnsupportedOperation,
-    VerificationError,
-)
 from sparseprune.compile.aten_lowering import AtenLowering
 from sparseprune.compile.capture import capture
-from sparseprune.compile.lowering import _Lowering
-from sparseprune.compile.passes import (
-    _compact,
-    _drop_dead_ops,
-    _fuse_activations,
-    _fuse_residual_adds,
-    _strip_name_prefix,
-)
-from sparseprune.compile.torch_ops import _Tracer
+from sparseprune.compile.errors import CONVERT_HINT, UnsupportedOperation, VerificationError
+from sparseprune.compile.passes import _compact, _drop_dead_ops, _fuse_activations, _fuse_residual_adds
+from sparseprune.compile.rewrites import converted_layers, rewrite_for_capture
 from sparseprune.config import resolve_threads
-from sparseprune.convert.fusion import prepare_fusions
 from sparseprune.nn.sparse_conv import SparseConv2d
 from sparseprune.nn.sparse_linear import SparseLinear
 from sparseprune.prune import is_pruned, remove
@@ -53,8 +36,6 @@ from sparseprune.runtime import Executable
 from sparseprune.runtime.spec import SPEC_FORMAT, SPEC_VERSION
 
 POLICIES = ("measure", "threshold")
-# An ATen lowering error inside torch's attention modules, which the fx lowering handles whole.
-_FX_TERRITORY = "(torch.nn.modules."
 
 
 # The executable must reproduce the model within fp32 rounding: |y - ref| <= ATOL_SCALE *
@@ -85,58 +66,6 @@ def _copy_model(model: nn.Module) -> nn.Module:
             setattr(module, key, value)
 
 
-def _as_inputs(example_inputs) -> Tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
-        raise TypeError("example_inputs must be a tensor or a non-empty tuple of input tensors, e.g. (x,)")
-    for k, x in enumerate(example_inputs):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"example_inputs[{k}] must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in (torch.float32, torch.int64, torch.int32, torch.bool) or x.device.type != "cpu":
-            raise TypeError(f"example_inputs[{k}] must be a float32 CPU tensor (or integer token ids, or a bool "
-                            f"padding mask), got {x.dtype} on {x.device}")
-        if x.dim() < 2 or x.shape[0] < 1:
-            raise ValueError(f"example_inputs[{k}] must have a batch dimension of at least 1 plus one more "
-                             f"dimension, got shape {tuple(x.shape)}")
-    batches = {int(x.shape[0]) for x in example_inputs}
-    if len(batches) != 1:
-        raise ValueError(f"example_inputs must share one batch size, got {sorted(batches)}")
-    return tuple(x.detach() for x in example_inputs)
-
-
-def _model_outputs(result) -> List[np.ndarray]:
-    items = list(result) if isinstance(result, (tuple, list)) else [result]
-    if not all(isinstance(t, torch.Tensor) for t in items):
-        raise UnsupportedOperation(f"the model returns {type(result).__name__}: outputs must be a tensor or a "
-                                   f"tuple/list of tensors. {CONVERT_HINT}")
-    return [t.detach().cpu().numpy() for t in items]
-
-
-class _SingleModule(nn.Module):
-    """A module that only calls its one child "0" (so fx records the child as one call)."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.add_module("0", module)
-
-
-# fx needs a fixed signature: one wrapper per input count (a MultiheadAttention takes q, k, v, mask).
-_WRAPPERS = {
-    1: type("_Wrap1", (_SingleModule,), {"forward": lambda self, a: self._modules["0"](a)}),
-    2: type("_Wrap2", (_SingleModule,), {"forward": lambda self, a, b: self._modules["0"](a, b)}),
-    3: type("_Wrap3", (_SingleModule,), {"forward": lambda self, a, b, c: self._modules["0"](a, b, c)}),
-    4: type("_Wrap4", (_SingleModule,), {"forward": lambda self, a, b, c, d: self._modules["0"](a, b, c, d)}),
-}
-
-
-def _wrap_single_module(module: nn.Module, n_inputs: int) -> nn.Module:
-    if n_inputs not in _WRAPPERS:
-        raise UnsupportedOperation(f"a bare {type(module).__name__} called with {n_inputs} inputs: wrap it in a "
-                                   f"module of your own. {CONVERT_HINT}")
-    return _WRAPPERS[n_inputs](module)
-
-
 def verify(executable: Executable, example_inputs: Sequence[torch.Tensor], expected: Sequence[np.ndarray]) -> float:
     """Run `executable` on the example inputs; raise VerificationError unless every output is
     within fp32 tolerance of `expected`. Returns the largest absolute difference."""
@@ -158,42 +87,6 @@ def verify(executable: Executable, example_inputs: Sequence[torch.Tensor], expec
             )
         worst = max(worst, float(np.nanmax(diff)) if diff.size else 0.0)
     return worst
-
-
-def _lower_with_fx(model: nn.Module, example_inputs, policy: str, threads: int):
-    """The torch.fx lowering of module-level graphs: (lowering, inputs, expected outputs)."""
-    inputs = _as_inputs(tuple(example_inputs))
-    batch = int(inputs[0].shape[0])
-    work = _copy_model(model).eval()
-    wrapped = _Tracer().is_leaf_module(work, "")
-    if wrapped:  # a single layer (or attention module): fx would trace into its forward
-        work = _wrap_single_module(work, len(inputs))
-    if is_pruned(work):
-        remove(work)
-    with torch.no_grad():
-        expected = _model_outputs(work(*inputs))
-        prepare_fusions(work)
-        try:
-            graph = _Tracer().trace(work)
-        except Exception as exc:
-            raise UnsupportedOperation(
-                f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: {exc}. {CONVERT_HINT}"
-            ) from exc
-        gm = fx.GraphModule(work, graph, type(work).__name__)
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-        try:
-            ShapeProp(gm).propagate(*inputs)
-        except Exception as exc:
-            raise UnsupportedOperation(
-                f"the torch.fx trace of {type(model).__name__} does not run on example_inputs "
-                f"({type(exc).__name__}: {exc}). {CONVERT_HINT}"
-            ) from exc
-    lowering = _Lowering(gm, batch, policy, threads)
-    lowering.lower()
-    if wrapped:  # name layers as in the caller's module ("linear1", not "0.linear1")
-        _strip_name_prefix(lowering, "0.")
-    return lowering, inputs, expected
 
 
 def compile(
@@ -243,34 +136,17 @@ def compile(
     work = _copy_model(model).eval()
     if is_pruned(work):
         remove(work)  # the effective (masked) weights become the plain weights of the copy
-    try:
-        with torch.no_grad():
-            captured = capture(work, tuple(args), kwargs, dynamic_shapes)
-        lowering = AtenLowering(captured, policy, threads)
-        lowering.lower()
-        inputs, expected, output_kind, output_names = captured.example_inputs, captured.expected, \
-            captured.output_kind, captured.output_names
-        dims = {name: {"min": lo, "max": hi} for name, lo, hi, _ in captured.dims.values()}
-        frontend = "torch.export"
-    except UnsupportedOperation as primary:
-        if kwargs or dynamic_shapes:
-            raise
-        # Transitional: torch.fx still lowers nn.MultiheadAttention / nn.TransformerEncoder(Layer)
-        # (batch_first) as whole modules, which the ATen lowering cannot yet (their ATen graph
-        # moves the batch axis). Its error is not shown: the ATen one is the one to act on.
-        try:
-            lowering, inputs, expected = _lower_with_fx(model, args, policy, threads)
-        except UnsupportedOperation as legacy:
-            if _FX_TERRITORY in str(primary):
-                raise legacy from None  # the attention modules fx handles: its message is the precise one
-            raise primary from None
-        output_kind = "tensor" if len(expected) == 1 else "tuple"
-        output_names = [f"output_{k}" for k in range(len(expected))] if len(expected) > 1 else ["output"]
-        dims, frontend = {}, "torch.fx"
+    work = rewrite_for_capture(work)  # torch's attention modules and converted layers, capturable
+    with torch.no_grad():
+        captured = capture(work, tuple(args), kwargs, dynamic_shapes)
+    lowering = AtenLowering(captured, policy, threads, converted=converted_layers(work))
+    lowering.lower()
+    inputs, expected = captured.example_inputs, captured.expected
+    dims = {name: {"min": lo, "max": hi} for name, lo, hi, _ in captured.dims.values()}
     if not lowering.ops:
         raise UnsupportedOperation(
             f"{type(model).__name__} computes nothing the executor runs (no ops). {CONVERT_HINT}")
-    for buffer, name in zip(lowering.outputs, output_names):
+    for buffer, name in zip(lowering.outputs, captured.output_names):
         lowering.buffers[buffer]["name"] = name
     ops = _drop_dead_ops(lowering.buffers, lowering.ops, lowering.outputs)
     ops = _fuse_activations(lowering.buffers, ops, lowering.outputs)
@@ -293,8 +169,8 @@ def compile(
             "model": type(model).__name__,
             "policy": policy,
             "example_batch": int(inputs[0].shape[0]),
-            "frontend": frontend,
-            "output_kind": output_kind,
+            "frontend": "torch.export",
+            "output_kind": captured.output_kind,
             "layers": lowering.layers,
         },
     }

@@ -1,5 +1,5 @@
 """Passes over the lowered op list: fuse activations and shortcut adds into the ops producing
-their inputs, drop dead ops, rename, and compact the buffer table."""
+their inputs, drop dead ops, and compact the buffer table."""
 from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
@@ -99,25 +99,6 @@ def _fuse_residual_adds(
             kept[i] = None
             break
     return [op for op in kept if op is not None]
-
-
-def _strip_name_prefix(lowering: Any, prefix: str) -> None:
-    """Drop `prefix` from every layer, op, weight and array name the lowering produced."""
-    def strip(name: Any) -> Any:
-        return name[len(prefix):] if isinstance(name, str) and name.startswith(prefix) else name
-
-    for op in lowering.ops:
-        if "name" in op:
-            op["name"] = strip(op["name"])
-        if "weight" in op:
-            op["weight"] = strip(op["weight"])
-    for row in lowering.layers:
-        row["name"] = strip(row["name"])
-    renamed = {}
-    for key, value in lowering.arrays.items():  # "<weight>.<part>": rename the weight part only
-        weight, part = key.rsplit(".", 1)
-        renamed[f"{strip(weight)}.{part}"] = value
-    lowering.arrays = renamed
 
 
 def _compact(buffers, ops, inputs, outputs):

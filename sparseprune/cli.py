@@ -274,10 +274,14 @@ def _add_compile(subparsers, want_help: bool = False) -> None:
     p.add_argument("--policy", choices=("measure", "threshold"), default="measure",
                    help="measure: time the candidate kernels per layer on this machine; threshold: by sparsity "
                         "alone, faster (default: measure)")
+    p.add_argument("--dynamic-seq", type=_bounded_int(2), default=None, metavar="MAX",
+                   help="make axis 1 of every input a dynamic sequence length up to MAX: the file then serves "
+                        "every length from 1 to MAX (default: the example's shapes only)")
     p.add_argument("--threads", type=_bounded_int(1), default=None,
                    help="threads used to time kernels and verify (default: torch's count; not stored in the file)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="where to write the executable")
     p.set_defaults(func=_run_compile, parser=p)
+
 
 
 def _load_model_file(spec: str):
@@ -345,6 +349,7 @@ def _run_compile(args: argparse.Namespace) -> int:
     import sparseprune
     from sparseprune.bench import build_model, prune_linear_layers
     from sparseprune.compile import UnsupportedOperation, VerificationError, verify
+    from sparseprune.compile.capture import input_names
 
     if args.weights is not None and args.model is not None:
         args.parser.error("--weights goes with --model-file (built-in models have seeded random weights)")
@@ -387,8 +392,17 @@ def _run_compile(args: argparse.Namespace) -> int:
     print(f"sparseprune compile: {name}, sparsity {'as given' if sparsity is None else sparsity}, "
           f"policy {args.policy}, example inputs {shape_text}", flush=True)
     try:
-        exe = sparseprune.compile(model, inputs, policy=args.policy, num_threads=args.threads, check=False)
-        outputs = list(result) if isinstance(result, (tuple, list)) else [result]
+        dynamic = None
+        if args.dynamic_seq is not None:  # axis 1 of every input is the sequence: one file for every length
+            seq = torch.export.Dim("seq", min=1, max=args.dynamic_seq)
+            names = input_names(model, len(inputs))
+            dynamic = {name: {1: seq} for name, x in zip(names, inputs) if x.dim() >= 2}
+        exe = sparseprune.compile(model, inputs, dynamic_shapes=dynamic, policy=args.policy,
+                                  num_threads=args.threads, check=False)
+        if hasattr(result, "values") and not isinstance(result, torch.Tensor):
+            outputs = [v for v in result.values() if isinstance(v, torch.Tensor)]  # a dict / ModelOutput
+        else:
+            outputs = list(result) if isinstance(result, (tuple, list)) else [result]
         max_diff = verify(exe, inputs, [t.detach().numpy() for t in outputs])
     except (UnsupportedOperation, VerificationError, ValueError, TypeError, RuntimeError) as exc:
         return _fail("compile", _one_line(exc, limit=1000))

@@ -171,6 +171,26 @@ def test_compile_token_id_inputs(tmp_path, model_file):
     assert status == 2 and "no nn.Embedding" in err
 
 
+def test_compile_dynamic_sequence(tmp_path, model_file):
+    """--dynamic-seq MAX: one file for every sequence length up to MAX (axis 1 of every input)."""
+    out_path = tmp_path / "tagger.spx"
+    status, out, err = _main(["compile", "--model-file", f"{model_file}:Tagger", "--input-shape", "5",
+                              "--input-dtype", "int64", "--input-shape", "5,3", "--input-dtype", "float32",
+                              "--dynamic-seq", "12",
+                              "--policy", "threshold", "-o", str(out_path)])
+    assert status == 0, err
+    exe = sparseprune.load(out_path)
+    assert exe.dims == {"seq": (1, 12)}
+    ids_full = np.arange(12)[None] % 11
+    full = exe.run(ids_full, np.full((1, 12, 3), 2.0, np.float32))
+    for length in (1, 7, 12):  # the model works per token: a shorter sequence is a prefix of the full one
+        got = exe.run(ids_full[:, :length], np.full((1, length, 3), 2.0, np.float32))
+        assert got.shape == (1, length, 3)
+        np.testing.assert_allclose(got, full[:, :length], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"seq.*13.*1\.\.12"):
+        exe.run(np.zeros((1, 13), np.int64), np.ones((1, 13, 3), np.float32))
+
+
 def test_compile_model_file_with_two_inputs_and_sparsity(tmp_path, model_file):
     out_path = tmp_path / "two.spx"
     status, out, err = _main(["compile", "--model-file", f"{model_file}:Two", "--input-shape", "6",

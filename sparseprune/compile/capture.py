@@ -53,7 +53,8 @@ def _check_input(name: str, x: Any) -> torch.Tensor:
     return x.detach()
 
 
-def _positional_names(model: nn.Module, n: int) -> List[str]:
+def input_names(model: nn.Module, n: int) -> List[str]:
+    """The names of a module's first n positional inputs (as torch.export names them)."""
     try:
         params = [p for p in inspect.signature(model.forward).parameters.values()
                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -107,7 +108,7 @@ def _batch_dim_spec(inputs: Mapping[str, torch.Tensor], user: Optional[Mapping[s
 def capture(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any],
             dynamic_shapes: Optional[Mapping[str, Any]] = None) -> Captured:
     """torch.export the (eval-mode) `model` on the example args/kwargs, batch dynamic."""
-    names = _positional_names(model, len(args)) + list(kwargs)
+    names = input_names(model, len(args)) + list(kwargs)
     values = [_check_input(n, x) for n, x in zip(names, list(args) + list(kwargs.values()))]
     if len(set(names)) != len(names):
         raise ValueError(f"input names repeat: {names}")

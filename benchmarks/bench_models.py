@@ -111,7 +111,8 @@ def output_diff(got, ref) -> float:
 def build_pruned(name: str, args: argparse.Namespace) -> Tuple[nn.Module, int]:
     """The zoo model with --sparsity of every Linear/Conv2d/Conv1D removed, masks made permanent."""
     model, _ = zoo.build(name, args.size, batch=1, seq=args.seq, seed=args.seed)
-    pruned = zoo.prune_all(model, args.sparsity)
+    calibration = zoo.example_inputs(name, model, args.size, batch=4, seq=args.seq, seed=args.seed + 7)
+    pruned = zoo.prune_all(model, args.sparsity, calibrate=calibration)
     prune.remove(model)
     return model.eval(), pruned
 

@@ -103,9 +103,10 @@ def example_inputs(name: str, model: nn.Module, size: str = "small", *, batch: i
     return ZooInputs({"pixel_values": torch.randn(batch, 3, image, image, generator=gen)})
 
 
-def prune_all(model: nn.Module, amount: float = 0.9) -> int:
+def prune_all(model: nn.Module, amount: float = 0.9, calibrate: Optional[ZooInputs] = None) -> int:
     """Prune every Linear, Conv2d and transformers Conv1D weight by magnitude (torch.nn.utils.prune,
-    per layer); returns how many layers were pruned."""
+    per layer); returns how many layers were pruned. With `calibrate` (example inputs), the
+    BatchNorm statistics are then recomputed on them (see calibrate_batchnorm)."""
     from torch.nn.utils import prune
 
     count = 0
@@ -113,4 +114,35 @@ def prune_all(model: nn.Module, amount: float = 0.9) -> int:
         if isinstance(module, (nn.Linear, nn.Conv2d)) or type(module).__name__ == "Conv1D":
             prune.l1_unstructured(module, "weight", amount)
             count += 1
+    if calibrate is not None:
+        calibrate_batchnorm(model, calibrate)
     return count
+
+
+def calibrate_batchnorm(model: nn.Module, inputs: ZooInputs) -> None:
+    """Scale 1, shift 0 and running statistics from one forward pass on `inputs` for every
+    BatchNorm. A randomly initialised network keeps BatchNorm's default statistics (mean 0,
+    variance 1) and, in some transformers models, scales drawn N(0, 0.02), so after 90% pruning its
+    activations shrink layer by layer until a deep CNN outputs ~0 (MobileNetV2 ~1e-32, EfficientNet
+    exactly 0): comparisons against torch would then check nothing, and denormal floats would
+    distort timings. Calibrated, the activations keep a trained network's scale."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        if m.affine:
+            with torch.no_grad():
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        m.momentum = None  # cumulative average: one batch sets the statistics to its own
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            model(**inputs.kwargs)
+    finally:
+        model.train(was_training)
+        for m, momentum in saved:
+            m.momentum = momentum

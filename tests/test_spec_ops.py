@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from sparseprune import _native
 from sparseprune.runtime import Executable, SpecError, load, run_reference, validate
 from spec_edits import drop_field, set_field  # tests/spec_edits.py
+from spec_helpers import make_spec, randn  # tests/spec_helpers.py
 
 _C = _native._C
 
@@ -21,19 +22,6 @@ F32 = np.float32
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def make_spec(buffers, inputs, outputs, ops, **top):
-    """A spec dict; a buffer is a shape list or a full buffer object."""
-    spec = {"format": "sparseprune.executable", "version": 1,
-            "buffers": [b if isinstance(b, dict) else {"shape": list(b)} for b in buffers],
-            "inputs": inputs, "outputs": outputs, "ops": ops}
-    spec.update(top)
-    return spec
-
-
-def randn(rng, *shape):
-    return rng.standard_normal(shape).astype(F32)
 
 
 def assert_close(got, ref, rtol=1e-5):

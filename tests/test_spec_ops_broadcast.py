@@ -12,22 +12,11 @@ import torch.nn.functional as F
 
 from sparseprune import _native
 from sparseprune.runtime import Executable, SpecError, run_reference, validate
+from spec_helpers import make_spec, randn  # tests/spec_helpers.py
 
 _C = _native._C
 F32 = np.float32
 BATCHES = (0, 1, 3)
-
-
-def make_spec(buffers, inputs, outputs, ops, **top):
-    spec = {"format": "sparseprune.executable", "version": 1,
-            "buffers": [b if isinstance(b, dict) else {"shape": list(b)} for b in buffers],
-            "inputs": inputs, "outputs": outputs, "ops": ops}
-    spec.update(top)
-    return spec
-
-
-def randn(rng, *shape):
-    return rng.standard_normal(shape).astype(F32)
 
 
 def assert_close(got, ref, rtol=1e-5):

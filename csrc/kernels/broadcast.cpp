@@ -12,14 +12,6 @@ namespace sparseprune {
 
 namespace {
 
-// Maps below this many elements stay on one thread (as in tensor_ops.cpp).
-constexpr int64_t kParallelElements = 1 << 15;
-
-int threads_for(int requested, int64_t elements) {
-  if (requested <= 1 || elements < kParallelElements) return 1;
-  return static_cast<int>(std::min<int64_t>(requested, elements / (kParallelElements / 2)));
-}
-
 bool use_avx2() { return active_isa() == Isa::avx2; }
 
 // An output walked as nested loops: dims[0] outermost, dims.back() the contiguous row; stride[k][d]
@@ -140,7 +132,7 @@ void broadcast_binary(const float* a, const std::vector<int64_t>& shape_a, const
   auto row_fn = use_avx2() ? &avx2::binary_row_entry : &generic::binary_row_entry;
   auto act_fn = use_avx2() ? &avx2::activation_map_entry : &generic::activation_map_entry;
   const int64_t n = l.dims.back(), sa = l.stride[0].back(), sb = l.stride[1].back();
-  for_rows(l, threads_for(n_threads, batch * numel(shape_out)), [&](int64_t r, int64_t c0, int64_t c1, const int64_t* off) {
+  for_rows(l, threads_for_elements(n_threads, batch * numel(shape_out)), [&](int64_t r, int64_t c0, int64_t c1, const int64_t* off) {
     float* y = dst + r * n + c0;
     row_fn(a + off[0] + c0 * sa, sa, b + off[1] + c0 * sb, sb, y, c1 - c0, op);
     if (act != Activation::none) act_fn(y, y, c1 - c0, 1.0f, 0.0f, act);  // while the row is in cache
@@ -152,7 +144,7 @@ void broadcast_copy(const float* src, const std::vector<int64_t>& shape_in, floa
   if (batch <= 0) return;
   const Loops l = broadcast_loops(shape_out, {shape_in}, batch);
   const int64_t n = l.dims.back(), s = l.stride[0].back();
-  for_rows(l, threads_for(n_threads, batch * numel(shape_out)), [&](int64_t r, int64_t c0, int64_t c1, const int64_t* off) {
+  for_rows(l, threads_for_elements(n_threads, batch * numel(shape_out)), [&](int64_t r, int64_t c0, int64_t c1, const int64_t* off) {
     float* y = dst + r * n + c0;
     if (s) std::memcpy(y, src + off[0] + c0, static_cast<size_t>(c1 - c0) * sizeof(float));
     else std::fill(y, y + (c1 - c0), src[off[0]]);
@@ -181,7 +173,7 @@ void reduce_axes(const float* src, const std::vector<int64_t>& shape_in, const s
   const int64_t total_out = batch * numel(shape_in) / count;
   auto sum_row = use_avx2() ? &avx2::sum_row_entry : &generic::sum_row_entry;
   auto sum_cols = use_avx2() ? &avx2::sum_columns_entry : &generic::sum_columns_entry;
-  const int threads = threads_for(n_threads, batch * numel(shape_in));
+  const int threads = threads_for_elements(n_threads, batch * numel(shape_in));
   if (size.size() == 1) {  // nothing reduced over more than one element: a copy
     std::memcpy(dst, src, static_cast<size_t>(total_out) * sizeof(float));
     return;
@@ -247,7 +239,7 @@ void pad_constant(const float* src, const std::vector<int64_t>& shape_in,
   const int64_t n_in = numel(shape_in), n_out = numel(out);
   const int64_t len = shape_in[rank - 1], before = pads[rank - 1][0], after = pads[rank - 1][1];
   const int64_t rows = n_out / out[rank - 1];  // output rows per sample
-  const int threads = threads_for(n_threads, batch * n_out);
+  const int threads = threads_for_elements(n_threads, batch * n_out);
   // Each output row is written once: all `value` outside the input, else value | input row | value.
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t s = 0; s < batch; ++s) {

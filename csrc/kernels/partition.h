@@ -22,6 +22,18 @@ std::vector<int64_t> partition_rows_by_nnz(const int64_t* indptr, int64_t n_rows
 // for a parallel region to pay (the region costs a few microseconds).
 int threads_for_work(int requested, double multiply_adds);
 
+// Elementwise maps below this many elements stay on one thread: a parallel region costs a few
+// microseconds, about what 32k cheap elements take.
+constexpr int64_t kParallelElements = 1 << 15;
+
+// Threads for an elementwise map over `elements` values: one for small maps, else up to
+// `requested`, at least kParallelElements / 2 elements each.
+inline int threads_for_elements(int requested, int64_t elements) {
+  if (requested <= 1 || elements < kParallelElements) return 1;
+  const int64_t most = elements / (kParallelElements / 2);
+  return static_cast<int>(requested < most ? requested : most);
+}
+
 }  // namespace sparseprune
 
 namespace sparseprune {

@@ -11,15 +11,6 @@
 namespace sparseprune {
 
 namespace {
-// Elementwise maps below this many elements stay on one thread: a parallel region costs a few
-// microseconds, about what 32k cheap elements take.
-constexpr int64_t kParallelElements = 1 << 15;
-
-int threads_for(int requested, int64_t elements) {
-  if (requested <= 1 || elements < kParallelElements) return 1;
-  return static_cast<int>(std::min<int64_t>(requested, elements / (kParallelElements / 2)));
-}
-
 bool use_avx2() { return active_isa() == Isa::avx2; }
 }  // namespace
 
@@ -30,7 +21,7 @@ void affine_map(const float* src, float* dst, int64_t n, float scale, float shif
     return;
   }
   auto body = use_avx2() ? &avx2::activation_map_entry : &generic::activation_map_entry;
-  const int threads = threads_for(n_threads, n);
+  const int threads = threads_for_elements(n_threads, n);
   if (threads == 1) return body(src, dst, n, scale, shift, a);
   // Whole vectors per thread, so every element meets the same code path.
   const int64_t vecs = (n + 7) / 8;
@@ -44,7 +35,7 @@ void affine_map(const float* src, float* dst, int64_t n, float scale, float shif
 void softmax_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t len,
                   int64_t causal_offset, int n_threads) {
   auto row = use_avx2() ? &avx2::softmax_row_entry : &generic::softmax_row_entry;
-  const int threads = threads_for(n_threads, rows * len);
+  const int threads = threads_for_elements(n_threads, rows * len);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t valid = causal_offset >= 0 ? std::min(len, causal_offset + r + 1) : len;
@@ -55,13 +46,13 @@ void softmax_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, 
 void layernorm_rows(const float* src, float* dst, int64_t rows, int64_t len, const float* gamma, const float* beta,
                     float eps, int n_threads) {
   auto row = use_avx2() ? &avx2::layernorm_row_entry : &generic::layernorm_row_entry;
-  const int threads = threads_for(n_threads, rows * len);
+  const int threads = threads_for_elements(n_threads, rows * len);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t r = 0; r < rows; ++r) row(src + r * len, dst + r * len, len, gamma, beta, eps);
 }
 
 void binary_map(const float* a, const float* b, float* dst, int64_t n, bool multiply, Activation act, int n_threads) {
-  const int threads = threads_for(n_threads, n);
+  const int threads = threads_for_elements(n_threads, n);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t i = 0; i < n; ++i) dst[i] = multiply ? a[i] * b[i] : a[i] + b[i];
   if (act != Activation::none) affine_map(dst, dst, n, 1.0f, 0.0f, act, n_threads);
@@ -70,7 +61,7 @@ void binary_map(const float* a, const float* b, float* dst, int64_t n, bool mult
 void pool2d_planes(const float* src, float* dst, int64_t planes, int64_t H, int64_t W, int64_t OH, int64_t OW,
                    const int kernel[2], const int stride[2], const int padding[2], bool is_max, int n_threads) {
   auto plane = use_avx2() ? &avx2::pool_plane_entry : &generic::pool_plane_entry;
-  const int threads = threads_for(n_threads, planes * OH * OW * kernel[0] * kernel[1]);
+  const int threads = threads_for_elements(n_threads, planes * OH * OW * kernel[0] * kernel[1]);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t p = 0; p < planes; ++p)
     plane(src + p * H * W, dst + p * OH * OW, H, W, OH, OW, kernel[0], kernel[1], stride[0], stride[1], padding[0],

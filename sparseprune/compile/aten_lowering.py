@@ -82,7 +82,7 @@ class AtenLowering(LoweringBase):
         self.dim_example = {name: ex for (name, _, _, ex) in captured.dims.values()}
         self.materialized: Dict[_View, int] = {}
         self.bn_folds: Dict[fx.Node, Tuple[torch.Tensor, torch.Tensor]] = {}  # conv node -> (scale, shift)
-        self.bn_of_conv: Dict[fx.Node, fx.Node] = {}
+        self.conv_of_bn: Dict[fx.Node, fx.Node] = {}  # folded batch norm node -> its conv node
         inputs = {s.arg.name: s for s in program.graph_signature.input_specs}
         self.input_specs = inputs
 
@@ -254,8 +254,8 @@ class AtenLowering(LoweringBase):
         if node.target is operator.getitem:
             container, index = self.value(node.args[0]), node.args[1]
             return container[index]
-        if node in self.bn_of_conv.values():
-            conv = next(c for c, bn in self.bn_of_conv.items() if bn is node)
+        conv = self.conv_of_bn.get(node)
+        if conv is not None:
             out = self.env[conv]
             return (out, _NotComputed("batch norm statistics"), _NotComputed("batch norm statistics")) \
                 if node.target is _BN[0] else out
@@ -368,7 +368,7 @@ class AtenLowering(LoweringBase):
             scale = (torch.ones(c) if weight is None else weight.float()) / torch.sqrt(var.float() + eps)
             shift = (torch.zeros(c) if bias is None else bias.float()) - mean.float() * scale
             self.bn_folds[src] = (scale, shift)
-            self.bn_of_conv[src] = node
+            self.conv_of_bn[node] = src
 
     def _const_arg(self, a: Any) -> Optional[torch.Tensor]:
         if not isinstance(a, fx.Node) or a.op != "placeholder":

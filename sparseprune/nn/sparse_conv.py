@@ -10,6 +10,7 @@ from torch import nn
 from sparseprune import formats
 from sparseprune._native import _C
 from sparseprune.config import resolve_threads
+from sparseprune.nn.sparse_linear import cached_packed_bias
 
 
 class UnsupportedLayer(ValueError):
@@ -140,9 +141,7 @@ class SparseConv2d(nn.Module):
     @property
     def bias(self) -> Optional[torch.Tensor]:
         """The bias [out_channels] (a copy of the packed one, kept like `weight`), or None."""
-        if self._bias_cache is None and self.packed.bias is not None:
-            self._bias_cache = torch.from_numpy(np.array(self.packed.bias, dtype=np.float32))
-        return self._bias_cache
+        return cached_packed_bias(self)
 
     def to_dense(self) -> nn.Conv2d:
         """An equivalent nn.Conv2d (the ReLU, if fused, is not included)."""

@@ -38,6 +38,14 @@ def _dense_weight(linear: nn.Linear) -> np.ndarray:
     return linear.weight.detach().to(torch.float32).cpu().contiguous().numpy()
 
 
+def cached_packed_bias(module: nn.Module) -> Optional[torch.Tensor]:
+    """A swapped-in layer's `bias` as model code reads it: a float32 tensor copied once from the
+    packed native weights (module.packed.bias) and kept in module._bias_cache, or None."""
+    if module._bias_cache is None and module.packed.bias is not None:
+        module._bias_cache = torch.from_numpy(np.array(module.packed.bias, dtype=np.float32))
+    return module._bias_cache
+
+
 class SparseLinear(nn.Module):
     """y = x @ W.T + b (then ReLU when fused) with W packed once as CSR or block-sparse.
 
@@ -119,9 +127,7 @@ class SparseLinear(nn.Module):
     @property
     def bias(self) -> Optional[torch.Tensor]:
         """The bias [out_features] (a copy of the packed one, kept like `weight`), or None."""
-        if self._bias_cache is None and self.packed.bias is not None:
-            self._bias_cache = torch.from_numpy(np.array(self.packed.bias, dtype=np.float32))
-        return self._bias_cache
+        return cached_packed_bias(self)
 
     @property
     def kernel(self) -> str:

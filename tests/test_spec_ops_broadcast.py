@@ -2,7 +2,6 @@
 activations, attention masks, reduce, pad, expand): the native plan against the numpy reference
 and both against torch, on odd sizes, batch 0/1/3, 1 vs 2 threads and both SIMD paths, NaN/Inf
 as torch gives them, and bad specs refused naming the field in Python and in the native plan."""
-import copy
 import json
 
 import numpy as np
@@ -591,7 +590,7 @@ def test_shape_ops_do_not_run_in_place():
 def test_a_block_of_the_new_ops_matches_torch(rng):
     # squeeze-excitation by mean + mul, a manual layer norm (mean, sub, mul, mean, add eps, rsqrt),
     # TF-same padding, an expand, and a masked attention, chained in one plan.
-    C, H, W, S, D = 6, 5, 7, 4, 6
+    C, H, W, D = 6, 5, 7, 6
     spec = make_spec([
         (C, H, W), (C, 1, 1), (C, 1, 1), (C, H, W),          # 0-3
         (C, H + 1, W + 1),                                   # 4

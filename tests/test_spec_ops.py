@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sparseprune import _native
 from sparseprune.runtime import Executable, SpecError, load, run_reference, validate
 from spec_edits import drop_field, set_field  # tests/spec_edits.py
-from spec_helpers import make_spec, randn  # tests/spec_helpers.py
+from spec_helpers import assert_close, check, make_spec, randn, torch64  # tests/spec_helpers.py
 
 _C = _native._C
 
@@ -22,31 +22,6 @@ F32 = np.float32
 
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def assert_close(got, ref, rtol=1e-5):
-    """Elementwise within rtol of the reference, with atol relative to its largest magnitude."""
-    got, ref = np.asarray(got), np.asarray(ref)
-    assert got.dtype == F32
-    assert got.shape == ref.shape
-    scale = max(float(np.abs(ref).max()) if ref.size else 0.0, 1.0)
-    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * scale)
-
-
-def check(spec, arrays, inputs, n_threads=None):
-    """Native run == numpy reference for every output; returns the native outputs."""
-    exe = Executable.from_spec(spec, arrays, n_threads=n_threads)
-    got = exe.run(*inputs)
-    got = list(got) if isinstance(got, tuple) else [got]
-    ref = run_reference(spec, arrays, inputs)
-    assert len(got) == len(ref)
-    for g, r in zip(got, ref):
-        assert_close(g, r)
-    return got
-
-
-def torch64(x):
-    return torch.from_numpy(np.asarray(x, dtype=np.float64))
 
 
 BATCHES = (0, 1, 3)

@@ -11,45 +11,11 @@ import torch.nn.functional as F
 
 from sparseprune import _native
 from sparseprune.runtime import Executable, SpecError, run_reference, validate
-from spec_helpers import make_spec, randn  # tests/spec_helpers.py
+from spec_helpers import assert_close, check, make_spec, randn, run_native, torch64  # tests/spec_helpers.py
 
 _C = _native._C
 F32 = np.float32
 BATCHES = (0, 1, 3)
-
-
-def assert_close(got, ref, rtol=1e-5):
-    """Within rtol, atol relative to the reference's largest finite magnitude; NaN and inf where
-    the reference has them."""
-    got = np.asarray(got)
-    with np.errstate(over="ignore"):
-        ref = np.asarray(ref).astype(F32)  # beyond float32's range is inf, as the plan computes
-    assert got.dtype == F32
-    assert got.shape == ref.shape
-    finite = np.isfinite(ref)
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
-    np.testing.assert_array_equal(got[np.isinf(ref)], ref[np.isinf(ref)].astype(F32))
-    scale = max(float(np.abs(ref[finite]).max()) if finite.any() else 0.0, 1.0)
-    np.testing.assert_allclose(got[finite], ref[finite], rtol=rtol, atol=rtol * scale)
-
-
-def run_native(spec, arrays, inputs, n_threads=None):
-    got = Executable.from_spec(spec, arrays, n_threads=n_threads).run(*inputs)
-    return list(got) if isinstance(got, tuple) else [got]
-
-
-def check(spec, arrays, inputs, n_threads=None):
-    """Native == numpy reference for every output; returns the native outputs."""
-    got = run_native(spec, arrays, inputs, n_threads)
-    ref = run_reference(spec, arrays, inputs)
-    assert len(got) == len(ref)
-    for g, r in zip(got, ref):
-        assert_close(g, r)
-    return got
-
-
-def torch64(x):
-    return torch.from_numpy(np.asarray(x, dtype=np.float64))
 
 
 def refused(spec, arrays, match, native_match):

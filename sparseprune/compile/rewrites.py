@@ -29,6 +29,8 @@ The stand-ins follow the path torch takes in inference (eval, no_grad), where it
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Dict, Optional, Tuple
 
@@ -56,13 +58,16 @@ def _linear_view(weight: Tensor, bias: Optional[Tensor]) -> nn.Linear:
     return layer
 
 
-def _adopt(cls: type, module: nn.Module) -> nn.Module:
+def _adopt(cls: type, module: nn.Module, path: Optional[str] = None) -> nn.Module:
     """An instance of `cls` (a subclass of module's type) sharing module's parameters, buffers,
-    submodules and attributes, so model code reading them sees the same public face."""
+    submodules and attributes, so model code reading them sees the same public face; `path` (the
+    module's name in the model) is kept for messages."""
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)
     new._parameters, new._buffers, new._modules = dict(module._parameters), dict(module._buffers), \
         dict(module._modules)
+    if path is not None:
+        new._sp_path = path
     return new
 
 
@@ -89,8 +94,7 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     @classmethod
     def adopt(cls, m: nn.MultiheadAttention, path: str) -> "MultiheadAttention":
-        new = _adopt(cls, m)
-        new._sp_path = path
+        new = _adopt(cls, m, path)
         e = m.embed_dim
         if m._qkv_same_embed_dim:
             w = m.in_proj_weight
@@ -190,12 +194,6 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
 
     _sp_path: str
 
-    @classmethod
-    def adopt(cls, layer: nn.TransformerEncoderLayer, path: str) -> "TransformerEncoderLayer":
-        new = _adopt(cls, layer)
-        new._sp_path = path
-        return new
-
     def fused_path(self) -> bool:
         """Whether torch runs this layer (batched, in inference) through its fused kernel."""
         attn = self.self_attn
@@ -242,12 +240,6 @@ class TransformerEncoder(nn.TransformerEncoder):
 
     _sp_path: str
 
-    @classmethod
-    def adopt(cls, encoder: nn.TransformerEncoder, path: str) -> "TransformerEncoder":
-        new = _adopt(cls, encoder)
-        new._sp_path = path
-        return new
-
     def forward(self, src: Tensor, mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
                 is_causal: Optional[bool] = None) -> Tensor:
         if src_key_padding_mask is not None and getattr(self, "use_nested_tensor", False) and \
@@ -293,8 +285,8 @@ def converted_layers(model: nn.Module) -> Dict[Tuple[int, Tuple[int, ...]], nn.M
 
 _REWRITES = {
     nn.MultiheadAttention: MultiheadAttention.adopt,
-    nn.TransformerEncoderLayer: TransformerEncoderLayer.adopt,
-    nn.TransformerEncoder: TransformerEncoder.adopt,
+    nn.TransformerEncoderLayer: functools.partial(_adopt, TransformerEncoderLayer),
+    nn.TransformerEncoder: functools.partial(_adopt, TransformerEncoder),
     SparseLinear: _dense_layer,
     SparseConv2d: _dense_layer,
 }

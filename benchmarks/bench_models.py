@@ -8,9 +8,12 @@ distilbert, gpt2 (sequence --seq, default 128), vit, resnet, convnext, mobilenet
 three candidates run the same pruned weights:
 
   dense       the pruned model in torch eager (dense kernels), under torch.inference_mode()
-  convert     sparseprune.convert(model, policy=--policy) at the thread count (torch runs the rest)
+  convert     sparseprune.convert(model, kwargs=..., dynamic_shapes=..., policy=--policy) at the
+              thread count: the model compiled whole when it captures (its largest capturable parts
+              otherwise, torch running the rest), its forward running the plan
   executable  sparseprune.compile(model, kwargs=..., dynamic_shapes=..., policy=--policy,
-              num_threads=threads): compiled once per model and thread count, text models with a
+              batch_sizes=--batch-sizes, num_threads=threads): kernels timed at every benchmarked
+              batch; compiled once per model and thread count, text models with a
               dynamic sequence axis up to --max-seq, so one executable serves every batch size
 
 Each candidate is checked against torch eager on the very inputs it is then timed on (max abs
@@ -123,7 +126,7 @@ def compile_model(name: str, model: nn.Module, inputs: zoo.ZooInputs, threads: i
     max_seq = min(args.max_seq, inputs.max_seq) if inputs.seq_inputs else None
     t0 = time.perf_counter()
     exe = sparseprune.compile(model, kwargs=inputs.kwargs, dynamic_shapes=inputs.dynamic_shapes(max_seq),
-                              policy=args.policy, num_threads=threads)
+                              policy=args.policy, batch_sizes=tuple(args.batch_sizes), num_threads=threads)
     exe.n_threads = threads
     info = {"compile_s": time.perf_counter() - t0, "max_seq": max_seq,
             "kernels": dict(sorted(Counter(f"{r['op']} {r['format']}" for r in exe.layer_table()).items()))}
@@ -133,14 +136,15 @@ def compile_model(name: str, model: nn.Module, inputs: zoo.ZooInputs, threads: i
 
 def convert_model(name: str, model: nn.Module, inputs: zoo.ZooInputs, threads: int,
                   args: argparse.Namespace) -> Tuple[nn.Module, dict]:
-    # Convolutions are timed at the size they see: only image models take one positional input
-    # (a text model's second positional argument is not always the mask, e.g. GPT-2's).
-    example = (inputs.kwargs["pixel_values"],) if name in zoo.IMAGE else None
+    # The same example inputs and dynamic sequence as compile: convert compiles what it can capture.
+    max_seq = min(args.max_seq, inputs.max_seq) if inputs.seq_inputs else None
     t0 = time.perf_counter()
-    converted = sparseprune.convert(model, policy=args.policy, batch_sizes=tuple(args.batch_sizes),
-                                    example_inputs=example, conv_batch_sizes=tuple(args.batch_sizes))
+    converted = sparseprune.convert(model, kwargs=inputs.kwargs, dynamic_shapes=inputs.dynamic_shapes(max_seq),
+                                    policy=args.policy, batch_sizes=tuple(args.batch_sizes),
+                                    conv_batch_sizes=tuple(args.batch_sizes))
     report = converted.sparseprune_report
     info = {"convert_s": time.perf_counter() - t0,
+            "native": [m.path for m in report.native_modules],
             "kernels": dict(sorted(Counter(f"{c.layer_type} {c.kernel}" for c in report.layers).items()))}
     log(f"[{name}] converted in {info['convert_s']:.1f} s: {info['kernels']}")
     return converted, info

@@ -95,7 +95,7 @@ class _FakeExecutable:
 
 
 def test_sweep_and_wrong_outputs_with_a_stand_in_executable(bench, tmp_path, monkeypatch):
-    def fake_compile(model, *, kwargs, dynamic_shapes, policy, num_threads):
+    def fake_compile(model, *, kwargs, dynamic_shapes, policy, batch_sizes, num_threads):
         assert set(dynamic_shapes) == {"input_ids", "attention_mask"}  # text: a dynamic sequence
         return _FakeExecutable(model, list(kwargs))
 

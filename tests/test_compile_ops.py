@@ -751,7 +751,7 @@ def test_measure_policy_times_every_conv_kernel(gen, tmp_path):
     for row in exe.metadata["layers"]:
         if row["op"] == "conv2d":  # small layers: at most 64 k x k kernels, so at most 64 patterns
             assert row["kernel"] in ("dense-conv", "sparse-conv", "pattern-conv")
-            assert row["reason"] == "fastest measured of ['dense-conv', 'pattern-conv', 'sparse-conv'] at batch 1"
+            assert row["reason"].startswith("measured ['dense-conv', 'pattern-conv', 'sparse-conv'] at [1]: ")
     exe.save(tmp_path / "m.safetensors")
     loaded = sparseprune.load(tmp_path / "m.safetensors")
     np.testing.assert_array_equal(loaded.run(x.numpy()), exe.run(x.numpy()))

@@ -1,5 +1,6 @@
-"""convert() on convolutional networks: outputs equal the pruned model's, BatchNorm folded, ReLU
-fused only where it is safe, unsupported settings left dense with a reason."""
+"""convert() on convolutional networks: outputs equal the pruned model's; with example inputs the
+network is compiled whole (BatchNorm folded, ReLU and shortcut adds fused by compile's passes),
+without them each pruned convolution is swapped; unsupported settings left dense with a reason."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,7 @@ def check_same(model: nn.Module, converted: nn.Module, x: torch.Tensor, tol: flo
     assert (out - ref).abs().max().item() <= tol * scale
 
 
-def test_resnet_converts_with_folded_bn_and_same_outputs(gen):
+def test_resnet_layer_by_layer_without_example_inputs(gen):
     model = small_resnet().eval()
     zero_fraction_(model, 0.8, gen)
     randomize_bn_(model, gen)
@@ -77,29 +78,63 @@ def test_resnet_converts_with_folded_bn_and_same_outputs(gen):
     check_same(model, conv, x)
     sparse_convs = [m for m in conv.modules() if isinstance(m, SparseConv2d)]
     assert len(sparse_convs) == 6  # stem, 2 x 2 block convs, 1 downsample
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in conv.modules())  # all folded
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in conv.modules()) == 6  # torch runs them: no fold here
     report = conv.sparseprune_report
     assert {c.path for c in report.layers} >= {"0", "3.conv1", "4.down.0", "7"}
-    # The stem's ReLU and conv1's (a single-use module in Sequential / block) are fused...
-    assert conv[0].relu is True
-    # ...but the block's shared ReLU (called twice) is not: conv1 stays unfused and relu stays.
-    assert conv[3].conv1.relu is False and isinstance(conv[3].relu, nn.ReLU)
+    assert report.modules == []  # nothing to compile without example inputs
     # The input model is untouched.
     assert isinstance(model[1], nn.BatchNorm2d) and isinstance(model[0], nn.Conv2d)
 
 
+def test_resnet_with_example_inputs_runs_natively_whole(gen):
+    model = small_resnet().eval()
+    zero_fraction_(model, 0.8, gen)
+    randomize_bn_(model, gen)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    conv = sp.convert(model, (x,), policy="threshold")
+    from sparseprune.convert import is_native
+
+    assert is_native(conv) and isinstance(conv, nn.Sequential)
+    assert type(conv).__name__ == "Sequential" and isinstance(conv[0], nn.Conv2d)  # its own face
+    ops = [op["op"] for op in conv.native_executable.spec["ops"]]
+    assert ops.count("conv2d") == 6 and not {"add", "mul"} & set(ops), ops  # BatchNorms folded, adds fused
+    for batch in (1, 2, 5):
+        check_same(model, conv, torch.randn(batch, 3, 16, 16, generator=gen))
+    report = conv.sparseprune_report
+    assert [(m.path, m.native) for m in report.modules] == [("Sequential", True)]
+    assert {c.path for c in report.layers} >= {"0", "3.conv1", "4.down.0", "7"}
+    assert all(c.reason.startswith("in Sequential: ") for c in report.layers)
+
+
 def test_measure_policy_with_example_inputs_records_timings(gen):
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+    model = _Uncapturable(nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 8, 1)).eval()
     zero_fraction_(model, 0.9, gen)
     x = torch.randn(1, 8, 12, 12, generator=gen)
-    conv = sp.convert(model, example_inputs=(x,), batch_sizes=(1,))
+    conv = sp.convert(model, example_inputs=(x,), batch_sizes=(1,), conv_batch_sizes=(1, 2))
     check_same(model, conv, x)
-    for choice in conv.sparseprune_report.layers:
-        assert set(choice.dense_ms) == {1}
+    report = conv.sparseprune_report
+    assert [(m.path, m.native) for m in report.modules] == [("_Uncapturable", False)]
+    assert "data" in report.modules[0].reason  # why torch.export could not capture it
+    for choice in report.layers:  # each convolution timed at the size it sees, at both batches
+        assert set(choice.dense_ms) == {1, 2}
         assert choice.kernel in ("dense", "sparse-conv", "pattern-conv")
 
 
-def test_dense_choice_keeps_the_fused_relu(gen):
+class _Uncapturable(nn.Module):
+    """Control flow on a tensor's value: torch.export cannot capture the whole; its layers convert."""
+
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x):
+        y = torch.relu(self.first(x))
+        if y.sum() > 0:
+            y = y * 1.0
+        return self.second(y)
+
+
+def test_dense_choice_keeps_the_relu(gen):
     model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()).eval()  # dense weights
     x = torch.randn(1, 4, 8, 8, generator=gen)
     conv = sp.convert(model, policy="threshold")

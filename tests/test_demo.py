@@ -244,8 +244,13 @@ def test_demo_compiles_every_deployed_model_to_an_executable(demo_run):
         assert e["speedup_b1"] == pytest.approx(e["b1_dense_ms"] / e["b1_exe_ms"], rel=1e-6)
         assert e["max_abs_diff"] < 1e-3  # checked against the deployed model on the whole test set
         assert e["accuracy"] == pytest.approx(row["acc_converted"], abs=0.002)  # the same predictions
-        if key[0] != "dense":  # 90% of the weights gone: the file is a fraction of the dense one
-            assert e["file_bytes"] < 0.3 * dense["file_bytes"], key
+        if key[0] != "dense":
+            # 90% of the weights gone: the file is a fraction of the dense one when every layer
+            # runs a sparse kernel; a layer the measurement kept dense (slower sparse, e.g. 64
+            # inputs per row) is stored dense.
+            assert e["kernels"] and e["file_bytes"] <= dense["file_bytes"] + 4096, key
+            if not {"dense", "dense-conv"} & set(e["kernels"]):
+                assert e["file_bytes"] < 0.3 * dense["file_bytes"], key
     table = demo.executable_table([SimpleNamespace(**r) for r in rows.values()])
     assert table.splitlines()[0].startswith("compiled to a native executable")
     assert len(table.splitlines()) == 2 + len(rows)

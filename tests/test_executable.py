@@ -360,7 +360,7 @@ def test_measure_policy_times_block_formats_when_they_fit(gen):
     x = torch.randn(8, 64, generator=gen)
     exe = compile(layer, (x,), policy="measure", num_threads=1)
     row = exe.metadata["layers"][0]
-    assert row["reason"].startswith("fastest measured of ['bsr4x1', ") and "'csr', 'dense']" in row["reason"]
+    assert row["reason"].startswith("measured ['bsr4x1', ") and "'csr', 'dense'] at [" in row["reason"]
     assert row["kernel"] in ("dense", "csr", "bsr4x1", "bsr8x1")
     with torch.no_grad():
         np.testing.assert_allclose(exe.run(x.numpy()), layer(x).numpy(), rtol=1e-5, atol=1e-5)
@@ -423,14 +423,18 @@ def test_compile_an_already_converted_model(gen):
 
     model = _prune(small_cnn(gen), 0.9, gen).eval()
     x = torch.randn(2, 3, 12, 12, generator=gen)
-    converted = convert(model, policy="threshold", example_inputs=(x,))
+    converted = convert(model, policy="threshold")  # layer by layer (no example inputs)
     kinds = {type(m) for m in converted.modules()}
     assert SparseConv2d in kinds and SparseLinear in kinds
     exe = compile(converted, (x,), policy="threshold")
     assert [o["op"] for o in exe.spec["ops"]] == ["conv2d", "maxpool2d", "conv2d", "global_avgpool", "linear"]
     # the converted layers' packed arrays and kernels, as convert chose them
-    assert [(row["kernel"], row["reason"]) for row in exe.metadata["layers"]] == [
-        (m.kernel, "already converted") for m in converted.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+    # The converted layers' packed arrays and kernels as convert chose them, except the first
+    # convolution: compile folds the BatchNorm after it, which makes new weights to choose for.
+    sparse = [m for m in converted.modules() if isinstance(m, (SparseConv2d, SparseLinear))]
+    rows = exe.metadata["layers"]
+    assert rows[0]["reason"].startswith("policy='threshold'")
+    assert [(row["kernel"], row["reason"]) for row in rows[1:]] == [(m.kernel, "already converted") for m in sparse[1:]]
     with torch.no_grad():
         np.testing.assert_allclose(exe.run(x.numpy()), model(x).numpy(), rtol=1e-5, atol=1e-6)
 

@@ -23,7 +23,7 @@ from torch import fx
 
 from sparseprune.compile.capture import Captured
 from sparseprune.compile.errors import CONVERT_HINT, UnsupportedOperation
-from sparseprune.compile.kernel_choice import _CONV_FORMATS, _conv_sparse_arrays
+from sparseprune.compile.kernel_choice import _CONV_FORMATS, _conv_sparse_arrays, choose_conv
 from sparseprune.compile.lowering_base import LoweringBase
 from sparseprune.compile.values import _Merged, _NotComputed, _Param, _Ramp, _Size, _Tensor, _View
 
@@ -396,8 +396,8 @@ class AtenLowering(LoweringBase):
             self._param_pairs[key] = (weight.t() if transposed else weight, bias)
         pair = self._param_pairs[key]
         shape = self.shape_of(src)
-        x_rows = self.batch * math.prod(self.concrete(d) for d in shape[:-1])
-        name, fields = self.linear_arrays(pair, path, x_rows)
+        rows_per_sample = math.prod(self.concrete(d) for d in shape[:-1])
+        name, fields = self.linear_arrays(pair, path, tuple(b * rows_per_sample for b in self.batches))
         if shape[-1] != fields["cols"]:
             raise self.fail(node, f"its input has {shape[-1]} features, the layer expects {fields['cols']}")
         op = {"op": "linear", "name": path, "in": src, **fields, "activation": None}
@@ -481,7 +481,9 @@ class AtenLowering(LoweringBase):
                 arrays = _conv_sparse_arrays(path, p.row_ptr, p.taps, p.values, p.bias)
             else:
                 sparsity = 1.0 - np.count_nonzero(w_np) / max(w_np.size, 1)
-                kernel_name, arrays, reason = self.choose_conv_format(path, w_np, b_np, fields, sparsity, in_shape)
+                choice = choose_conv(path, w_np, b_np, fields, policy=self.policy, threads=self.threads,
+                                     in_shape=in_shape, batches=self.batches)
+                kernel_name, arrays, reason = choice.kernel, choice.arrays, choice.reason
             if kernel_name != "sparse-conv":
                 fields = {**fields, "format": _CONV_FORMATS[kernel_name]}
             self.arrays.update(arrays)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -66,6 +66,13 @@ def _copy_model(model: nn.Module) -> nn.Module:
             setattr(module, key, value)
 
 
+def _check_batch_sizes(batch_sizes: Sequence[int]) -> Tuple[int, ...]:
+    sizes = tuple(batch_sizes) if isinstance(batch_sizes, (tuple, list)) else None
+    if not sizes or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in sizes):
+        raise ValueError(f"batch_sizes must be a non-empty sequence of positive ints, got {batch_sizes!r}")
+    return sizes
+
+
 def verify(executable: Executable, example_inputs: Sequence[torch.Tensor], expected: Sequence[np.ndarray]) -> float:
     """Run `executable` on the example inputs; raise VerificationError unless every output is
     within fp32 tolerance of `expected`. Returns the largest absolute difference."""
@@ -96,6 +103,7 @@ def compile(
     kwargs: Optional[Mapping[str, torch.Tensor]] = None,
     dynamic_shapes: Optional[Mapping[str, Any]] = None,
     policy: str = "measure",
+    batch_sizes: Optional[Sequence[int]] = None,
     num_threads: Optional[int] = None,
     check: bool = True,
 ) -> Executable:
@@ -114,7 +122,8 @@ def compile(
     BatchNorm after a convolution is folded in, activations and shortcut adds are fused, pruned
     layers are read through their effective (masked) weights, and every Linear/Conv2d gets the
     kernel that is fastest on this machine (policy="measure", timed as the executor runs it) or
-    the one its sparsity picks (policy="threshold"). num_threads: the threads used to time and
+    the one its sparsity picks (policy="threshold"); kernels are timed at the example's batch, or at
+    each of `batch_sizes` (a sparse kernel must then win at all of them). num_threads: the threads used to time and
     check (default: torch's count); the executable's own count is set at load.
 
     Raises UnsupportedOperation (a ValueError) naming the ATen op and the module path when the
@@ -140,6 +149,8 @@ def compile(
     with torch.no_grad():
         captured = capture(work, tuple(args), kwargs, dynamic_shapes)
     lowering = AtenLowering(captured, policy, threads, converted=converted_layers(work))
+    if batch_sizes is not None:
+        lowering.batches = _check_batch_sizes(batch_sizes)
     lowering.lower()
     inputs, expected = captured.example_inputs, captured.expected
     dims = {name: {"min": lo, "max": hi} for name, lo, hi, _ in captured.dims.values()}

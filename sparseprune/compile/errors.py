@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 CONVERT_HINT = (
-    "sparseprune.convert(model) still works for this model: it swaps the supported layers for "
-    "sparse modules one by one and leaves the rest to torch"
+    "sparseprune.convert(model, example_inputs) still works for this model: it compiles the parts "
+    "that can be captured, swaps the other pruned layers one by one and leaves the rest to torch"
 )
 
 

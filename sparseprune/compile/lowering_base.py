@@ -10,22 +10,9 @@ import numpy as np
 import torch
 from torch import fx
 
-from sparseprune import formats
 from sparseprune.compile.errors import CONVERT_HINT, UnsupportedOperation
-from sparseprune.compile.kernel_choice import (
-    _CONV_FORMATS,
-    CONV_SPARSITY_THRESHOLD,
-    _conv_sparse_arrays,
-    _linear_format_arrays,
-    _one_conv_plan,
-    _one_linear_plan,
-    _sparse_arrays,
-)
+from sparseprune.compile.kernel_choice import _sparse_arrays, choose_linear
 from sparseprune.compile.values import _NotComputed, _Param, _Tensor
-from sparseprune.convert.selection import CSR_SPARSITY_THRESHOLD, MIN_BLOCK_FILL
-from sparseprune.nn.sparse_conv import count_kernel_patterns
-from sparseprune.runtime.spec import MAX_KERNEL_PATTERNS
-from sparseprune.timing import time_interleaved
 
 
 def _pair(v) -> List[int]:
@@ -40,6 +27,7 @@ class LoweringBase:
                  converted: Optional[Dict[Tuple[int, Tuple[int, ...]], Any]] = None):
         self.gm = gm
         self.batch = batch
+        self.batches: Tuple[int, ...] = (batch,)  # the batch sizes kernels are timed at
         self.policy = policy
         self.threads = threads
         self.buffers: List[Dict[str, Any]] = []
@@ -105,7 +93,7 @@ class LoweringBase:
         return self.converted.get((weight.data_ptr(), tuple(weight.shape)))
 
     def linear_arrays(self, pair: Tuple[torch.Tensor, Optional[torch.Tensor]], path: str,
-                      x_rows: int) -> Tuple[str, Dict[str, Any]]:
+                      x_rows: Sequence[int]) -> Tuple[str, Dict[str, Any]]:
         """Pack a (weight [out, in], bias) pair once; returns its weight name and the spec fields."""
         if id(pair) in self.packed_names:
             name = self.packed_names[id(pair)]
@@ -123,7 +111,9 @@ class LoweringBase:
             bias = None if b_t is None else b_t.detach().to(torch.float32).cpu().numpy().reshape(-1)
             rows, cols = weight.shape
             sparsity = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
-            kernel, fmt, block, arrays, reason = self.choose_linear_format(name, weight, bias, sparsity, x_rows)
+            choice = choose_linear(name, weight, bias, policy=self.policy, threads=self.threads, rows=x_rows)
+            kernel, fmt, block, arrays = choice.kernel, choice.fmt, choice.block, choice.arrays
+            reason = choice.reason
         self.arrays.update(arrays)
         fields = {"weight": name, "format": fmt, "block": list(block), "rows": int(rows), "cols": int(cols)}
         self.packed_names[id(pair)] = name
@@ -131,63 +121,6 @@ class LoweringBase:
         self.layers.append({"name": path, "op": "linear", "kernel": kernel, "sparsity": round(float(sparsity), 6),
                             "reason": reason})
         return name, fields
-
-    def choose_linear_format(self, name: str, weight: np.ndarray, bias, sparsity: float, x_rows: int):
-        """dense, csr or a block format: with policy="measure" the fastest on this machine, timed as
-        the executor runs it (a one-op plan) at the row count the layer sees on the example inputs;
-        with "threshold", csr from CSR_SPARSITY_THRESHOLD sparsity, else dense."""
-        if self.policy == "threshold":  # no timing: pack only the chosen format
-            best = "csr" if sparsity >= CSR_SPARSITY_THRESHOLD else "dense"
-            why = f"policy='threshold': sparsity {sparsity:.2f} {'>=' if best == 'csr' else '<'} {CSR_SPARSITY_THRESHOLD}"
-            return best, best, (1, 1), _linear_format_arrays(name, weight, bias, best, (1, 1)), why
-        candidates = {"dense": ("dense", (1, 1))}
-        if sparsity > 0.0:
-            candidates["csr"] = ("csr", (1, 1))
-            for r, c in formats.BLOCK_SHAPES:
-                if formats.block_fill(weight, r, c) >= MIN_BLOCK_FILL:
-                    candidates[f"bsr{r}x{c}"] = ("bsr", (r, c))
-        arrays = {k: _linear_format_arrays(name, weight, bias, fmt, block) for k, (fmt, block) in candidates.items()}
-        rows, cols = weight.shape
-        x = np.random.default_rng(0).standard_normal((max(x_rows, 1), cols)).astype(np.float32)
-        plans = {k: _one_linear_plan(arrays[k], name, fmt, block, rows, cols, bias is not None)
-                 for k, (fmt, block) in candidates.items()}
-        times = time_interleaved({k: (lambda p=p: p.run([x], self.threads)) for k, p in plans.items()},
-                                 warmup=1, repeats=5, min_time_s=0.005)
-        best = min(times, key=lambda k: times[k].min_s)
-        fmt, block = candidates[best]
-        return best, fmt, block, arrays[best], f"fastest measured of {sorted(candidates)} at {x_rows} rows"
-
-    def choose_conv_format(self, name: str, weight: np.ndarray, bias, fields: Dict[str, Any], sparsity: float,
-                           in_shape: Tuple[int, ...]):
-        """The direct sparse kernel, the pattern kernel (when the k x k kernels use at most
-        MAX_KERNEL_PATTERNS patterns) or the dense im2col GEMM: with policy="measure" the fastest as
-        the executor runs them (one-op plans at the example's input size), with "threshold" sparse
-        from CONV_SPARSITY_THRESHOLD, else dense."""
-        candidates = {"sparse-conv": _conv_sparse_arrays(name, *formats.conv_arrays(weight), bias)}
-        kh, kw = fields["kernel"]
-        depthwise = fields["groups"] == fields["in_channels"] == fields["out_channels"] and kh * kw <= 64
-        if depthwise:  # the depthwise kernel reads the same arrays
-            candidates["depthwise-conv"] = candidates["sparse-conv"]
-            if self.policy == "threshold":
-                return "depthwise-conv", candidates["depthwise-conv"], "policy='threshold': a depthwise layer"
-        if self.policy == "measure" and sparsity > 0 and 1 < kh * kw <= 64 and \
-                count_kernel_patterns(weight) <= MAX_KERNEL_PATTERNS:
-            candidates["pattern-conv"] = candidates["sparse-conv"]  # the same arrays, another kernel
-        dense = {f"{name}.weight": np.ascontiguousarray(weight)}
-        if bias is not None:
-            dense[f"{name}.bias"] = np.ascontiguousarray(bias, dtype=np.float32)
-        candidates["dense-conv"] = dense
-        if self.policy == "threshold":
-            best = "sparse-conv" if sparsity >= CONV_SPARSITY_THRESHOLD else "dense-conv"
-            why = (f"policy='threshold': sparsity {sparsity:.2f} {'>=' if best == 'sparse-conv' else '<'} "
-                   f"{CONV_SPARSITY_THRESHOLD}")
-            return best, candidates[best], why
-        x = np.random.default_rng(0).standard_normal((self.batch,) + tuple(in_shape)).astype(np.float32)
-        plans = {k: _one_conv_plan(arrays, name, fields, _CONV_FORMATS[k], in_shape) for k, arrays in candidates.items()}
-        times = time_interleaved({k: (lambda p=p: p.run([x], self.threads)) for k, p in plans.items()},
-                                 warmup=1, repeats=3, min_time_s=0.005)
-        best = min(times, key=lambda k: times[k].min_s)
-        return best, candidates[best], f"fastest measured of {sorted(candidates)} at batch {self.batch}"
 
     # --- small op builders -----------------------------------------------------------------------
 

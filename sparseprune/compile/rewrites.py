@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparseprune.compile.errors import CONVERT_HINT, UnsupportedOperation
+from sparseprune.convert.native_module import make_torch
 from sparseprune.nn.sparse_conv import SparseConv2d
 from sparseprune.nn.sparse_linear import SparseLinear
 
@@ -303,6 +304,7 @@ def rewrite_for_capture(model: nn.Module) -> nn.Module:
         for name, child in list(module._modules.items()):
             if child is not None:
                 module._modules[name] = visit(child, f"{path}.{name}" if path else name)
+        make_torch(module)  # a module convert made native is captured from its own torch forward
         stand_in = _REWRITES.get(type(module))
         done[id(module)] = module if stand_in is None else stand_in(module, path)
         return done[id(module)]

@@ -30,13 +30,31 @@ class LayerChoice:
 
 
 @dataclass
+class ModuleChoice:
+    """Whether a module was compiled to run natively as a whole, and why (not)."""
+
+    path: str
+    module_type: str
+    native: bool
+    reason: str
+
+
+@dataclass
 class ConversionReport:
     layers: List[LayerChoice] = field(default_factory=list)
     policy: str = "measure"
     num_threads: int = 1
+    modules: List[ModuleChoice] = field(default_factory=list)  # the compile attempts, top down
 
     def add(self, choice: LayerChoice) -> None:
         self.layers.append(choice)
+
+    def add_module(self, choice: ModuleChoice) -> None:
+        self.modules.append(choice)
+
+    @property
+    def native_modules(self) -> List[ModuleChoice]:
+        return [m for m in self.modules if m.native]
 
     @property
     def converted(self) -> List[LayerChoice]:
@@ -49,14 +67,19 @@ class ConversionReport:
             row["shape"] = list(c.shape)
             row["expected_speedup"] = c.expected_speedup
             rows.append(row)
-        return {"policy": self.policy, "num_threads": self.num_threads, "layers": rows}
+        return {"policy": self.policy, "num_threads": self.num_threads, "layers": rows,
+                "modules": [asdict(m) for m in self.modules]}
 
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
     def table(self) -> str:
+        lines = [f"{'native' if m.native else 'torch':<7} {m.path:<32} {m.module_type:<20} {m.reason}"
+                 for m in self.modules]
+        if lines:
+            lines.append("")
         header = f"{'layer':<32} {'shape':<14} {'sparsity':>8} {'kernel':<8} {'speedup':>8}  reason"
-        lines = [header, "-" * len(header)]
+        lines += [header, "-" * len(header)]
         for c in self.layers:
             shape = "x".join(str(s) for s in c.shape)
             speedup = c.expected_speedup

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparseprune.convert.native_module import is_native
 from sparseprune.nn import SparseConv2d, SparseLinear
 from sparseprune.timing import time_interleaved
 
@@ -76,8 +77,23 @@ def footprint(model: nn.Module) -> Footprint:
     """Nonzero parameters and the tensors to store, for a dense, pruned or converted model."""
     params = weights = 0
     tensors: Dict[str, np.ndarray] = {}
+    inside_native = []
     for path, module in model.named_modules():
         prefix = f"{path}." if path else ""
+        if any(path.startswith(p) for p in inside_native):
+            continue  # in the executable's arrays
+        if is_native(module):  # a compiled part: what its executable stores
+            arrays = module.native_executable.arrays
+            for name, arr in arrays.items():
+                if name.endswith((".values", ".weight")):
+                    nnz = int(np.count_nonzero(arr))
+                    params += nnz
+                    weights += nnz
+                elif name.endswith(".bias"):
+                    params += arr.size
+                tensors[prefix + name] = np.ascontiguousarray(arr)
+            inside_native.append(prefix)
+            continue
         if isinstance(module, (SparseLinear, SparseConv2d)):
             arrays = _packed_arrays(module)
             nnz = int(np.count_nonzero(arrays["values"]))
@@ -156,7 +172,8 @@ def measure_executable(dense: nn.Module, deployed: nn.Module, x: torch.Tensor, *
     from sparseprune.compile import VerificationError, compile as compile_model
 
     x1 = timing_input(x, 1)
-    exe = compile_model(deployed, (x1,), num_threads=threads)
+    # convert ran compile's pipeline on the whole model already when it could: that executable.
+    exe = deployed.native_executable if is_native(deployed) else compile_model(deployed, (x1,), num_threads=threads)
     with torch_threads(threads), torch.no_grad():
         want = deployed(x).numpy()
         got = exe.run(x.contiguous().numpy())
@@ -171,4 +188,5 @@ def measure_executable(dense: nn.Module, deployed: nn.Module, x: torch.Tensor, *
     accuracy = None if labels is None else float((got.argmax(axis=1) == labels.numpy()).mean())
     return {"accuracy": accuracy, "b1_dense_ms": t["dense"].median_ms, "b1_exe_ms": t["exe"].median_ms,
             "speedup_b1": t["dense"].median_s / t["exe"].median_s, "file_bytes": file_bytes,
-            "max_abs_diff": diff, "ops": exe.n_ops}
+            "max_abs_diff": diff, "ops": exe.n_ops,
+            "kernels": [row["kernel"] for row in exe.metadata.get("layers", [])]}

@@ -1,13 +1,9 @@
 """torch.nn modules backed by the native sparse kernels (inference only)."""
-from sparseprune.nn.attention import SparseMultiheadAttention, SparseTransformerEncoder, SparseTransformerEncoderLayer
 from sparseprune.nn.sparse_conv import SparseConv2d, UnsupportedLayer
 from sparseprune.nn.sparse_linear import SparseLinear
 
 __all__ = [
     "SparseConv2d",
     "SparseLinear",
-    "SparseMultiheadAttention",
-    "SparseTransformerEncoder",
-    "SparseTransformerEncoderLayer",
     "UnsupportedLayer",
 ]

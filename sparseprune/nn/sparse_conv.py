@@ -21,13 +21,6 @@ def _pair(v) -> Tuple[int, int]:
     return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def count_kernel_patterns(weight: np.ndarray) -> int:
-    """Distinct nonzero-position sets among the non-empty k x k kernels of a conv weight."""
-    kernels = (weight != 0).reshape(-1, weight.shape[-2] * weight.shape[-1])
-    kernels = kernels[kernels.any(axis=1)]
-    return int(np.unique(kernels, axis=0).shape[0]) if kernels.size else 0
-
-
 def conv_padding(conv: nn.Conv2d) -> Tuple[int, int]:
     """Symmetric zero padding of `conv`, or UnsupportedLayer when it has none the kernel runs."""
     if conv.padding_mode != "zeros":

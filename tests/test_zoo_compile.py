@@ -1,6 +1,6 @@
 """The model zoo (transformers' BERT, DistilBERT, GPT-2, ViT, ResNet, ConvNeXt, MobileNetV2,
 EfficientNet: code nobody here wrote, small configs with seeded random weights), each pruned 90%
-with torch.nn.utils.prune, through compile: outputs equal to the pruned torch model at several
+with torch.nn.utils.prune, through compile (and convert with the same inputs): outputs equal to the pruned torch model at several
 batch sizes (and sequence lengths, from one executable), the output structure by name, a saved
 file run torch-free."""
 import subprocess
@@ -123,3 +123,29 @@ def test_saved_file_runs_without_torch(name, tmp_path):
     proc = subprocess.run([sys.executable, "-c", _TORCH_FREE, str(path), str(tmp_path / "x.npz"),
                            str(tmp_path / "y.npz")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_convert_runs_the_zoo_model_natively(name):
+    """convert with the same example inputs compiles the whole model and keeps its face: the
+    transformers class, its config, its ModelOutput; outputs equal at several shapes."""
+    from sparseprune.convert import is_native
+
+    model, inputs = zoo.build(name, "small", batch=2, seq=16)
+    zoo.prune_all(model, 0.9, calibrate=inputs)
+    model.eval()
+    converted = sp.convert(model, kwargs=inputs.kwargs, dynamic_shapes=inputs.dynamic_shapes(64),
+                           policy="threshold", num_threads=2)
+    assert is_native(converted) and isinstance(converted, type(model))
+    assert converted.config.to_dict() == model.config.to_dict()
+    assert [m.native for m in converted.sparseprune_report.modules] == [True]
+    lengths = (5, 33) if name in zoo.TEXT else (None,)
+    for batch in (1, 3):
+        for seq in lengths:
+            kwargs = _inputs(name, model, batch, seq or 0, seed=batch * 10 + (seq or 0))
+            with torch.no_grad():
+                got, want = converted(**kwargs), model(**kwargs)
+            ref = _reference(model, kwargs)
+            assert type(got) is type(want)  # the same ModelOutput class
+            for key in ref:
+                _close(got[key].numpy(), ref[key], f"convert {name} {key} batch {batch} seq {seq}")

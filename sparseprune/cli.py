@@ -113,6 +113,9 @@ def _add_bench(subparsers, want_help: bool = False) -> None:
              "executable (default: convert; --model only)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the model weights and inputs (default: 0)")
+    p.add_argument("--profile", action="store_true",
+                   help="EXECUTABLE only: also time every op (median ms, share, kernel, GFLOP/s) at each batch "
+                        "size and thread count")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON to PATH ('-': print JSON instead of the table)")
     p.set_defaults(func=_run_bench, parser=p)
 
@@ -125,6 +128,8 @@ def _run_bench(args: argparse.Namespace) -> int:
             verb = "applies" if len(given) == 1 else "apply"
             args.parser.error(f"{', '.join(given)} {verb} to a built-in model, not to an EXECUTABLE")
         return _run_bench_executable(args)
+    if args.profile:
+        args.parser.error("--profile applies to an EXECUTABLE (a file written by `sparseprune compile`)")
     args.model = _DEFAULT_BENCH_MODEL if args.model is None else args.model
     args.sparsity = _DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
     args.policy = _DEFAULT_POLICY if args.policy is None else args.policy
@@ -605,6 +610,8 @@ def _run_bench_executable(args: argparse.Namespace) -> int:
                 t = timings[batch]
                 rows.append({"batch": batch, "threads": threads, "median_ms": t.median_ms, "p90_ms": t.p90_ms,
                              "min_ms": t.min_s * 1e3, "runs": t.runs, "samples_per_s": batch / t.median_s})
+        profiles = [exe.profile(*inputs[batch], n_threads=threads, repeats=args.repeats, warmup=args.warmup)
+                    for threads in args.threads for batch in args.batch_sizes] if args.profile else []
     except (ValueError, RuntimeError) as exc:
         return _fail("bench", _one_line(exc))
     rows.sort(key=lambda r: (r["threads"], r["batch"]))
@@ -628,6 +635,7 @@ def _run_bench_executable(args: argparse.Namespace) -> int:
             "inputs": "standard normal float32 (random ids for token-id inputs)",
         },
         "rows": rows,
+        **({"profiles": [p.to_dict() for p in profiles]} if args.profile else {}),
     }
     text = json.dumps(result, indent=2)
     if to_stdout:
@@ -639,6 +647,10 @@ def _run_bench_executable(args: argparse.Namespace) -> int:
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
     for row in [header, *table]:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    for p in profiles:
+        print("\n" + p.table(top=20))
+    if profiles and exe.n_ops > 20:
+        print(f"(the 20 slowest of {exe.n_ops} ops; --json has them all)")
     if args.json:
         try:
             with open(args.json, "w", encoding="utf-8") as f:

@@ -519,7 +519,7 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
 }
 
 std::vector<py::array_t<float>> run_plan(const Plan& plan, const std::vector<py::array>& inputs, int n_threads,
-                                         const std::vector<int64_t>& dims) {
+                                         const std::vector<int64_t>& dims, py::object op_seconds) {
   if (inputs.size() != plan.inputs().size())
     throw py::value_error("expected " + std::to_string(plan.inputs().size()) + " inputs, got " + std::to_string(inputs.size()));
   if (n_threads < 0) throw py::value_error("n_threads must be >= 0");
@@ -558,9 +558,21 @@ std::vector<py::array_t<float>> run_plan(const Plan& plan, const std::vector<py:
     outs.emplace_back(shape);
     out_ptrs.push_back(outs.back().mutable_data());
   }
+  // Profiling: each op's seconds are added to op_seconds (float64, one entry per op).
+  double* seconds = nullptr;
+  py::array_t<double, py::array::c_style> seconds_array;
+  if (!op_seconds.is_none()) {
+    py::array arr = op_seconds.cast<py::array>();
+    if (!arr.dtype().is(py::dtype::of<double>()) || arr.ndim() != 1 ||
+        arr.shape(0) != static_cast<py::ssize_t>(plan.n_ops()) || !(arr.flags() & py::array::c_style) ||
+        !arr.writeable())
+      throw py::value_error("op_seconds must be a writable contiguous float64 array of n_ops entries");
+    seconds_array = py::array_t<double, py::array::c_style>(arr);
+    seconds = seconds_array.mutable_data();
+  }
   if (batch > 0) {
     py::gil_scoped_release release;
-    plan.run(*inst, in_ptrs, batch, out_ptrs, n_threads);
+    plan.run(*inst, in_ptrs, batch, out_ptrs, n_threads, seconds);
   }
   return outs;
 }
@@ -592,8 +604,10 @@ void bind_plan(py::module_& m) {
   py::class_<Plan>(m, "Plan", "A whole model as one native plan (see sparseprune.runtime).")
       .def(py::init(&build_plan), py::arg("spec_json"), py::arg("arrays"))
       .def("run", &run_plan, py::arg("inputs"), py::arg("n_threads") = 0, py::arg("dims") = std::vector<int64_t>{},
+           py::arg("op_seconds") = py::none(),
            "Run the whole plan in one call with the GIL released; returns the outputs. dims: one value "
-           "per dim of the spec (in its order), which the inputs' shapes must match.")
+           "per dim of the spec (in its order), which the inputs' shapes must match. op_seconds: a "
+           "float64 array of n_ops entries to which each op's wall time is added (profiling).")
       .def_property_readonly("input_shapes", [](const Plan& p) { return sym_shapes(p, p.inputs()); })
       .def_property_readonly("output_shapes", [](const Plan& p) { return sym_shapes(p, p.outputs()); })
       .def_property_readonly("dims", [](const Plan& p) {

@@ -1,6 +1,7 @@
 #include "kernels/plan.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -781,7 +782,7 @@ void PlanInstance::run_op(const PlanOp& op, float* const* buf, int64_t batch, in
 }
 
 void Plan::run(const PlanInstance& inst, const std::vector<const float*>& inputs, int64_t batch,
-               const std::vector<float*>& outputs, int n_threads) const {
+               const std::vector<float*>& outputs, int n_threads, double* op_seconds) const {
   if (!finalized_) fail("run() before finalize()");
   if (inst.plan_ != this) fail("run() with another plan's instance");
   // The arena is the calling thread's own (concurrent calls never share it), kept between calls
@@ -794,7 +795,15 @@ void Plan::run(const PlanInstance& inst, const std::vector<const float*>& inputs
   for (size_t b = 0; b < n; ++b) buf[b] = base + batch * inst.offset_[root(static_cast<int>(b))];
   for (size_t k = 0; k < inputs_.size(); ++k)
     std::memcpy(buf[inputs_[k]], inputs[k], static_cast<size_t>(batch * inst.numel_[inputs_[k]]) * sizeof(float));
-  for (const PlanOp& op : ops_) inst.run_op(op, buf.data(), batch, n_threads);
+  if (op_seconds == nullptr) {
+    for (const PlanOp& op : ops_) inst.run_op(op, buf.data(), batch, n_threads);
+  } else {
+    for (size_t k = 0; k < ops_.size(); ++k) {
+      const auto t0 = std::chrono::steady_clock::now();
+      inst.run_op(ops_[k], buf.data(), batch, n_threads);
+      op_seconds[k] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+  }
   for (size_t k = 0; k < outputs_.size(); ++k)
     std::memcpy(outputs[k], buf[outputs_[k]], static_cast<size_t>(batch * inst.numel_[outputs_[k]]) * sizeof(float));
 }

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from types import MappingProxyType
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -97,6 +97,13 @@ class Executable:
         The outputs come back as the model returned them when compile recorded it (an array, a
         tuple, a list, or a dict by name for a dict / transformers ModelOutput); otherwise one
         array for one output, else a tuple. n_threads overrides the executable's setting."""
+        arrays, dims = self._prepare(inputs, named)
+        threads = _check_threads(n_threads) or self._n_threads
+        outs = self._plan.run(arrays, resolve_threads(threads), dims)
+        return structure_outputs(self._output_kind, self._output_names, outs)
+
+    def _prepare(self, inputs: Sequence[Any], named: Mapping[str, Any]) -> Tuple[List[np.ndarray], List[int]]:
+        """The plan's float32 inputs (ids and masks converted, every check done) and the dims' values."""
         layout = self._layout
         if named:
             inputs = tuple(bind_inputs(self.input_names, inputs, named))
@@ -140,9 +147,17 @@ class Executable:
             if mask:
                 x = (x != 0).astype(np.float32)  # nonzero -> 1.0
             arrays.append(np.ascontiguousarray(x))
-        threads = _check_threads(n_threads) or self._n_threads
-        outs = self._plan.run(arrays, resolve_threads(threads), [env[name] for name, _, _ in layout.dims])
-        return structure_outputs(self._output_kind, self._output_names, outs)
+        return arrays, [env[name] for name, _, _ in layout.dims]
+
+    def profile(self, *inputs: np.ndarray, repeats: int = 20, warmup: int = 3, n_threads: Optional[int] = None,
+                **named: np.ndarray):
+        """Where one call's time goes: each op's median wall time over `repeats` calls (after
+        `warmup`), its share, its kernel and format and, for weighted layers, the achieved GFLOP/s
+        (useful: nonzero weights only; dense-equivalent: as if every weight were there). Returns a
+        sparseprune.runtime.profile.Profile (print it for the table, .rows for the numbers)."""
+        from sparseprune.runtime.profile import profile_executable
+
+        return profile_executable(self, inputs, named, repeats=repeats, warmup=warmup, n_threads=n_threads)
 
     @property
     def input_names(self) -> Tuple[str, ...]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ class NativeCall:
         self.constants = {name: value for name, value in bound.items() if not isinstance(value, torch.Tensor)}
         self.dtypes = {name: bound[name].dtype for name in self.tensors}
         self.executable = executable
+        self.input_names = executable.input_names
         self.num_threads = num_threads
         leaves, self.treespec = pytree.tree_flatten(output)
         self.tensor_leaves = [k for k, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
@@ -62,6 +63,13 @@ class NativeCall:
             raise ValueError(f"the module returns {len(self.tensor_leaves)} tensors, the executable "
                              f"{len(executable.output_names)}")
         self.warned: set = set()
+        # The fast path of bind(): parameter names in order and their defaults (no *args / **kwargs).
+        params = list(self.signature.parameters.values())[1:]
+        plain = all(p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+        self.fast_names = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD] if plain else None
+        self.fast_defaults = {p.name: p.default for p in params if p.default is not p.empty}
+        self.all_names = {p.name for p in params}
+        self.single_output = self.treespec.num_leaves == 1 and self.treespec.is_leaf() and bool(self.tensor_leaves)
 
     def __deepcopy__(self, memo: dict) -> "NativeCall":
         # A copied module shares the executable: immutable, thread-safe and not copyable.
@@ -72,6 +80,20 @@ class NativeCall:
     def bind(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> Dict[str, Any]:
         """The call's arguments by name, defaults included; *args / **kwargs catch-alls must be empty
         (compile never passes them) and are left out."""
+        fast = getattr(self, "fast_names", None)
+        if fast is not None and len(args) <= len(fast) and all(k in self.all_names for k in kwargs):
+            # inspect.Signature.bind costs ~10 us a call: the same result for plain signatures
+            bound = dict(zip(fast, args))
+            for key, value in kwargs.items():
+                if key in bound:
+                    raise TypeError(f"multiple values for argument {key!r}")
+                bound[key] = value
+            for key, value in self.fast_defaults.items():
+                bound.setdefault(key, value)
+            if len(bound) != len(self.all_names):
+                missing = sorted(self.all_names - set(bound))
+                raise TypeError(f"missing argument(s) {missing}")
+            return bound
         bound = self.signature.bind(module, *args, **kwargs)
         bound.apply_defaults()
         arguments = {}
@@ -85,8 +107,9 @@ class NativeCall:
         return arguments
 
     def arrays_for(self, module: nn.Module, args: Tuple[Any, ...], kwargs: Mapping[str, Any]
-                   ) -> Tuple[Optional[Dict[str, np.ndarray]], str]:
-        """The executable's inputs for this call, or (None, why torch must run it)."""
+                   ) -> Tuple[Optional[Tuple[List[np.ndarray], List[int]]], str]:
+        """The plan's inputs and dim values for this call (checked as Executable.run checks them),
+        or (None, why torch must run it)."""
         try:
             bound = self.bind(module, args, kwargs)
         except TypeError as exc:
@@ -94,33 +117,26 @@ class NativeCall:
         for name, value in self.constants.items():
             if not _same_value(bound.get(name), value):
                 return None, f"argument {name}={bound.get(name)!r:.40} (compiled with {value!r:.40})"
-        arrays = {}
-        for name in self.tensors:
+        grad = torch.is_grad_enabled()
+        arrays = []
+        for name in self.input_names:
             value = bound.get(name)
             if not isinstance(value, torch.Tensor):
                 return None, f"argument {name} is not a tensor (compiled with one)"
-            if value.dtype != self.dtypes[name] or value.device.type != "cpu":
+            if value.dtype != self.dtypes[name] or not value.is_cpu:
                 return None, f"input {name} is {value.dtype} on {value.device} (compiled for {self.dtypes[name]} on cpu)"
-            if value.requires_grad and torch.is_grad_enabled():
+            if grad and value.requires_grad:
                 return None, "inputs require grad (the executable has no backward)"
-            arrays[name] = value.detach().numpy()
-        layout = self.executable._layout
-        env: Dict[str, int] = {}
-        try:
-            for k, name in enumerate(self.executable.input_names):
-                layout.match_input(k, arrays[name].shape, env)
+            arrays.append(value.detach().numpy())
+        try:  # shapes beyond the compiled ones (another rank, a longer sequence), ids out of range
+            return self.executable._prepare(arrays, {}), ""
         except ValueError as exc:
             return None, str(exc)
-        return arrays, ""
 
-    def outputs(self, result: Any) -> Any:
-        """The executable's result in the module's own output structure, as tensors."""
-        if isinstance(result, dict):
-            flat = [result[name] for name in self.executable.output_names]
-        elif isinstance(result, (tuple, list)):
-            flat = list(result)
-        else:
-            flat = [result]
+    def outputs(self, flat: Sequence[np.ndarray]) -> Any:
+        """The plan's outputs (in the executable's order) in the module's own structure, as tensors."""
+        if self.single_output:
+            return torch.from_numpy(flat[0])
         leaves: List[Any] = [self.other_leaves.get(k) for k in range(self.n_leaves)]
         for k, array in zip(self.tensor_leaves, flat):
             leaves[k] = torch.from_numpy(array)
@@ -132,15 +148,17 @@ class NativeForward:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         call: NativeCall = self.__dict__["_sparseprune_native"]
-        arrays, why = call.arrays_for(self, args, kwargs)
-        if arrays is None:
+        prepared, why = call.arrays_for(self, args, kwargs)
+        if prepared is None:
             if why not in call.warned:
                 call.warned.add(why)
                 warnings.warn(f"{type(self).__name__}: running this call in torch, not natively: {why}",
                               NativeFallbackWarning, stacklevel=2)
             return super().forward(*args, **kwargs)
+        # None: torch's count, as torch's own layers use (checked by resolve_threads at conversion)
         threads = call.num_threads if call.num_threads is not None else torch.get_num_threads()
-        return call.outputs(call.executable.run(n_threads=threads, **arrays))
+        arrays, dims = prepared
+        return call.outputs(call.executable._plan.run(arrays, threads, dims))
 
     @property
     def native_executable(self) -> Executable:

@@ -126,7 +126,8 @@ inline vf exp_v(vf x) {
 // instruction the path has.
 inline vf sqrt_v(vf x) {
 #if defined(__AVX512F__) && SP_VEC_WIDTH == 16
-  return reinterpret_cast<vf>(_mm512_sqrt_ps(reinterpret_cast<__m512>(x)));
+  // (maskz with every lane kept: GCC 12's _mm512_sqrt_ps warns on its own undefined source)
+  return reinterpret_cast<vf>(_mm512_maskz_sqrt_ps(static_cast<__mmask16>(0xFFFF), reinterpret_cast<__m512>(x)));
 #elif defined(__AVX__)
   vf y;
   for (int i = 0; i < kVec; i += 8) {

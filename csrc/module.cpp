@@ -28,6 +28,13 @@ PYBIND11_MODULE(_C, m) {
     info["openmp"] = sparseprune::openmp_enabled();
     info["simd_paths_compiled"] = SP_SIMD_PATHS;
     info["simd_path_active"] = sparseprune::isa_name(sparseprune::active_isa());
+    // Paths compiled in but unable to run on this CPU, with the reason (the fallback is silent).
+    py::dict skipped;
+    for (int i = 0; i < sparseprune::kIsaCount; ++i) {
+      const auto isa = static_cast<sparseprune::Isa>(i);
+      if (const char* why = sparseprune::isa_unavailable_reason(isa)) skipped[sparseprune::isa_name(isa)] = why;
+    }
+    info["simd_paths_unavailable"] = skipped;
     return info;
   });
 }

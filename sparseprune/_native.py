@@ -17,5 +17,16 @@ PackedLinear = _C.PackedLinear
 build_info = _C.build_info
 set_isa = _C.set_isa
 active_isa = _C.active_isa
+cpu_has_avx512 = _C.cpu_has_avx512
+
+# The SIMD paths set_isa() can force. Automatic choice: avx512 > avx2 > baseline; avx2_w16 (the
+# 16-lane kernel body compiled for AVX2) is a test path, only ever forced.
+SIMD_PATHS = ("baseline", "avx2", "avx2_w16", "avx512")
+
+
+def simd_paths():
+    """{path: None when it can run on this CPU and build, else the reason it cannot}, for every
+    name in SIMD_PATHS."""
+    return {("avx2" if name == "avx2+fma" else name): why for name, why in _C.simd_paths()}
 openmp_enabled = _C.openmp_enabled
 max_threads = _C.max_threads

@@ -15,6 +15,22 @@ def _seed_torch():
     yield
 
 
+@pytest.fixture(params=("baseline", "avx2", "avx2_w16", "avx512"))
+def simd_path(request):
+    """Runs the test once per SIMD path of the native kernels (forced with set_isa, automatic
+    choice restored after). A path this CPU or build cannot run is skipped with the reason, e.g.
+    "avx512: CPU (or OS) lacks AVX-512 ...", so the run says which paths it did not test."""
+    from sparseprune import _native
+
+    assert request.param in _native.SIMD_PATHS
+    reason = _native.simd_paths()[request.param]
+    if reason is not None:
+        pytest.skip(reason)
+    _native.set_isa(request.param)
+    yield request.param
+    _native.set_isa("auto")
+
+
 @pytest.fixture
 def one_torch_thread():
     """For tests of the math on tiny tensors: extra threads only add contention on a shared

@@ -221,23 +221,14 @@ def test_unbatched_input_and_nonfinite_match_dense(gen):
     assert torch.allclose(out[finite], ref[finite], atol=1e-5)
 
 
-@pytest.mark.parametrize("isa", ["baseline", "avx2"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_sparse_conv_kernel_paths(isa, threads, gen):
-    from sparseprune import _native
-
-    if isa == "avx2" and not _native._C.cpu_has_avx2_fma():
-        pytest.skip("no AVX2/FMA on this CPU")
+def test_sparse_conv_kernel_paths(simd_path, threads, gen):
     conv = nn.Conv2d(5, 7, 3, stride=2, padding=1)
     zero_fraction_(conv, 0.6, gen)
     sparse = SparseConv2d.from_dense(conv, num_threads=threads)
     x = torch.randn(3, 5, 13, 9, generator=gen)
-    _native.set_isa(isa)
-    try:
-        with torch.no_grad():
-            out = sparse(x)
-    finally:
-        _native.set_isa("auto")
+    with torch.no_grad():
+        out = sparse(x)
     with torch.no_grad():
         assert torch.allclose(out, F.relu(conv(x)) if sparse.relu else conv(x), atol=1e-5)
 

@@ -42,15 +42,11 @@ def _single_threaded_blas():
         yield
 
 
-@pytest.fixture(params=["baseline", "avx2"])
-def isa(request):
-    """Forces one SIMD path for the test, and restores automatic choice afterwards."""
-    if request.param == "avx2" and not _C.cpu_has_avx2_fma():
-        pytest.skip("this CPU (or build) has no AVX2/FMA path")
-    request.addfinalizer(lambda: _native.set_isa("auto"))
-    _native.set_isa(request.param)
-    assert _native.active_isa() == {"baseline": "baseline", "avx2": "avx2+fma"}[request.param]
-    return request.param
+@pytest.fixture
+def isa(simd_path):
+    """Forces each SIMD path in turn (tests/conftest.py), skipping those this CPU cannot run."""
+    assert _native.active_isa() == {"avx2": "avx2+fma"}.get(simd_path, simd_path)
+    return simd_path
 
 
 # --------------------------------------------------------------------------- helpers
@@ -584,23 +580,25 @@ def test_concurrent_calls_from_python_threads(rng, fmt, block):
     run_in_threads(worker, 4)
 
 
+@pytest.mark.parametrize("path", ["avx2", "avx2_w16", "avx512"])
 @pytest.mark.parametrize("fmt,block", FORMATS, ids=FORMAT_IDS)
-def test_simd_paths_agree(rng, fmt, block):
-    if not _C.cpu_has_avx2_fma():
-        pytest.skip("this CPU (or build) has no AVX2/FMA path")
+def test_simd_paths_agree(rng, fmt, block, path):
+    reason = _native.simd_paths()[path]
+    if reason is not None:
+        pytest.skip(reason)
     w = sparse_weight(rng, 37, 129, 0.5)
     b = random_bias(rng, 37, True)
     p = formats.pack(w, b, fmt, block)
     try:
-        for batch in (1, 9, 65):
+        for batch in (1, 9, 17, 65):
             x = random_x(rng, batch, 129)
             _native.set_isa("baseline")
             y_base = run(p, x)
-            _native.set_isa("avx2")
-            y_avx2 = run(p, x)
+            _native.set_isa(path)
+            y_path = run(p, x)
             # both within the bound of the exact result, so within twice of each other
-            np.testing.assert_array_less(np.abs(y_avx2 - y_base), 2 * fp32_error_bound(x, w, b) + 1e-30)
-            assert_linear(y_avx2, x, w, b, False)
+            np.testing.assert_array_less(np.abs(y_path - y_base), 2 * fp32_error_bound(x, w, b) + 1e-30)
+            assert_linear(y_path, x, w, b, False)
             assert_linear(y_base, x, w, b, False)
     finally:
         _native.set_isa("auto")

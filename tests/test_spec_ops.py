@@ -28,14 +28,6 @@ BATCHES = (0, 1, 3)
 SIZES = (1, 5, 6, 7, 13, 16, 17, 33)  # below, at and above the 6-row and 16-column GEMM tiles
 
 
-@pytest.fixture
-def generic_isa():
-    """Forces the portable SIMD path for one test and restores automatic choice afterwards."""
-    _native.set_isa("baseline")
-    yield
-    _native.set_isa("auto")
-
-
 # --- dense linear ----------------------------------------------------------------------------------
 
 
@@ -60,15 +52,14 @@ def test_dense_linear(rng, rows, cols, bias, act):
         assert_close(got, want)
 
 
-def test_dense_linear_both_simd_paths_and_threads(rng, generic_isa):
+def test_dense_linear_every_simd_path_and_threads(rng, simd_path):
     arrays = {"fc.weight": randn(rng, 37, 29), "fc.bias": randn(rng, 37)}
     spec = make_spec([[29], [37]], [0], [1], [
         {"op": "linear", "in": 0, "out": 1, "weight": "fc", "format": "dense", "block": [1, 1], "rows": 37,
          "cols": 29}])
     x = randn(rng, 45, 29)
-    baseline = check(spec, arrays, [x], n_threads=2)[0]
-    _native.set_isa("auto")
-    assert_close(check(spec, arrays, [x], n_threads=1)[0], baseline.astype(np.float64))
+    two = check(spec, arrays, [x], n_threads=2)[0]
+    assert_close(check(spec, arrays, [x], n_threads=1)[0], two.astype(np.float64))
 
 
 # --- affine ------------------------------------------------------------------------------------------
@@ -126,15 +117,14 @@ def test_matmul(rng, groups, m, k, n, transpose_b, scale):
         assert_close(got, (scale * (torch64(a) @ bt)).numpy())
 
 
-def test_matmul_of_a_buffer_with_itself_and_both_simd_paths(rng, generic_isa):
+def test_matmul_of_a_buffer_with_itself_on_every_simd_path(rng, simd_path):
     # x @ x^T reads one buffer twice; many groups take the parallel path.
     spec = make_spec([[3, 7, 9], [3, 7, 7]], [0], [1], [
         {"op": "matmul", "a": 0, "b": 0, "out": 1, "transpose_b": True, "scale": 0.5}])
     x = randn(rng, 40, 3, 7, 9)
     want = 0.5 * np.einsum("bgmk,bgnk->bgmn", x.astype(np.float64), x.astype(np.float64))
     assert_close(check(spec, {}, [x], n_threads=2)[0], want)
-    _native.set_isa("auto")
-    assert_close(check(spec, {}, [x], n_threads=2)[0], want)
+    assert_close(check(spec, {}, [x], n_threads=1)[0], want)
 
 
 # --- attention ---------------------------------------------------------------------------------------
@@ -188,14 +178,13 @@ def test_causal_attention_masks_later_keys(rng):
     assert not np.allclose(got[:, 1], v[:, 1])
 
 
-def test_attention_threads_and_both_simd_paths(rng, generic_isa):
+def test_attention_threads_and_every_simd_path(rng, simd_path):
     spec = make_spec([[70, 12], [40, 12], [40, 9], [70, 9]], [0, 1, 2], [3], [
         {"op": "attention", "q": 0, "k": 1, "v": 2, "out": 3, "layout": "sequence_first", "heads": 3,
          "scale": 0.5, "causal": True}])
     xs = [randn(rng, 6, 70, 12), randn(rng, 6, 40, 12), randn(rng, 6, 40, 9)]
     first = check(spec, {}, xs, n_threads=2)[0]
-    _native.set_isa("auto")
-    assert_close(check(spec, {}, xs, n_threads=2)[0], first.astype(np.float64))
+    assert_close(check(spec, {}, xs, n_threads=1)[0], first.astype(np.float64))
 
 
 # --- permute -----------------------------------------------------------------------------------------
@@ -711,7 +700,7 @@ def test_dense_conv(rng, case, batch):
     assert_close(got, (ref.clamp(min=0) if batch == 1 else ref).numpy())
 
 
-def test_dense_conv_without_bias_threads_and_both_simd_paths(rng, generic_isa):
+def test_dense_conv_without_bias_threads_and_every_simd_path(rng, simd_path):
     spec = dense_conv_spec(16, 24, (3, 3), (1, 1), (1, 1), (1, 1), 1, (20, 19))
     arrays = {"c.weight": randn(rng, 24, 16, 3, 3)}
     x = randn(rng, 2, 16, 20, 19)
@@ -826,10 +815,7 @@ def test_conv_residual_bad_specs(rng, mutate, match):
 @pytest.mark.parametrize("k, s, p", [((3, 3), (2, 2), (1, 1)), ((2, 3), (1, 1), (0, 1)), ((3, 2), (3, 2), (1, 0)),
                                      ((1, 1), (1, 1), (0, 0)), ((5, 5), (3, 3), (2, 2))])
 @pytest.mark.parametrize("kind", ["maxpool2d", "avgpool2d"])
-@pytest.mark.parametrize("isa", ["active", "generic"])
-def test_pooling_matches_torch(rng, k, s, p, kind, isa, request):
-    if isa == "generic":
-        request.getfixturevalue("generic_isa")
+def test_pooling_matches_torch(rng, k, s, p, kind, simd_path):
     c, h, w = 5, 13, 17
     oh, ow = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
     spec = make_spec([(c, h, w), (c, oh, ow)], [0], [1],
@@ -951,10 +937,7 @@ def test_slice_bad_specs(edit, match):
     (4, (5, 5), (1, 1), (2, 2), (2, 2), (13, 11)), (2, (3, 1), (3, 2), (0, 0), (1, 1), (10, 33)),
     (6, (1, 1), (1, 1), (0, 0), (1, 1), (4, 17)), (3, (7, 7), (2, 2), (3, 3), (1, 1), (40, 41))])
 @pytest.mark.parametrize("sparsity", [0.0, 0.6])
-@pytest.mark.parametrize("isa", ["active", "generic"])
-def test_depthwise_conv(rng, c, k, stride, pad, dil, hw, sparsity, isa, request):
-    if isa == "generic":
-        request.getfixturevalue("generic_isa")
+def test_depthwise_conv(rng, c, k, stride, pad, dil, hw, sparsity, simd_path):
     spec = dense_conv_spec(c, c, k, stride, pad, dil, c, hw, act="relu6")
     spec["ops"][0]["format"] = "depthwise"
     w, arrays = conv_arrays(rng, c, 1, k, "sparse", sparsity=sparsity)
@@ -1024,10 +1007,7 @@ def test_attention_key_mask_checks(rng):
 
 
 @pytest.mark.parametrize("kind", ["relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish"])
-@pytest.mark.parametrize("isa", ["active", "generic"])
-def test_activations_keep_nan_like_torch(kind, isa, request):
-    if isa == "generic":
-        request.getfixturevalue("generic_isa")
+def test_activations_keep_nan_like_torch(kind, simd_path):
     spec = make_spec([(11,), (11,)], [0], [1], [{"op": "activation", "kind": kind, "in": 0, "out": 1}])
     x = np.array([[np.nan, 1.0, -1.0, 0.0, 7.0, -7.0, 3.0, -3.0, 0.5, np.nan, 100.0]], F32)
     got = Executable.from_spec(spec, {}).run(x)

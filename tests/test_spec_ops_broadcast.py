@@ -28,18 +28,9 @@ def refused(spec, arrays, match, native_match):
 
 
 @pytest.fixture
-def generic_isa():
-    """Forces the portable SIMD path for one test and restores automatic choice afterwards."""
-    _native.set_isa("baseline")
-    yield
-    _native.set_isa("auto")
-
-
-@pytest.fixture(params=["active", "generic"])
-def isa(request):
-    if request.param == "generic":
-        request.getfixturevalue("generic_isa")
-    return request.param
+def isa(simd_path):
+    """Every SIMD path this CPU can run, in turn (tests/conftest.py)."""
+    return simd_path
 
 
 # --- broadcasting binary ops -------------------------------------------------------------------------

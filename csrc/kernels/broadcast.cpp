@@ -12,8 +12,6 @@ namespace sparseprune {
 
 namespace {
 
-bool use_avx2() { return active_isa() == Isa::avx2; }
-
 // An output walked as nested loops: dims[0] outermost, dims.back() the contiguous row; stride[k][d]
 // is operand k's step along dim d (0: broadcast). Every operand's row stride is 0 or 1.
 struct Loops {
@@ -129,8 +127,8 @@ void broadcast_binary(const float* a, const std::vector<int64_t>& shape_a, const
                       int64_t batch, BinaryOp op, Activation act, int n_threads) {
   if (batch <= 0) return;
   const Loops l = broadcast_loops(shape_out, {shape_a, shape_b}, batch);
-  auto row_fn = use_avx2() ? &avx2::binary_row_entry : &generic::binary_row_entry;
-  auto act_fn = use_avx2() ? &avx2::activation_map_entry : &generic::activation_map_entry;
+  auto row_fn = SP_ISA_PICK(binary_row_entry);
+  auto act_fn = SP_ISA_PICK(activation_map_entry);
   const int64_t n = l.dims.back(), sa = l.stride[0].back(), sb = l.stride[1].back();
   for_rows(l, threads_for_elements(n_threads, batch * numel(shape_out)), [&](int64_t r, int64_t c0, int64_t c1, const int64_t* off) {
     float* y = dst + r * n + c0;
@@ -171,8 +169,8 @@ void reduce_axes(const float* src, const std::vector<int64_t>& shape_in, const s
       for (int64_t i = 0; i < n; ++i) y[i] = static_cast<float>(static_cast<double>(y[i]) / static_cast<double>(count));
   };
   const int64_t total_out = batch * numel(shape_in) / count;
-  auto sum_row = use_avx2() ? &avx2::sum_row_entry : &generic::sum_row_entry;
-  auto sum_cols = use_avx2() ? &avx2::sum_columns_entry : &generic::sum_columns_entry;
+  auto sum_row = SP_ISA_PICK(sum_row_entry);
+  auto sum_cols = SP_ISA_PICK(sum_columns_entry);
   const int threads = threads_for_elements(n_threads, batch * numel(shape_in));
   if (size.size() == 1) {  // nothing reduced over more than one element: a copy
     std::memcpy(dst, src, static_cast<size_t>(total_out) * sizeof(float));

@@ -12,7 +12,7 @@ namespace sparseprune {
 namespace SP_ISA_NS {
 
 template <BinaryOp Op>
-inline vf8 apply8(vf8 x, vf8 y) {
+inline vf apply_v(vf x, vf y) {
   if constexpr (Op == BinaryOp::add) return x + y;
   if constexpr (Op == BinaryOp::sub) return x - y;
   if constexpr (Op == BinaryOp::mul) return x * y;
@@ -30,11 +30,11 @@ inline float apply1(float x, float y) {
 // SA, SB: 1 = a contiguous run, 0 = one value for the whole row.
 template <BinaryOp Op, int SA, int SB>
 inline void binary_row(const float* a, const float* b, float* dst, int64_t n) {
-  const vf8 va0 = splat8(a[0]), vb0 = splat8(b[0]);
+  const vf va0 = splat(a[0]), vb0 = splat(b[0]);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const vf8 x = SA ? load8(a + i) : va0, y = SB ? load8(b + i) : vb0;
-    *reinterpret_cast<vf8_unaligned*>(dst + i) = apply8<Op>(x, y);
+  for (; i + kVec <= n; i += kVec) {
+    const vf x = SA ? load(a + i) : va0, y = SB ? load(b + i) : vb0;
+    store(dst + i, apply_v<Op>(x, y));
   }
   for (; i < n; ++i) dst[i] = apply1<Op>(a[SA * i], b[SB * i]);
 }
@@ -57,43 +57,43 @@ void binary_row_entry(const float* a, int64_t sa, const float* b, int64_t sb, fl
 }
 
 double sum_row_entry(const float* src, int64_t n) {
-  vf8 a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0;  // four chains: the adds overlap
+  vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;  // four chains: the adds overlap
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    a0 += load8(src + i);
-    a1 += load8(src + i + 8);
-    a2 += load8(src + i + 16);
-    a3 += load8(src + i + 24);
+  for (; i + 4 * kVec <= n; i += 4 * kVec) {
+    a0 += load(src + i);
+    a1 += load(src + i + kVec);
+    a2 += load(src + i + 2 * kVec);
+    a3 += load(src + i + 3 * kVec);
   }
-  for (; i + 8 <= n; i += 8) a0 += load8(src + i);
-  double sum = (static_cast<double>(hsum8(a0)) + hsum8(a1)) + (static_cast<double>(hsum8(a2)) + hsum8(a3));
+  for (; i + kVec <= n; i += kVec) a0 += load(src + i);
+  double sum = (static_cast<double>(hsum(a0)) + hsum(a1)) + (static_cast<double>(hsum(a2)) + hsum(a3));
   for (; i < n; ++i) sum += src[i];
   return sum;
 }
 
 void sum_columns_entry(const float* src, int64_t rows, int64_t ld, int64_t n, float* dst) {
-  // 32 columns in four registers down all rows (no accumulator traffic; the rows' 128-byte
-  // pieces stay in L1 for the next 32 columns). Each column sums its rows in order, so the
-  // result does not depend on how n is split.
+  // 4 * kVec columns in four registers down all rows (no accumulator traffic; the rows' pieces
+  // stay in L1 for the next columns). Each column sums its rows in order, so the result does not
+  // depend on how n is split, nor on the vector width.
   int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
-    vf8 a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0;
+  for (; j + 4 * kVec <= n; j += 4 * kVec) {
+    vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
     const float* p = src + j;
     for (int64_t r = 0; r < rows; ++r, p += ld) {
-      a0 += load8(p);
-      a1 += load8(p + 8);
-      a2 += load8(p + 16);
-      a3 += load8(p + 24);
+      a0 += load(p);
+      a1 += load(p + kVec);
+      a2 += load(p + 2 * kVec);
+      a3 += load(p + 3 * kVec);
     }
-    *reinterpret_cast<vf8_unaligned*>(dst + j) = a0;
-    *reinterpret_cast<vf8_unaligned*>(dst + j + 8) = a1;
-    *reinterpret_cast<vf8_unaligned*>(dst + j + 16) = a2;
-    *reinterpret_cast<vf8_unaligned*>(dst + j + 24) = a3;
+    store(dst + j, a0);
+    store(dst + j + kVec, a1);
+    store(dst + j + 2 * kVec, a2);
+    store(dst + j + 3 * kVec, a3);
   }
-  for (; j + 8 <= n; j += 8) {
-    vf8 acc = splat8(0.0f);
-    for (int64_t r = 0; r < rows; ++r) acc += load8(src + r * ld + j);
-    *reinterpret_cast<vf8_unaligned*>(dst + j) = acc;
+  for (; j + kVec <= n; j += kVec) {
+    vf acc = splat(0.0f);
+    for (int64_t r = 0; r < rows; ++r) acc += load(src + r * ld + j);
+    store(dst + j, acc);
   }
   for (; j < n; ++j) {
     float acc = 0.0f;

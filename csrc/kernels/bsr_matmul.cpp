@@ -31,11 +31,9 @@ void bsr_linear(const BsrView<Index>& w, const LinearArgs& args) {
   const int threads = threads_for_work(args.n_threads, work);
   const std::vector<int64_t> bounds = partition_rows_by_nnz(w.indptr, n_block_rows, threads);
   ScratchBuffer& scratch = thread_scratch();
-  const bool use_avx2 = active_isa() == Isa::avx2;
 #define SP_CALL(R, C)                                                                  \
   if (w.block_rows == R && w.block_cols == C) {                                        \
-    if (use_avx2) avx2::bsr_linear<R, C>(w, args, bounds.data(), threads, scratch);    \
-    else generic::bsr_linear<R, C>(w, args, bounds.data(), threads, scratch);          \
+    SP_ISA_PICK(bsr_linear<R, C, Index>)(w, args, bounds.data(), threads, scratch);    \
     return;                                                                            \
   }
   SP_FOR_EACH_BSR_SHAPE(SP_CALL)

@@ -46,8 +46,8 @@ void block_rows_batch1(const BsrView<Index>& w, const float* __restrict x, const
   }
 }
 
-// Block rows [i0, i1) for the NV * 8 batch columns starting at b0.
-// xtile[n_cols_padded, 8 * NV] is the packed tile; results go to yt[r * ldy + b0 ...].
+// Block rows [i0, i1) for the NV * kVec batch columns starting at b0.
+// xtile[n_cols_padded, kVec * NV] is the packed tile; results go to yt[r * ldy + b0 ...].
 template <int R, int C, int NV, class Index>
 void block_rows_tile(const BsrView<Index>& w, const float* __restrict xtile, float* __restrict yt,
                      int64_t ldy, const LinearArgs& a, int64_t b0, int64_t i0, int64_t i1) {
@@ -55,10 +55,10 @@ void block_rows_tile(const BsrView<Index>& w, const float* __restrict xtile, flo
   const float* __restrict xb = xtile;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t rows = std::min<int64_t>(R, w.n_rows - i * R);
-    vf8 acc[R][NV];
+    vf acc[R][NV];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const vf8 init = splat8((a.bias && r < rows) ? a.bias[i * R + r] : 0.0f);
+      const vf init = splat((a.bias && r < rows) ? a.bias[i * R + r] : 0.0f);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] = init;
     }
@@ -67,12 +67,12 @@ void block_rows_tile(const BsrView<Index>& w, const float* __restrict xtile, flo
       const float* __restrict xc = xb + static_cast<int64_t>(w.indices[j]) * C * ldt;
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) {
-        vf8 xv[NV];
+        vf xv[NV];
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) xv[v] = load8_aligned(xc + c * ldt + v * kVec);
+        for (int v = 0; v < NV; ++v) xv[v] = load_aligned(xc + c * ldt + v * kVec);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          const vf8 wv = splat8(blk[c * R + r]);
+          const vf wv = splat(blk[c * R + r]);
 #pragma GCC unroll 8
           for (int v = 0; v < NV; ++v) acc[r][v] += wv * xv[v];
         }
@@ -81,34 +81,37 @@ void block_rows_tile(const BsrView<Index>& w, const float* __restrict xtile, flo
     for (int64_t r = 0; r < rows; ++r) {
       if (a.relu) {
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[r][v] = relu8(acc[r][v]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = relu_v(acc[r][v]);
       }
       store_row_tile<NV>(acc[r], yt + (i * R + r) * ldy + b0);
     }
   }
 }
 
-// Register budget: R rows x NV vectors of accumulators, at most 8 of the 16 vector registers.
+// Register budget: R rows x NV vectors of accumulators, at most 64 floats per block row's batch
+// tile (8 vectors of 8 or 4 of 16), one vector per row at least.
+template <int R>
+constexpr int kMaxNV = R * kVec >= 64 ? 1 : static_cast<int>(64 / (R * kVec));
+
 // Block rows [i0, i1) for the whole batch: xt in, yt[n_rows, ldx] as scratch, y out.
 template <int R, int C, class Index>
 void block_rows_batched(const BsrView<Index>& w, const float* __restrict xt, float* __restrict yt,
                         int64_t ldx, const LinearArgs& a, int64_t i0, int64_t i1) {
-  constexpr int kMaxNV = R >= 8 ? 1 : (8 / R);
   const int64_t n_cols_padded = round_up(w.n_cols, C);
   for (int64_t b0 = 0; b0 < a.batch;) {
-    const int nv = pick_tile_vectors(ldx - b0, kMaxNV);
+    const int nv = pick_tile_vectors(ldx - b0, kMaxNV<R>);
     const float* xtile = xt + n_cols_padded * b0;
-    if constexpr (kMaxNV >= 8) {
-      if (nv == 8) { block_rows_tile<R, C, 8>(w, xtile, yt, ldx, a, b0, i0, i1); b0 += 64; continue; }
+    if constexpr (kMaxNV<R> >= 8) {
+      if (nv == 8) { block_rows_tile<R, C, 8>(w, xtile, yt, ldx, a, b0, i0, i1); b0 += 8 * kVec; continue; }
     }
-    if constexpr (kMaxNV >= 4) {
-      if (nv == 4) { block_rows_tile<R, C, 4>(w, xtile, yt, ldx, a, b0, i0, i1); b0 += 32; continue; }
+    if constexpr (kMaxNV<R> >= 4) {
+      if (nv == 4) { block_rows_tile<R, C, 4>(w, xtile, yt, ldx, a, b0, i0, i1); b0 += 4 * kVec; continue; }
     }
-    if constexpr (kMaxNV >= 2) {
-      if (nv == 2) { block_rows_tile<R, C, 2>(w, xtile, yt, ldx, a, b0, i0, i1); b0 += 16; continue; }
+    if constexpr (kMaxNV<R> >= 2) {
+      if (nv == 2) { block_rows_tile<R, C, 2>(w, xtile, yt, ldx, a, b0, i0, i1); b0 += 2 * kVec; continue; }
     }
     block_rows_tile<R, C, 1>(w, xtile, yt, ldx, a, b0, i0, i1);
-    b0 += 8;
+    b0 += kVec;
   }
   unpack_channel_major(yt, ldx, i0 * R, std::min<int64_t>(i1 * R, w.n_rows), a.batch, a.y, a.y_stride);
 }
@@ -141,8 +144,7 @@ void bsr_linear(const BsrView<Index>& w, const LinearArgs& a, const int64_t* bou
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    constexpr int kMaxNV = R >= 8 ? 1 : (8 / R);
-    pack_channel_major(a.x, a.batch, a.x_stride_b, a.x_stride_k, w.n_cols, n_cols_padded, ldx, kMaxNV, xt);
+    pack_channel_major(a.x, a.batch, a.x_stride_b, a.x_stride_k, w.n_cols, n_cols_padded, ldx, kMaxNV<R>, xt);
     for_each_part(threads, [&](int p) { block_rows_batched<R, C>(w, xt, yt, ldx, a, bounds[p], bounds[p + 1]); });
   }
 }

@@ -12,7 +12,8 @@ namespace sparseprune {
 namespace SP_ISA_NS {
 
 // Batch-tile width in floats at batch column b0, for kernels that hold at most max_vectors
-// accumulator vectors per output row: 64, 32, 16 or 8 columns (ldx is a multiple of 8).
+// accumulator vectors per output row: max_vectors, max_vectors / 2, ... or 1 vectors of kVec
+// columns (ldx is a multiple of kVec).
 inline int64_t tile_width(int64_t ldx, int64_t b0, int max_vectors);
 
 // Packs x channel-major, tile by tile: batch tile [b0, b0 + w) is one contiguous block
@@ -77,10 +78,10 @@ inline void unpack_channel_major_parallel(const float* __restrict yt, int64_t ld
 }
 
 // Stores NV accumulator vectors as one row of the channel-major result.
-template <int NV>
-inline void store_row_tile(const vf8 (&acc)[NV], float* __restrict yt_row) {
+template <int NV, class V>
+inline void store_row_tile(const V (&acc)[NV], float* __restrict yt_row) {
   // Unaligned stores: the direct conv path writes straight into the caller's array.
-  for (int v = 0; v < NV; ++v) *reinterpret_cast<vf8_unaligned*>(yt_row + v * kVec) = acc[v];
+  for (int v = 0; v < NV; ++v) store(yt_row + v * lanes<V>, acc[v]);
 }
 
 // Batch-tile width in vectors for the `remaining` (padded) batch columns, given that one output

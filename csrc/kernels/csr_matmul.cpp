@@ -21,11 +21,7 @@ void csr_linear(const SellView<Index>& w, const LinearArgs& args) {
   // Scratch for the channel-major copy of x belongs to the calling thread: concurrent calls
   // from several threads never share it, and repeated calls do not reallocate.
   ScratchBuffer& scratch = thread_scratch();
-  if (active_isa() == Isa::avx2) {
-    avx2::csr_linear(w, args, bounds.data(), threads, scratch);
-  } else {
-    generic::csr_linear(w, args, bounds.data(), threads, scratch);
-  }
+  SP_ISA_PICK(csr_linear<Index>)(w, args, bounds.data(), threads, scratch);
 }
 
 template void csr_linear<uint16_t>(const SellView<uint16_t>&, const LinearArgs&);

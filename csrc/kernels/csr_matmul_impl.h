@@ -1,13 +1,14 @@
 // CSR sparse x dense linear layer, stored as SELL-8 (see linear_args.h): the kernel body.
 // Included once per SIMD path, inside namespace sparseprune::SP_ISA_NS, by
-// csr_matmul_generic.cpp and csr_matmul_avx2.cpp.
+// csr_matmul_{generic,avx2,avx2_w16,avx512}.cpp.
 //
 //   W: SellView (chunk_ptr[n_chunks + 1], perm[8 n_chunks], row_len[8 n_chunks],
 //      indices[n_entries], values[n_entries])
 //   x[batch, n_cols] through strides, bias[n_rows] or null, y[batch, n_rows]
 //
-// batch == 1: per chunk, 8 row sums side by side; each step loads 8 weights and gathers 8 x.
-// batch > 1 : x is packed channel-major (xt[n_cols, ldx], ldx = batch rounded up to 8), and
+// batch == 1: per chunk, 8 row sums side by side; each vector loads kVec weights (kVec / 8 steps
+//             of the chunk) and gathers kVec x.
+// batch > 1 : x is packed channel-major (xt[n_cols, ldx], ldx = batch rounded up to kVec), and
 //             each nonzero scales a contiguous run of up to 64 batch values held in registers.
 // Chunks are split among threads by stored entries.
 #pragma once
@@ -15,7 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -34,58 +35,89 @@ namespace SP_ISA_NS {
 
 namespace csr_detail {
 
-// The 8 row sums of chunk c at batch 1 (x contiguous).
+// x[i[0..lanes<V>)] as one vector (x contiguous).
+template <class V, class Index>
+inline V gather(const float* __restrict x, const Index* __restrict i) {
+#if defined(__AVX2__) && SP_HW_GATHER
+  if constexpr (lanes<V> == 16) {
+#if defined(__AVX512F__)
+    __m512i vi;
+    if constexpr (sizeof(Index) == 2) {
+      vi = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(i)));
+    } else {
+      vi = _mm512_loadu_si512(i);
+    }
+    return reinterpret_cast<V>(_mm512_i32gather_ps(vi, x, 4));
+#endif
+  }
+#endif
+#if defined(__AVX2__)
+  // 8 lanes at a time. Scalar loads inserted lane by lane beat vgatherdps on CPUs whose gather is
+  // microcoded at about one element per cycle (AMD Zen 2-4): SP_HW_GATHER picks the hardware
+  // gather instead.
+  auto gather8 = [&](const Index* j) -> __m256 {
+#if SP_HW_GATHER
+    __m256i vi;
+    if constexpr (sizeof(Index) == 2) {
+      vi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(j)));
+    } else {
+      vi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j));
+    }
+    return _mm256_i32gather_ps(x, vi, 4);
+#else
+    __m128 lo = _mm_load_ss(x + j[0]);
+    __m128 hi = _mm_load_ss(x + j[4]);
+    lo = _mm_insert_ps(lo, _mm_load_ss(x + j[1]), 0x10);
+    hi = _mm_insert_ps(hi, _mm_load_ss(x + j[5]), 0x10);
+    lo = _mm_insert_ps(lo, _mm_load_ss(x + j[2]), 0x20);
+    hi = _mm_insert_ps(hi, _mm_load_ss(x + j[6]), 0x20);
+    lo = _mm_insert_ps(lo, _mm_load_ss(x + j[3]), 0x30);
+    hi = _mm_insert_ps(hi, _mm_load_ss(x + j[7]), 0x30);
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+#endif
+  };
+  if constexpr (lanes<V> == 8) {
+    return reinterpret_cast<V>(gather8(i));
+  } else {
+#if defined(__AVX512F__)
+    return reinterpret_cast<V>(_mm512_insertf32x8(_mm512_castps256_ps512(gather8(i)), gather8(i + 8), 1));
+#else
+    V v;
+    const __m256 lo = gather8(i), hi = gather8(i + 8);
+    __builtin_memcpy(&v, &lo, 32);
+    __builtin_memcpy(reinterpret_cast<char*>(&v) + 32, &hi, 32);
+    return v;
+#endif
+  }
+#else
+  V v;
+  for (int l = 0; l < lanes<V>; ++l) v[l] = x[i[l]];
+  return v;
+#endif
+}
+
+// The 8 row sums of chunk c at batch 1 (x contiguous). One vector covers kVec / 8 consecutive
+// SELL steps of the chunk; their 8-lane pieces are added at the end.
 template <class Index>
 inline vf8 chunk_dot(const SellView<Index>& w, int64_t c, const float* __restrict x) {
+  constexpr int64_t kSteps = kVec / kSellLanes;  // SELL steps per vector
   const int64_t begin = w.chunk_ptr[c];
   const int64_t steps = (w.chunk_ptr[c + 1] - begin) / kSellLanes;
   const float* __restrict val = w.values + begin;
   const Index* __restrict idx = w.indices + begin;
-#if defined(__AVX2__) && defined(__FMA__)
-  // x[idx[0..8)] as one vector. Scalar loads inserted lane by lane beat vgatherdps on CPUs whose
-  // gather is microcoded at about one element per cycle (AMD Zen 2-4): SP_HW_GATHER picks the
-  // hardware gather instead.
-  auto gather = [&](int64_t l) -> __m256 {
-    const Index* i = idx + 8 * l;
-#if SP_HW_GATHER
-    __m256i vi;
-    if constexpr (sizeof(Index) == 2) {
-      vi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(i)));
-    } else {
-      vi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(i));
-    }
-    return _mm256_i32gather_ps(x, vi, 4);
-#else
-    __m128 lo = _mm_load_ss(x + i[0]);
-    __m128 hi = _mm_load_ss(x + i[4]);
-    lo = _mm_insert_ps(lo, _mm_load_ss(x + i[1]), 0x10);
-    hi = _mm_insert_ps(hi, _mm_load_ss(x + i[5]), 0x10);
-    lo = _mm_insert_ps(lo, _mm_load_ss(x + i[2]), 0x20);
-    hi = _mm_insert_ps(hi, _mm_load_ss(x + i[6]), 0x20);
-    lo = _mm_insert_ps(lo, _mm_load_ss(x + i[3]), 0x30);
-    hi = _mm_insert_ps(hi, _mm_load_ss(x + i[7]), 0x30);
-    return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
-#endif
-  };
   // Two accumulators: consecutive steps do not wait on each other's FMA.
-  __m256 acc0 = _mm256_setzero_ps();
-  __m256 acc1 = _mm256_setzero_ps();
+  vf acc0 = splat(0.0f), acc1 = splat(0.0f);
   int64_t l = 0;
-  for (; l + 2 <= steps; l += 2) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + 8 * l), gather(l), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + 8 * l + 8), gather(l + 1), acc1);
+  for (; l + 2 * kSteps <= steps; l += 2 * kSteps) {
+    acc0 += load(val + 8 * l) * gather<vf>(x, idx + 8 * l);
+    acc1 += load(val + 8 * l + kVec) * gather<vf>(x, idx + 8 * l + kVec);
   }
-  if (l < steps) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + 8 * l), gather(l), acc0);
-  return vf8(_mm256_add_ps(acc0, acc1));
-#else
-  vf8 acc = splat8(0.0f);
-  for (int64_t l = 0; l < steps; ++l) {
-    vf8 xv;
-    for (int i = 0; i < kSellLanes; ++i) xv[i] = x[idx[8 * l + i]];
-    acc += load8(val + 8 * l) * xv;
+  for (; l + kSteps <= steps; l += kSteps) acc0 += load(val + 8 * l) * gather<vf>(x, idx + 8 * l);
+  vf8 sums = fold8(acc0 + acc1);
+  if constexpr (kSteps > 1) {
+    if (l < steps) sums += load<vf8>(val + 8 * l) * gather<vf8>(x, idx + 8 * l);  // one step left
   }
-  return acc;
-#endif
+  return sums;
 }
 
 template <class Index>
@@ -102,10 +134,10 @@ void chunks_batch1(const SellView<Index>& w, const float* __restrict x, const Li
   }
 }
 
-// Chunks [c0, c1) for the NV * 8 batch columns starting at b0, one row at a time.
+// Chunks [c0, c1) for the NV * kVec batch columns starting at b0, one row at a time.
 // U independent accumulator sets over consecutive nonzeros hide the FMA latency when the tile
 // is narrow (NV * U >= 4 chains in flight); they are summed once per row.
-// xtile[n_cols, 8 * NV] is the packed tile; results go to yt[r * ldy + b0 ...].
+// xtile[n_cols, kVec * NV] is the packed tile; results go to yt[r * ldy + b0 ...].
 template <int NV, int U, class Index>
 void chunks_tile(const SellView<Index>& w, const float* __restrict xtile, float* __restrict yt,
                  int64_t ldy, const LinearArgs& a, int64_t b0, int64_t c0, int64_t c1) {
@@ -118,35 +150,35 @@ void chunks_tile(const SellView<Index>& w, const float* __restrict xtile, float*
     const int64_t len = w.row_len[s];
     const float* __restrict val = w.values + base;
     const Index* __restrict idx = w.indices + base;
-    vf8 acc[U][NV];
+    vf acc[U][NV];
 #pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[u][v] = splat8(0.0f);
+      for (int v = 0; v < NV; ++v) acc[u][v] = splat(0.0f);
     }
     int64_t l = 0;
     for (; l + U <= len; l += U) {
 #pragma GCC unroll 8
       for (int u = 0; u < U; ++u) {
-        const vf8 wv = splat8(val[(l + u) * kSellLanes]);
+        const vf wv = splat(val[(l + u) * kSellLanes]);
         const float* __restrict xr = xb + static_cast<int64_t>(idx[(l + u) * kSellLanes]) * ldt;
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[u][v] += wv * load8_aligned(xr + v * kVec);
+        for (int v = 0; v < NV; ++v) acc[u][v] += wv * load_aligned(xr + v * kVec);
       }
     }
     for (; l < len; ++l) {
-      const vf8 wv = splat8(val[l * kSellLanes]);
+      const vf wv = splat(val[l * kSellLanes]);
       const float* __restrict xr = xb + static_cast<int64_t>(idx[l * kSellLanes]) * ldt;
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[0][v] += wv * load8_aligned(xr + v * kVec);
+      for (int v = 0; v < NV; ++v) acc[0][v] += wv * load_aligned(xr + v * kVec);
     }
-    const vf8 init = splat8(a.bias ? a.bias[r] : 0.0f);
+    const vf init = splat(a.bias ? a.bias[r] : 0.0f);
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      vf8 sum = acc[0][v] + init;
+      vf sum = acc[0][v] + init;
 #pragma GCC unroll 8
       for (int u = 1; u < U; ++u) sum += acc[u][v];
-      acc[0][v] = a.relu ? relu8(sum) : sum;
+      acc[0][v] = a.relu ? relu_v(sum) : sum;
     }
     store_row_tile<NV>(acc[0], yt + static_cast<int64_t>(r) * ldy + b0);
   }
@@ -158,6 +190,8 @@ constexpr int64_t kTileGroupBytes = int64_t{1} << 20;
 // Rows (in chunks of 8) that run through all tiles of a group before the next rows start: their
 // weights stay in L1 across the tiles.
 constexpr int64_t kChunksPerBlock = 4;
+// A batch tile is at most 64 floats (8 vectors of 8, or 4 of 16) per output row in registers.
+constexpr int kMaxTileVectors = static_cast<int>(64 / kVec);
 
 // Chunks [c0, c1) for the whole batch: xt (tile-major, see pack_channel_major) in, yt[n_rows, ldx]
 // out.
@@ -166,13 +200,14 @@ void chunks_batched(const SellView<Index>& w, const float* __restrict xt, float*
                     int64_t ldx, const LinearArgs& a, int64_t c0, int64_t c1) {
   const int64_t group_floats = std::max<int64_t>(kTileGroupBytes / 4 / std::max<int64_t>(w.n_cols, 1), 64);
   for (int64_t g0 = 0; g0 < ldx;) {
-    int64_t g1 = g0 + tile_width(ldx, g0, 8);
-    while (g1 < ldx && g1 + tile_width(ldx, g1, 8) - g0 <= group_floats) g1 += tile_width(ldx, g1, 8);
+    int64_t g1 = g0 + tile_width(ldx, g0, kMaxTileVectors);
+    while (g1 < ldx && g1 + tile_width(ldx, g1, kMaxTileVectors) - g0 <= group_floats)
+      g1 += tile_width(ldx, g1, kMaxTileVectors);
     for (int64_t cb = c0; cb < c1; cb += kChunksPerBlock) {
       const int64_t ce = std::min(c1, cb + kChunksPerBlock);
       for (int64_t b0 = g0; b0 < g1;) {
         const float* xtile = xt + w.n_cols * b0;
-        const int nv = pick_tile_vectors(ldx - b0, 8);
+        const int nv = pick_tile_vectors(ldx - b0, kMaxTileVectors);
         switch (nv) {
           case 8: chunks_tile<8, 1>(w, xtile, yt, ldx, a, b0, cb, ce); break;
           case 4: chunks_tile<4, 2>(w, xtile, yt, ldx, a, b0, cb, ce); break;
@@ -215,7 +250,7 @@ void csr_linear(const SellView<Index>& w, const LinearArgs& a, const int64_t* bo
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    pack_channel_major(a.x, a.batch, a.x_stride_b, a.x_stride_k, w.n_cols, w.n_cols, ldx, 8, xt);
+    pack_channel_major(a.x, a.batch, a.x_stride_b, a.x_stride_k, w.n_cols, w.n_cols, ldx, kMaxTileVectors, xt);
     // (the omp for inside pack_channel_major ends with a barrier: xt is complete here)
     for_each_part(threads, [&](int p) { chunks_batched(w, xt, yt, ldx, a, bounds[p], bounds[p + 1]); });
     // A thread's chunks hold a permuted set of rows, so yt is complete only after all threads

@@ -33,7 +33,7 @@ void DepthwiseConv::run(const ConvGeometry& g, const float* x, int64_t batch, fl
   const int64_t ph = g.in_h + 2 * s.pad_h, pw = g.in_w + 2 * s.pad_w;
   const int64_t work = static_cast<int64_t>(tap_.size()) * batch * g.out_h * g.out_w;
   const int threads = static_cast<int>(std::min<int64_t>(threads_for_work(n_threads, static_cast<double>(work)), planes));
-  auto plane_fn = active_isa() == Isa::avx2 ? &avx2::depthwise_plane_entry : &generic::depthwise_plane_entry;
+  auto plane_fn = SP_ISA_PICK(depthwise_plane_entry);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<float> padded(static_cast<size_t>(ph * pw), 0.0f);  // per thread; the border stays zero

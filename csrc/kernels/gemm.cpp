@@ -34,7 +34,7 @@ void gemm_panels(const float* a, int64_t lda, const float* packed, int64_t M, in
                  const float* bias, float* c, int64_t ldc, int64_t panel_begin, int64_t panel_end,
                  const float* row_bias) {
   if (M <= 0 || N <= 0) return;
-  auto body = active_isa() == Isa::avx2 ? &avx2::gemm_panels_entry : &generic::gemm_panels_entry;
+  auto body = SP_ISA_PICK(gemm_panels_entry);
   body(a, lda, packed, M, N, K, alpha, bias, row_bias, c, ldc, panel_begin, panel_end);
 }
 

@@ -11,39 +11,45 @@
 namespace sparseprune {
 namespace SP_ISA_NS {
 
-constexpr int kGemmRows = 6;  // rows of C per register tile: 6 x 2 accumulators + 2 B vectors + 1 A broadcast
+// Register tile: 6 rows of C by one 16-column panel, i.e. 6 x kPanelVecs accumulators (12 of 8
+// lanes or 6 of 16) + the panel row's vectors + 1 A broadcast. The 16-column panel is the packed
+// format of B, shared by every SIMD path (B is packed once, whichever path runs it later).
+constexpr int kGemmRows = 6;
+constexpr int kPanelVecs = static_cast<int>(kGemmPanel / kVec);
+static_assert(kPanelVecs * kVec == kGemmPanel, "a panel is whole vectors");
 
 // One tile: ROWS rows of C, one 16-column panel, n_valid (<= 16) of its columns stored.
 template <int ROWS>
 inline void gemm_tile(int64_t K, const float* a, int64_t lda, const float* panel, float alpha,
                       const float* bias, const float* row_bias, float* c, int64_t ldc, int n_valid) {
-  vf8 acc[ROWS][2];
-  for (int i = 0; i < ROWS; ++i) acc[i][0] = acc[i][1] = splat8(0.0f);
+  vf acc[ROWS][kPanelVecs];
+  for (int i = 0; i < ROWS; ++i)
+#pragma GCC unroll 2
+    for (int v = 0; v < kPanelVecs; ++v) acc[i][v] = splat(0.0f);
   for (int64_t k = 0; k < K; ++k) {
-    const vf8 b0 = load8(panel + k * kGemmPanel);
-    const vf8 b1 = load8(panel + k * kGemmPanel + 8);
+    vf b[kPanelVecs];
+#pragma GCC unroll 2
+    for (int v = 0; v < kPanelVecs; ++v) b[v] = load(panel + k * kGemmPanel + v * kVec);
     for (int i = 0; i < ROWS; ++i) {
-      const vf8 av = splat8(a[i * lda + k]);
-      acc[i][0] += av * b0;
-      acc[i][1] += av * b1;
+      const vf av = splat(a[i * lda + k]);
+#pragma GCC unroll 2
+      for (int v = 0; v < kPanelVecs; ++v) acc[i][v] += av * b[v];
     }
   }
   float bias16[kGemmPanel] = {0};
   if (bias) std::copy(bias, bias + n_valid, bias16);
-  const vf8 va = splat8(alpha), bb0 = load8(bias16), bb1 = load8(bias16 + 8);
+  const vf va = splat(alpha);
+  vf bb[kPanelVecs];
+#pragma GCC unroll 2
+  for (int v = 0; v < kPanelVecs; ++v) bb[v] = load(bias16 + v * kVec);
   for (int i = 0; i < ROWS; ++i) {
-    const vf8 rb = splat8(row_bias ? row_bias[i] : 0.0f);
-    const vf8 r0 = acc[i][0] * va + bb0 + rb, r1 = acc[i][1] * va + bb1 + rb;
+    const vf rb = splat(row_bias ? row_bias[i] : 0.0f);
     float* row = c + i * ldc;
-    if (n_valid == kGemmPanel) {
-      *reinterpret_cast<vf8_unaligned*>(row) = r0;
-      *reinterpret_cast<vf8_unaligned*>(row + 8) = r1;
-    } else {
-      float tmp[kGemmPanel];
-      *reinterpret_cast<vf8_unaligned*>(tmp) = r0;
-      *reinterpret_cast<vf8_unaligned*>(tmp + 8) = r1;
-      std::copy(tmp, tmp + n_valid, row);
-    }
+    float tmp[kGemmPanel];
+    float* out = n_valid == kGemmPanel ? row : tmp;
+#pragma GCC unroll 2
+    for (int v = 0; v < kPanelVecs; ++v) store(out + v * kVec, acc[i][v] * va + bb[v] + rb);
+    if (n_valid != kGemmPanel) std::copy(tmp, tmp + n_valid, row);
   }
 }
 

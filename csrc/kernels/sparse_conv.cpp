@@ -26,7 +26,7 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-constexpr int64_t kTileFloats = 64;  // grid pixels per task: 8 vectors of accumulators
+constexpr int64_t kTileFloats = 64;  // grid pixels per task: 8 vectors of 8 (or 4 of 16) accumulators
 
 }  // namespace
 
@@ -192,9 +192,8 @@ void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWe
   ScratchBuffer& scratch = thread_scratch();
   float* xph = scratch.get((g.image_floats + 15) / 16 * 16 + s.out_channels * g.grid_padded);
   float* yt = xph + (g.image_floats + 15) / 16 * 16;
-  const bool use_avx2 = active_isa() == Isa::avx2;
-  auto task = use_avx2 ? &avx2::conv_task_entry : &generic::conv_task_entry;
-  auto ptask = use_avx2 ? &avx2::pattern_conv_task_entry : &generic::pattern_conv_task_entry;
+  auto task = SP_ISA_PICK(conv_task_entry);
+  auto ptask = SP_ISA_PICK(pattern_conv_task_entry);
   const int taps_per_kernel = s.kernel_h * s.kernel_w;
   // A 1x1, stride-1, unpadded convolution on contiguous NCHW images needs no repacking: the image
   // already is the repacked layout, and when the grid is whole vectors the output is too.

@@ -10,31 +10,28 @@
 
 namespace sparseprune {
 
-namespace {
-bool use_avx2() { return active_isa() == Isa::avx2; }
-}  // namespace
-
 
 void affine_map(const float* src, float* dst, int64_t n, float scale, float shift, Activation a, int n_threads) {
   if (a == Activation::none && scale == 1.0f && shift == 0.0f) {
     if (src != dst) std::memmove(dst, src, static_cast<size_t>(n) * sizeof(float));
     return;
   }
-  auto body = use_avx2() ? &avx2::activation_map_entry : &generic::activation_map_entry;
+  auto body = SP_ISA_PICK(activation_map_entry);
   const int threads = threads_for_elements(n_threads, n);
   if (threads == 1) return body(src, dst, n, scale, shift, a);
-  // Whole vectors per thread, so every element meets the same code path.
-  const int64_t vecs = (n + 7) / 8;
+  // Whole vectors per thread (16 floats: whole vectors of every path), so every element meets the
+  // same code path.
+  const int64_t vecs = (n + 15) / 16;
 #pragma omp parallel num_threads(threads)
   for_each_part(threads, [&](int t) {
-    const int64_t i0 = std::min(n, vecs * t / threads * 8), i1 = std::min(n, vecs * (t + 1) / threads * 8);
+    const int64_t i0 = std::min(n, vecs * t / threads * 16), i1 = std::min(n, vecs * (t + 1) / threads * 16);
     body(src + i0, dst + i0, i1 - i0, scale, shift, a);
   });
 }
 
 void softmax_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t rows, int64_t len,
                   int64_t causal_offset, int n_threads) {
-  auto row = use_avx2() ? &avx2::softmax_row_entry : &generic::softmax_row_entry;
+  auto row = SP_ISA_PICK(softmax_row_entry);
   const int threads = threads_for_elements(n_threads, rows * len);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
@@ -45,7 +42,7 @@ void softmax_rows(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, 
 
 void layernorm_rows(const float* src, float* dst, int64_t rows, int64_t len, const float* gamma, const float* beta,
                     float eps, int n_threads) {
-  auto row = use_avx2() ? &avx2::layernorm_row_entry : &generic::layernorm_row_entry;
+  auto row = SP_ISA_PICK(layernorm_row_entry);
   const int threads = threads_for_elements(n_threads, rows * len);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t r = 0; r < rows; ++r) row(src + r * len, dst + r * len, len, gamma, beta, eps);
@@ -60,7 +57,7 @@ void binary_map(const float* a, const float* b, float* dst, int64_t n, bool mult
 
 void pool2d_planes(const float* src, float* dst, int64_t planes, int64_t H, int64_t W, int64_t OH, int64_t OW,
                    const int kernel[2], const int stride[2], const int padding[2], bool is_max, int n_threads) {
-  auto plane = use_avx2() ? &avx2::pool_plane_entry : &generic::pool_plane_entry;
+  auto plane = SP_ISA_PICK(pool_plane_entry);
   const int threads = threads_for_elements(n_threads, planes * OH * OW * kernel[0] * kernel[1]);
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
   for (int64_t p = 0; p < planes; ++p)

@@ -15,62 +15,62 @@ namespace sparseprune {
 namespace SP_ISA_NS {
 
 // tanh(x) = sign(x) (1 - e^(-2|x|)) / (1 + e^(-2|x|)): no cancellation for large |x|.
-inline vf8 tanh8(vf8 x) {
-  const vf8 one = splat8(1.0f);
-  const vf8 ax = x < splat8(0.0f) ? -x : x;
-  const vf8 e = exp8(splat8(-2.0f) * ax);
-  const vf8 y = (one - e) / (one + e);
-  return x < splat8(0.0f) ? -y : (x != x ? x : y);
+inline vf tanh_v(vf x) {
+  const vf one = splat(1.0f);
+  const vf ax = x < splat(0.0f) ? -x : x;
+  const vf e = exp_v(splat(-2.0f) * ax);
+  const vf y = (one - e) / (one + e);
+  return x < splat(0.0f) ? -y : (x != x ? x : y);
 }
 
-// e^x over all floats, as torch.exp: exp8 is exact only in [-87, 88] (it clamps outside), so
+// e^x over all floats, as torch.exp: exp_v is exact only in [-87, 88] (it clamps outside), so
 // beyond that take e^(x/2) squared: overflows to inf above ~88.7, underflows to 0 (via the
 // subnormals, with their lost bits) below ~-87.3.
-inline vf8 exp8_full(vf8 x) {
-  const vf8 ax = x < splat8(0.0f) ? -x : x;
-  const vf8 h = exp8(x * splat8(0.5f));
-  return ax > splat8(87.0f) ? h * h : exp8(x);
+inline vf exp_full(vf x) {
+  const vf ax = x < splat(0.0f) ? -x : x;
+  const vf h = exp_v(x * splat(0.5f));
+  return ax > splat(87.0f) ? h * h : exp_v(x);
 }
 
 template <Activation A>
-inline vf8 activate8(vf8 x) {
-  const vf8 one = splat8(1.0f);
-  if constexpr (A == Activation::relu) return relu8(x);
+inline vf activate(vf x) {
+  const vf one = splat(1.0f);
+  if constexpr (A == Activation::relu) return relu_v(x);
   if constexpr (A == Activation::relu6) {
-    const vf8 r = min8(relu8(x), splat8(6.0f));  // min8(NaN, 6) would give 6: keep NaN, as torch does
+    const vf r = min_v(relu_v(x), splat(6.0f));  // min_v(NaN, 6) would give 6: keep NaN, as torch does
     return x != x ? x : r;
   }
-  if constexpr (A == Activation::gelu) return splat8(0.5f) * x * (one + erf8(x * splat8(0.70710678118654752f)));
-  if constexpr (A == Activation::silu) return x / (one + exp8(-x));
-  if constexpr (A == Activation::sigmoid) return one / (one + exp8(-x));
-  if constexpr (A == Activation::tanh) return tanh8(x);
-  if constexpr (A == Activation::hardswish) return x * min8(max8(x + splat8(3.0f), splat8(0.0f)), splat8(6.0f)) / splat8(6.0f);
+  if constexpr (A == Activation::gelu) return splat(0.5f) * x * (one + erf_v(x * splat(0.70710678118654752f)));
+  if constexpr (A == Activation::silu) return x / (one + exp_v(-x));
+  if constexpr (A == Activation::sigmoid) return one / (one + exp_v(-x));
+  if constexpr (A == Activation::tanh) return tanh_v(x);
+  if constexpr (A == Activation::hardswish) return x * min_v(max_v(x + splat(3.0f), splat(0.0f)), splat(6.0f)) / splat(6.0f);
   if constexpr (A == Activation::gelu_tanh) {
     // 0.5 x (1 + tanh(u)) = x / (1 + e^(-2u)): no cancellation when tanh(u) is near -1 (x < -3).
-    const vf8 u = splat8(0.79788456080286536f) * (x + splat8(0.044715f) * x * x * x);  // sqrt(2 / pi)
-    return x / (one + exp8_full(splat8(-2.0f) * u));
+    const vf u = splat(0.79788456080286536f) * (x + splat(0.044715f) * x * x * x);  // sqrt(2 / pi)
+    return x / (one + exp_full(splat(-2.0f) * u));
   }
   if constexpr (A == Activation::hardsigmoid) {
-    const vf8 r = min8(max8(x + splat8(3.0f), splat8(0.0f)), splat8(6.0f)) / splat8(6.0f);
-    return x != x ? x : r;  // max8/min8 would turn NaN into 0: keep it, as torch does
+    const vf r = min_v(max_v(x + splat(3.0f), splat(0.0f)), splat(6.0f)) / splat(6.0f);
+    return x != x ? x : r;  // max_v/min_v would turn NaN into 0: keep it, as torch does
   }
-  if constexpr (A == Activation::sqrt) return sqrt8(x);
-  if constexpr (A == Activation::rsqrt) return one / sqrt8(x);
-  if constexpr (A == Activation::exp) return exp8_full(x);
+  if constexpr (A == Activation::sqrt) return sqrt_v(x);
+  if constexpr (A == Activation::rsqrt) return one / sqrt_v(x);
+  if constexpr (A == Activation::exp) return exp_full(x);
   return x;
 }
 
 // Affine false: scale 1, shift 0 skipped (x * 1 + 0 would turn -0 into +0: rsqrt(-0) is -inf).
 template <Activation A, bool Affine>
 inline void map_range(const float* src, float* dst, int64_t n, float scale, float shift) {
-  const vf8 vs = splat8(scale), vh = splat8(shift);
+  const vf vs = splat(scale), vh = splat(shift);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    *reinterpret_cast<vf8_unaligned*>(dst + i) = activate8<A>(Affine ? load8(src + i) * vs + vh : load8(src + i));
+  for (; i + kVec <= n; i += kVec)
+    store(dst + i, activate<A>(Affine ? load(src + i) * vs + vh : load(src + i)));
   if (i < n) {
-    float tmp[8] = {0};
+    float tmp[kVec] = {0};
     std::copy(src + i, src + n, tmp);
-    const vf8 r = activate8<A>(Affine ? load8(tmp) * vs + vh : load8(tmp));
+    const vf r = activate<A>(Affine ? load(tmp) * vs + vh : load(tmp));
     for (int64_t j = 0; j < n - i; ++j) dst[i + j] = r[j];
   }
 }
@@ -101,28 +101,28 @@ inline void activation_map_body(const float* src, float* dst, int64_t n, float s
 
 // dst[0, len) = softmax of src[0, n_valid), zeros after (n_valid >= 1). src may equal dst.
 inline void softmax_row_body(const float* src, float* dst, int64_t n_valid, int64_t len) {
-  vf8 vmax = splat8(-INFINITY);
+  vf vmax = splat(-INFINITY);
   int64_t i = 0;
-  for (; i + 8 <= n_valid; i += 8) vmax = max8(vmax, load8(src + i));
-  float mx = hmax8(vmax);
+  for (; i + kVec <= n_valid; i += kVec) vmax = max_v(vmax, load(src + i));
+  float mx = hmax(vmax);
   for (int64_t j = i; j < n_valid; ++j) mx = src[j] > mx ? src[j] : mx;
-  const vf8 vm = splat8(mx);
-  vf8 vsum = splat8(0.0f);
-  float tail[8] = {0};
-  for (i = 0; i + 8 <= n_valid; i += 8) {
-    const vf8 e = exp8(load8(src + i) - vm);
-    *reinterpret_cast<vf8_unaligned*>(dst + i) = e;
+  const vf vm = splat(mx);
+  vf vsum = splat(0.0f);
+  float tail[kVec] = {0};
+  for (i = 0; i + kVec <= n_valid; i += kVec) {
+    const vf e = exp_v(load(src + i) - vm);
+    store(dst + i, e);
     vsum += e;
   }
-  float sum = hsum8(vsum);
+  float sum = hsum(vsum);
   if (i < n_valid) {
-    for (int64_t j = 0; j < 8; ++j) tail[j] = i + j < n_valid ? src[i + j] : mx;
-    const vf8 e = exp8(load8(tail) - vm);
+    for (int64_t j = 0; j < kVec; ++j) tail[j] = i + j < n_valid ? src[i + j] : mx;
+    const vf e = exp_v(load(tail) - vm);
     for (int64_t j = 0; j < n_valid - i; ++j) sum += (dst[i + j] = e[j]);
   }
-  const vf8 inv = splat8(1.0f / sum);
-  for (i = 0; i + 8 <= n_valid; i += 8)
-    *reinterpret_cast<vf8_unaligned*>(dst + i) = load8(dst + i) * inv;
+  const vf inv = splat(1.0f / sum);
+  for (i = 0; i + kVec <= n_valid; i += kVec)
+    store(dst + i, load(dst + i) * inv);
   for (; i < n_valid; ++i) dst[i] *= inv[0];
   for (i = n_valid; i < len; ++i) dst[i] = 0.0f;
 }
@@ -130,24 +130,24 @@ inline void softmax_row_body(const float* src, float* dst, int64_t n_valid, int6
 // dst = (src - mean) / sqrt(var + eps) * gamma + beta over one row of len >= 1.
 inline void layernorm_row_body(const float* src, float* dst, int64_t len, const float* gamma, const float* beta,
                                float eps) {
-  vf8 vs = splat8(0.0f);
+  vf vs = splat(0.0f);
   int64_t i = 0;
-  for (; i + 8 <= len; i += 8) vs += load8(src + i);
-  double sum = hsum8(vs);
+  for (; i + kVec <= len; i += kVec) vs += load(src + i);
+  double sum = hsum(vs);
   for (; i < len; ++i) sum += src[i];
   const float mean = static_cast<float>(sum / static_cast<double>(len));
-  const vf8 vm = splat8(mean);
-  vf8 vq = splat8(0.0f);
-  for (i = 0; i + 8 <= len; i += 8) {
-    const vf8 d = load8(src + i) - vm;
+  const vf vm = splat(mean);
+  vf vq = splat(0.0f);
+  for (i = 0; i + kVec <= len; i += kVec) {
+    const vf d = load(src + i) - vm;
     vq += d * d;
   }
-  double sq = hsum8(vq);
+  double sq = hsum(vq);
   for (; i < len; ++i) sq += (src[i] - mean) * (src[i] - mean);
   const float inv = static_cast<float>(1.0 / std::sqrt(sq / static_cast<double>(len) + eps));
-  const vf8 vi = splat8(inv);
-  for (i = 0; i + 8 <= len; i += 8)
-    *reinterpret_cast<vf8_unaligned*>(dst + i) = (load8(src + i) - vm) * vi * load8(gamma + i) + load8(beta + i);
+  const vf vinv = splat(inv);
+  for (i = 0; i + kVec <= len; i += kVec)
+    store(dst + i, (load(src + i) - vm) * vinv * load(gamma + i) + load(beta + i));
   for (; i < len; ++i) dst[i] = (src[i] - mean) * inv * gamma[i] + beta[i];
 }
 
@@ -203,7 +203,7 @@ inline void depthwise_plane_strided(const float* __restrict padded, int64_t padd
                                     int stride_h, int sw_runtime, int64_t out_h, int64_t out_w, float bias,
                                     float* __restrict out) {
   const int64_t sw = SW > 0 ? SW : sw_runtime;
-  // Tap offsets once per plane; then per output row, 8 outputs at a time in a register across
+  // Tap offsets once per plane; then per output row, kVec outputs at a time in a register across
   // all taps (one store per vector, not one per tap).
   int64_t offset[64];
   const int64_t n = n_taps < 64 ? n_taps : 64;  // DepthwiseConv refuses kernels of more taps
@@ -218,21 +218,20 @@ inline void depthwise_plane_strided(const float* __restrict padded, int64_t padd
     const float* __restrict base = padded + oh * stride_h * padded_w;
     int64_t ow = 0;
     if (SW == 1) {
-      for (; ow + 8 <= out_w; ow += 8) {
-        vf8 acc = splat8(bias);
-        for (int64_t t = 0; t < n; ++t) acc += splat8(values[t]) * load8(base + offset[t] + ow);
-        *reinterpret_cast<vf8_unaligned*>(row + ow) = acc;
+      for (; ow + kVec <= out_w; ow += kVec) {
+        vf acc = splat(bias);
+        for (int64_t t = 0; t < n; ++t) acc += splat(values[t]) * load(base + offset[t] + ow);
+        store(row + ow, acc);
       }
-    } else if (SW == 2) {  // 16 consecutive inputs, even lanes kept
-      const vi8 even = {0, 2, 4, 6, 8, 10, 12, 14};
-      // Both 8-wide loads must stay inside the padded row (the odd lanes are read, not used).
-      for (; ow + 8 <= out_w && max_col + 2 * ow + 16 <= padded_w; ow += 8) {
-        vf8 acc = splat8(bias);
+    } else if (SW == 2) {  // 2 * kVec consecutive inputs, even lanes kept
+      // Both loads must stay inside the padded row (the odd lanes are read, not used).
+      for (; ow + kVec <= out_w && max_col + 2 * ow + 2 * kVec <= padded_w; ow += kVec) {
+        vf acc = splat(bias);
         for (int64_t t = 0; t < n; ++t) {
           const float* p = base + offset[t] + 2 * ow;
-          acc += splat8(values[t]) * __builtin_shuffle(load8(p), load8(p + 8), even);
+          acc += splat(values[t]) * even_lanes(load(p), load(p + kVec));
         }
-        *reinterpret_cast<vf8_unaligned*>(row + ow) = acc;
+        store(row + ow, acc);
       }
     }
     for (; ow < out_w; ++ow) {

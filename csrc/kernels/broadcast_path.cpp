@@ -1,0 +1,2 @@
+// The broadcast row kernels, compiled once per SIMD path (CMakeLists.txt: SP_ISA_NS and SP_VEC_WIDTH per path).
+#include "kernels/broadcast_impl.h"

@@ -348,7 +348,8 @@ def model_rows(name: str, args: argparse.Namespace) -> Tuple[List[dict], Optiona
             rows.append(row)
             log(f"[{name}] {row_text(row)}")
         exe = getattr(ctx, "executable", None)
-        if name in PROFILED and exe is not None and 1 in args.batch_sizes and "executable" in rows[0]["times_ms"]:
+        batch1 = [r for r in rows if r["batch"] == 1]
+        if name in PROFILED and exe is not None and batch1 and "executable" in batch1[0]["times_ms"]:
             profile = exe.profile(inputs[1].numpy(), repeats=args.profile_repeats, warmup=2)
             profile = {"model": name, "batch": 1, "table": profile.table(top=15), **profile.to_dict()}
             log(profile["table"])
@@ -496,7 +497,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     profiles: List[dict] = []
     try:
         for name in args.models:
-            model_result, profile = model_rows(name, args)
+            try:
+                model_result, profile = model_rows(name, args)
+            except Exception as exc:  # e.g. torch itself failing: one model must not end the run
+                log(f"[{name}] failed: {first_line(exc)}")
+                model_result, profile = [{"model": name, "error": first_line(exc)}], None
             rows += model_result
             if profile:
                 profiles.append(profile)

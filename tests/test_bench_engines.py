@@ -105,6 +105,16 @@ def test_an_engine_with_wrong_outputs_is_reported_not_timed(bench, tmp_path, mon
     assert "* onnxruntime: output differs from torch" in md and "* convert: RuntimeError: cannot build" in md
 
 
+def test_a_model_whose_torch_run_fails_is_an_error_row(bench, tmp_path, monkeypatch):
+    def broken(model, example, ctx):
+        raise RuntimeError("torch broke")
+
+    monkeypatch.setitem(bench.BUILDERS, "torch", broken)
+    result, md = _run(bench, tmp_path, ["--models", "bert-ffn", "--engines", "executable", "--batch-sizes", "1"])
+    assert result["rows"] == [{"model": "bert-ffn", "error": "RuntimeError: torch eager failed: RuntimeError: torch broke"}]
+    assert "| bert-ffn | | error: RuntimeError: torch eager failed" in md
+
+
 def test_profile_of_the_bert_layer_executable(bench, tmp_path):
     result, md = _run(bench, tmp_path, ["--models", "bert-layer", "--engines", "executable", "--batch-sizes", "1"])
     (profile,) = result["metadata"]["profiles"]

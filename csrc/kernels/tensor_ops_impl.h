@@ -224,13 +224,13 @@ inline void depthwise_plane_strided(const float* __restrict padded, int64_t padd
         *reinterpret_cast<vf8_unaligned*>(row + ow) = acc;
       }
     } else if (SW == 2) {  // 16 consecutive inputs, even lanes kept
-      const vi8 even = {0, 2, 4, 6, 8, 10, 12, 14};
       // Both 8-wide loads must stay inside the padded row (the odd lanes are read, not used).
       for (; ow + 8 <= out_w && max_col + 2 * ow + 16 <= padded_w; ow += 8) {
         vf8 acc = splat8(bias);
         for (int64_t t = 0; t < n; ++t) {
           const float* p = base + offset[t] + 2 * ow;
-          acc += splat8(values[t]) * __builtin_shuffle(load8(p), load8(p + 8), even);
+          // __builtin_shufflevector (constant lane indices) is understood by gcc >= 12 and clang.
+          acc += splat8(values[t]) * __builtin_shufflevector(load8(p), load8(p + 8), 0, 2, 4, 6, 8, 10, 12, 14);
         }
         *reinterpret_cast<vf8_unaligned*>(row + ow) = acc;
       }

@@ -199,6 +199,9 @@ def test_plan_run_refuses_misaligned_input_and_executable_copies_it(rng):
     want = plan.run([x])[0]
     with pytest.raises(ValueError, match=r"^input 0 is not aligned"):
         plan.run([misaligned(x)])
+    seconds = misaligned(np.zeros(plan.n_ops))
+    with pytest.raises(ValueError, match=r"^op_seconds is not aligned"):
+        plan.run([x], 1, [], seconds)
     exe = Executable.from_spec(spec, arrays)
     np.testing.assert_array_equal(exe.run(misaligned(x)), want)
     np.testing.assert_array_equal(exe.run(np.frombuffer(b"\0" + x.tobytes(), np.float32, offset=1).reshape(x.shape)),

@@ -570,6 +570,7 @@ std::vector<py::array_t<float>> run_plan(const Plan& plan, const std::vector<py:
         arr.shape(0) != static_cast<py::ssize_t>(plan.n_ops()) || !(arr.flags() & py::array::c_style) ||
         !arr.writeable())
       throw py::value_error("op_seconds must be a writable contiguous float64 array of n_ops entries");
+    require_aligned(arr, "op_seconds");
     seconds_array = py::array_t<double, py::array::c_style>(arr);
     seconds = seconds_array.mutable_data();
   }

@@ -5,6 +5,8 @@ clear message instead of an ImportError deep inside a model's forward.
 """
 from __future__ import annotations
 
+import numpy as np
+
 try:
     from sparseprune import _C  # noqa: F401  (re-exported)
 except ImportError as exc:  # pragma: no cover - only on a broken install
@@ -30,3 +32,11 @@ def simd_paths():
     return {("avx2" if name == "avx2+fma" else name): why for name, why in _C.simd_paths()}
 openmp_enabled = _C.openmp_enabled
 max_threads = _C.max_threads
+
+
+def aligned(a: np.ndarray) -> np.ndarray:
+    """`a`, or an aligned copy of it when its address or strides are not multiples of its element
+    size (np.frombuffer at an odd offset, torch.frombuffer, a view into a byte buffer). The
+    bindings refuse misaligned arrays (the kernels' typed loads from them are undefined
+    behaviour); every Python entry point passes its arrays through here first."""
+    return a if a.flags.aligned else a.copy()

@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from sparseprune._native import PackedLinear
+from sparseprune._native import PackedLinear, aligned
 
 # Block shapes (rows x cols) with compiled kernels; keep in sync with csrc/kernels/bsr_shapes.h.
 BLOCK_SHAPES: Tuple[Tuple[int, int], ...] = ((1, 4), (4, 1), (8, 1))
@@ -85,7 +85,7 @@ def pack(
     """A native PackedLinear for `weight` [out, in] (and `bias` [out] or None)."""
     w = _as_matrix(weight)
     if bias is not None:
-        bias = np.ascontiguousarray(bias, dtype=np.float32)
+        bias = aligned(np.ascontiguousarray(bias, dtype=np.float32))
     if fmt == "csr":
         arrays, block = csr_arrays(w), (1, 1)
     elif fmt == "bsr":

@@ -31,6 +31,19 @@ inline void require_c_contiguous(const py::array& a, const char* name) {
     throw py::value_error(std::string(name) + " must be C-contiguous");
 }
 
+// numpy arrays may start at any byte (np.frombuffer(buf, offset=1), a view into a uint8 buffer),
+// but the kernels read elements through typed pointers, and a misaligned float or int64 load is
+// undefined behaviour. Policy: every array a binding takes is checked here and refused; the
+// Python API (Executable, SparseLinear, SparseConv2d, formats.pack) passes aligned copies.
+// numpy's ALIGNED flag covers the data address and the strides of every axis longer than 1.
+inline void require_aligned(const py::array& a, const char* name) {
+  if (!(a.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {
+    const std::string bytes = std::to_string(a.dtype().attr("alignment").cast<int>());
+    throw py::value_error(std::string(name) + " is not aligned: its address and strides must be multiples of " +
+                          bytes + " bytes for dtype " + dtype_name(a) + " (pass an aligned copy, e.g. a.copy())");
+  }
+}
+
 // Element stride of axis `axis`; byte strides that are not whole floats are refused.
 inline int64_t element_stride(const py::array& a, const char* name, int axis) {
   const py::ssize_t s = a.strides(axis);

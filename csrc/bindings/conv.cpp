@@ -17,6 +17,7 @@ using Pair = std::array<int, 2>;
 
 py::array_t<int64_t> int_vector(const py::array& a, const char* name) {
   require_ndim(a, name, 1);
+  require_aligned(a, name);
   if (a.dtype().is(py::dtype::of<int64_t>()) || a.dtype().is(py::dtype::of<int32_t>()))
     return py::array_t<int64_t, py::array::c_style | py::array::forcecast>(a);
   throw py::type_error(std::string(name) + " must have dtype int64 or int32, got " + dtype_name(a));
@@ -38,6 +39,7 @@ std::unique_ptr<PackedConv> make_conv(int64_t in_channels, int64_t out_channels,
   const auto tp = int_vector(taps, "taps");
   require_dtype<float>(values, "values", "float32");
   require_ndim(values, "values", 1);
+  require_aligned(values, "values");
   const auto val = py::array_t<float, py::array::c_style>(values);
   py::array_t<float, py::array::c_style> b;
   const float* bias_data = nullptr;
@@ -45,6 +47,7 @@ std::unique_ptr<PackedConv> make_conv(int64_t in_channels, int64_t out_channels,
     const py::array ba = bias.cast<py::array>();
     require_dtype<float>(ba, "bias", "float32");
     require_ndim(ba, "bias", 1);
+    require_aligned(ba, "bias");
     b = py::array_t<float, py::array::c_style>(ba);
     if (b.shape(0) != out_channels) throw py::value_error("bias must have out_channels entries");
     bias_data = b.data();
@@ -57,6 +60,7 @@ std::unique_ptr<PackedConv> make_conv(int64_t in_channels, int64_t out_channels,
 py::array_t<float> conv_forward(const PackedConv& p, const py::array& x, bool relu, int n_threads) {
   require_dtype<float>(x, "x", "float32");
   require_ndim(x, "x", 4);
+  require_aligned(x, "x");
   const ConvShape& s = p.shape();
   if (x.shape(1) != s.in_channels)
     throw py::value_error("x must have " + std::to_string(s.in_channels) + " channels (dim 1), got " +

@@ -13,6 +13,7 @@ namespace {
 
 py::array_t<int64_t> index_array(const py::array& a, const char* name) {
   require_ndim(a, name, 1);
+  require_aligned(a, name);
   if (a.dtype().is(py::dtype::of<int64_t>()) || a.dtype().is(py::dtype::of<int32_t>()) ||
       a.dtype().is(py::dtype::of<uint16_t>())) {
     // Widening an integer index array is exact; any other dtype is refused.
@@ -26,6 +27,7 @@ py::array_t<float> float_vector(const py::array& a, const char* name) {
   require_dtype<float>(a, name, "float32");
   require_ndim(a, name, 1);
   require_c_contiguous(a, name);
+  require_aligned(a, name);
   return py::array_t<float>(a);
 }
 
@@ -85,6 +87,7 @@ py::array_t<float> forward(const PackedLinear& p, const py::array& x, bool relu,
                            const py::object& out) {
   require_dtype<float>(x, "x", "float32");
   require_ndim(x, "x", 2);
+  require_aligned(x, "x");
   if (x.shape(1) != p.n_cols())
     throw py::value_error("x must have " + std::to_string(p.n_cols()) + " features (columns), got " +
                           std::to_string(x.shape(1)));
@@ -99,6 +102,7 @@ py::array_t<float> forward(const PackedLinear& p, const py::array& x, bool relu,
     require_dtype<float>(given, "out", "float32");
     require_ndim(given, "out", 2);
     require_c_contiguous(given, "out");
+    require_aligned(given, "out");
     y = py::array_t<float>::ensure(given);
     if (overlaps(x, y)) throw py::value_error("out must not share memory with x");
     if (y.shape(0) != batch || y.shape(1) != p.n_rows())

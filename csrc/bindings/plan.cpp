@@ -111,7 +111,9 @@ py::array array_named(const py::dict& arrays, const std::string& name) {
   if (!arrays.contains(name.c_str())) throw SpecError("array '" + name + "' is missing");
   py::object a = arrays[name.c_str()];
   if (!py::isinstance<py::array>(a)) throw py::type_error("array '" + name + "' must be a numpy array");
-  return a.cast<py::array>();
+  py::array arr = a.cast<py::array>();
+  require_aligned(arr, ("array '" + name + "'").c_str());
+  return arr;
 }
 
 py::array_t<int64_t> index_vector(const py::dict& arrays, const std::string& name) {
@@ -537,6 +539,7 @@ std::vector<py::array_t<float>> run_plan(const Plan& plan, const std::vector<py:
   for (size_t k = 0; k < inputs.size(); ++k) {
     const std::string name = "input " + std::to_string(k);
     require_dtype<float>(inputs[k], name.c_str(), "float32");
+    require_aligned(inputs[k], name.c_str());
     const auto& want = inst->shape(plan.inputs()[k]);
     bool ok = inputs[k].ndim() == static_cast<py::ssize_t>(want.size()) + 1;
     for (size_t d = 0; ok && d < want.size(); ++d) ok = inputs[k].shape(static_cast<py::ssize_t>(d) + 1) == want[d];
@@ -567,6 +570,7 @@ std::vector<py::array_t<float>> run_plan(const Plan& plan, const std::vector<py:
         arr.shape(0) != static_cast<py::ssize_t>(plan.n_ops()) || !(arr.flags() & py::array::c_style) ||
         !arr.writeable())
       throw py::value_error("op_seconds must be a writable contiguous float64 array of n_ops entries");
+    require_aligned(arr, "op_seconds");
     seconds_array = py::array_t<double, py::array::c_style>(arr);
     seconds = seconds_array.mutable_data();
   }

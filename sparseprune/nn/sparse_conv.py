@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sparseprune import formats
-from sparseprune._native import _C
+from sparseprune._native import _C, aligned
 from sparseprune.config import resolve_threads
 from sparseprune.nn.sparse_linear import cached_packed_bias
 
@@ -167,7 +167,7 @@ class SparseConv2d(nn.Module):
             )
         x = input.unsqueeze(0) if unbatched else input
         try:
-            y = self.packed.forward(x.detach().numpy(), self.relu, resolve_threads(self.num_threads))
+            y = self.packed.forward(aligned(x.detach().numpy()), self.relu, resolve_threads(self.num_threads))
         except ValueError as exc:  # e.g. an input smaller than the kernel
             raise ValueError(f"{self.layer_name}: {exc}") from None
         out = torch.from_numpy(y)

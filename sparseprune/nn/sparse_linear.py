@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sparseprune import formats
-from sparseprune._native import openmp_enabled
+from sparseprune._native import aligned, openmp_enabled
 from sparseprune.config import resolve_threads
 
 
@@ -178,7 +178,7 @@ class SparseLinear(nn.Module):
         x2d = input if flat else input.reshape(math.prod(shape[:-1]), self.in_features)
         x = x2d.detach().numpy() if requires_grad else x2d.numpy()
         threads = self.num_threads if self.num_threads is not None else torch.get_num_threads()
-        y = torch.from_numpy(self.packed.forward(x, self.relu, threads))
+        y = torch.from_numpy(self.packed.forward(aligned(x), self.relu, threads))
         return y if flat else y.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

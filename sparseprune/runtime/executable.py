@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from sparseprune._native import _C
+from sparseprune._native import _C, aligned
 from sparseprune.config import resolve_threads
 from sparseprune.runtime.signature import bind_inputs, structure_outputs
 from sparseprune.runtime.spec import SPEC_FORMAT, SpecError, batch_shape_str, shape_json, validate
@@ -68,7 +68,7 @@ class Executable:
             spec = _parse_json(spec, "spec")
         layout = validate(spec, arrays)
         # Only the arrays the ops use (validate refuses others), contiguous, owned by us.
-        owned = {name: np.ascontiguousarray(arrays[name]) for name in sorted(layout.used_arrays)}
+        owned = {name: aligned(np.ascontiguousarray(arrays[name])) for name in sorted(layout.used_arrays)}
         try:
             spec_json = json.dumps(layout.spec, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:  # metadata holding a non-JSON value
@@ -146,7 +146,7 @@ class Executable:
                 x = x.astype(np.float32)  # exact below 2**24
             if mask:
                 x = (x != 0).astype(np.float32)  # nonzero -> 1.0
-            arrays.append(np.ascontiguousarray(x))
+            arrays.append(aligned(np.ascontiguousarray(x)))
         return arrays, [env[name] for name, _, _ in layout.dims]
 
     def profile(self, *inputs: np.ndarray, repeats: int = 20, warmup: int = 3, n_threads: Optional[int] = None,

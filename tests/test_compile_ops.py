@@ -699,7 +699,7 @@ def test_unsupported_attention_and_sequence_ops(build, shape, dtype, match):
     x = torch.randint(0, 9, shape) if dtype is torch.int64 else torch.rand(*shape, dtype=dtype)
     with pytest.raises(UnsupportedOperation, match=match) as info:
         compile(model, (x,), policy="threshold")
-    assert "sparseprune.convert(model) still works" in str(info.value)
+    assert "sparseprune.convert(model, example_inputs) still works" in str(info.value)
     assert UnsupportedOperation is sparseprune.UnsupportedOperation
 
 

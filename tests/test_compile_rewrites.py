@@ -167,4 +167,4 @@ def test_refusals_name_the_module_and_the_setting(build, call, match, masks):
     rewrite_for_capture(model)
     with pytest.raises(UnsupportedOperation, match=match) as info, torch.no_grad():
         call(model["m"], masks["x"])
-    assert "sparseprune.convert(model) still works" in str(info.value)
+    assert "sparseprune.convert(model, example_inputs) still works" in str(info.value)

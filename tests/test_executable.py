@@ -497,7 +497,7 @@ class _BatchMixingView(nn.Module):
 def test_unsupported_ops_name_the_op_and_path_and_point_to_convert(model, shape, match):
     with pytest.raises(UnsupportedOperation, match=match) as info:
         compile(model, (torch.randn(*shape),), policy="threshold")
-    assert "sparseprune.convert(model) still works" in str(info.value)
+    assert "sparseprune.convert(model, example_inputs) still works" in str(info.value)
     assert isinstance(info.value, ValueError)
 
 

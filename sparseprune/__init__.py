@@ -28,6 +28,8 @@ _LAZY = {
     "UnsupportedOperation": ("sparseprune.compile", "UnsupportedOperation"),
     "Executable": ("sparseprune.runtime", "Executable"),
     "load": ("sparseprune.runtime", "load"),
+    "Limits": ("sparseprune.runtime", "Limits"),
+    "LimitExceeded": ("sparseprune.runtime", "LimitExceeded"),
 }
 # Functions named like the subpackage that holds them: importing the subpackage (which Python
 # binds as an attribute of this package) must not hide the function, as with eager imports.

@@ -117,6 +117,7 @@ def _add_bench(subparsers, want_help: bool = False) -> None:
                    help="EXECUTABLE only: also time every op (median ms, share, kernel, GFLOP/s) at each batch "
                         "size and thread count")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON to PATH ('-': print JSON instead of the table)")
+    _add_limit_arguments(p)
     p.set_defaults(func=_run_bench, parser=p)
 
 
@@ -224,12 +225,40 @@ def _at_max(exe, shape: Sequence) -> tuple:
     return resolve_shape(shape, {name: hi for name, (_, hi) in getattr(exe, "dims", {}).items()})
 
 
-def _load_executable(command: str, path: str, n_threads: Optional[int] = None):
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """--max-batch, --max-work, --max-arena: sparseprune.runtime.Limits for every call."""
+    from sparseprune.runtime.limits import DEFAULT_MAX_ARENA_BYTES, DEFAULT_MAX_BATCH, DEFAULT_MAX_WORK
+
+    p.add_argument("--max-batch", type=_bounded_int(1), default=DEFAULT_MAX_BATCH, metavar="N",
+                   help=f"refuse calls of more samples (default: {DEFAULT_MAX_BATCH})")
+    p.add_argument("--max-work", type=_positive_number, default=DEFAULT_MAX_WORK, metavar="FLOP",
+                   help=f"refuse calls needing more FLOP, counted from the spec (default: {DEFAULT_MAX_WORK:g})")
+    p.add_argument("--max-arena", type=_bounded_int(1), default=DEFAULT_MAX_ARENA_BYTES, metavar="BYTES",
+                   help=f"refuse calls allocating more bytes of buffers (default: {DEFAULT_MAX_ARENA_BYTES} = 4 GiB)")
+
+
+def _limits(args: argparse.Namespace):
+    from sparseprune.runtime import Limits
+
+    return Limits(max_batch=args.max_batch, max_work=args.max_work, max_arena_bytes=args.max_arena)
+
+
+def _load_executable(command: str, path: str, n_threads: Optional[int] = None, limits=None):
     """(executable, None), or (None, exit status) after printing why the file cannot be used."""
     from sparseprune.runtime import load
 
     try:
-        return load(path, n_threads=n_threads), None
+        return load(path, n_threads=n_threads, limits=limits), None
     except (OSError, ValueError) as exc:  # missing/unreadable file; SpecError: not an executable
         return None, _fail(command, _one_line(exc))
 
@@ -441,8 +470,11 @@ def _add_run(subparsers) -> None:
         description=(
             "Load an executable written by `sparseprune compile` and run it, importing numpy and "
             "sparseprune.runtime only. Inputs come from .npy files (one --input per model input, read "
-            "with allow_pickle=False; integer or float arrays are converted to float32) or, without "
-            "--input, are random normal values of --batch samples."
+            "with allow_pickle=False; for a float32 input, integer or float arrays are converted to float32; "
+            "token ids and masks (inputs the executable marks int64 or bool) keep their integer / bool dtype) "
+            "or, without --input, are random values of --batch samples (normal floats, ids below the "
+            "embedding's rows, masks). Every call is checked against --max-batch, --max-work and --max-arena "
+            "before it runs."
         ),
     )
     p.add_argument("executable", metavar="EXECUTABLE", help="a file written by `sparseprune compile`")
@@ -454,7 +486,8 @@ def _add_run(subparsers) -> None:
     p.add_argument("--output", action="append", metavar="Y.npy",
                    help="save an output with np.save; once per model output, in order")
     p.add_argument("--threads", type=_bounded_int(1), default=None,
-                   help="intra-op threads (default: OpenMP's default)")
+                   help="intra-op threads (default: OpenMP's default; at most 256)")
+    _add_limit_arguments(p)
     p.set_defaults(func=_run_run, parser=p)
 
 
@@ -532,7 +565,11 @@ def _run_run(args: argparse.Namespace) -> int:
 
     if args.input and args.batch is not None:
         args.parser.error("--batch applies to random inputs only (the batch of --input arrays is their first dimension)")
-    exe, status = _load_executable("run", args.executable, args.threads)
+    try:
+        limits = _limits(args)
+        exe, status = _load_executable("run", args.executable, args.threads, limits)
+    except ValueError as exc:  # --threads above the cap
+        return _fail("run", _one_line(exc))
     if exe is None:
         return status
     n_in, n_out = len(exe.input_shapes), len(exe.output_shapes)
@@ -590,7 +627,7 @@ def _run_bench_executable(args: argparse.Namespace) -> int:
     from sparseprune.runtime import file_size
     from sparseprune.timing import time_interleaved
 
-    exe, status = _load_executable("bench", args.executable)
+    exe, status = _load_executable("bench", args.executable, limits=_limits(args))
     if exe is None:
         return status
     to_stdout = args.json == "-"

@@ -1,6 +1,7 @@
 """Build facts and thread settings: what the native kernels were compiled with and use now."""
 from __future__ import annotations
 
+import numbers
 import os
 import platform
 import warnings
@@ -38,6 +39,21 @@ def show_config(file=None) -> None:
 
 _warned_no_openmp = False
 
+# The most intra-op threads a call may ask for: far above any CPU this runs on, low enough that a
+# typo (n_threads=2**31) is an error rather than thousands of OpenMP threads or a C int overflow.
+MAX_THREADS = 256
+
+
+def check_threads(value: Optional[int], what: str = "n_threads") -> Optional[int]:
+    """None, or an int in [1, MAX_THREADS] (bool and other types refused); ValueError naming `what`."""
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):  # numpy ints are fine
+        raise ValueError(f"{what} must be None or an int in [1, {MAX_THREADS}], got {type(value).__name__} {value!r}")
+    if not 1 <= value <= MAX_THREADS:
+        raise ValueError(f"{what} must be None or an int in [1, {MAX_THREADS}], got {value}")
+    return int(value)
+
 
 def resolve_threads(requested: Optional[int]) -> int:
     """The thread count a kernel call uses: `requested`, else torch's intra-op count when torch is
@@ -48,8 +64,9 @@ def resolve_threads(requested: Optional[int]) -> int:
 
         torch = sys.modules.get("torch")
         requested = torch.get_num_threads() if torch is not None else _native.max_threads()
-    if not isinstance(requested, int) or isinstance(requested, bool) or requested < 1:
-        raise ValueError(f"num_threads must be a positive int, got {requested!r}")
+        requested = max(1, min(int(requested), MAX_THREADS))
+    else:
+        requested = check_threads(requested, "num_threads")
     if requested > 1 and not _native.openmp_enabled() and not _warned_no_openmp:
         _warned_no_openmp = True
         warnings.warn(

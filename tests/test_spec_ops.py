@@ -279,9 +279,13 @@ def test_embedding_refuses_bad_ids_natively_and_in_the_reference(rng, bad):
     exe = Executable.from_spec(spec, arrays)
     np.testing.assert_array_equal(exe.run(x), arrays["emb.table"][x.astype(int)])
     x[1, 3] = bad
-    with pytest.raises(ValueError, match=r"embedding: input value .* is not a row index in \[0, 13\)"):
+    shown = str(int(bad)) if np.isfinite(bad) and bad == int(bad) else ".*"
+    # the op, its name and the input it reads; the sample, the value and where it is; the range
+    with pytest.raises(ValueError, match=rf"^ops\[0\] \(embedding 'emb', reading input 0\): sample 1 holds {shown} at "
+                                         r"index 3, not a row of the table \[0, 13\)$"):
         exe.run(x)
-    with pytest.raises(ValueError, match=r"embedding: input value .* is not a row index in \[0, 13\)"):
+    with pytest.raises(ValueError, match=rf"\(embedding\): sample 1 holds {shown} at index 3, not a row of the table "
+                                         r"\[0, 13\)"):
         run_reference(spec, arrays, [x])
     # the plan is still usable afterwards
     x[1, 3] = 4
@@ -294,11 +298,13 @@ def test_int64_ids_at_or_past_the_table_are_refused_by_the_plan(rng):
     for bad in (13, 2**24 - 1):  # valid int64 inputs, but not rows of the table
         ids = np.zeros((2, 5), np.int64)
         ids[0, 2] = bad
-        with pytest.raises(ValueError, match=rf"holds the id {bad}, out of range \[0, 13\) \(rows of embedding"):
+        with pytest.raises(ValueError, match=rf"holds {bad} at \(0, 2\), not a row of embedding 'emb': ids must lie "
+                                             r"in \[0, 13\)"):
             exe.run(ids)  # checked by run() with the input's name and the table's real range
-        with pytest.raises(ValueError, match=r"not a row index in \[0, 13\)"):
+        with pytest.raises(ValueError, match=rf"ops\[0\] \(embedding\): sample 0 holds {bad} at index 2, not a row of "
+                                             r"the table \[0, 13\)"):
             exe._plan.run([ids.astype(np.float32)], 1, [])  # and by the native plan itself
-        with pytest.raises(ValueError, match=r"not a row index in \[0, 13\)"):
+        with pytest.raises(ValueError, match=r"not a row of the table \[0, 13\)"):
             run_reference(embedding_spec(13, 4), arrays, [ids])
 
 
@@ -319,7 +325,8 @@ def test_int64_input_checks_name_the_input(rng):
     for bad in (-1, 2**24, 2**40):
         ids = good.copy()
         ids[1, 1] = bad
-        with pytest.raises(ValueError, match=rf"{name} holds the id {bad}, out of range \[0, 13\) \(rows of embedding 'emb'\)"):
+        with pytest.raises(ValueError, match=rf"^{name} holds {bad} at \(1, 1\), not a row of embedding 'emb': ids "
+                                             r"must lie in \[0, 13\)$"):
             exe.run(ids)
     with pytest.raises(ValueError, match=rf"{name} must have shape \(batch, 5\)"):
         exe.run(np.zeros((2, 4), np.int64))

@@ -16,7 +16,8 @@ inline std::string dtype_name(const py::array& a) { return py::str(a.dtype()).ca
 
 template <class T>
 inline void require_dtype(const py::array& a, const char* name, const char* expected) {
-  if (!a.dtype().is(py::dtype::of<T>()))
+  // equal(), not is(): an unpickled array carries an equal but distinct dtype object.
+  if (!a.dtype().equal(py::dtype::of<T>()))
     throw py::type_error(std::string(name) + " must have dtype " + expected + ", got " + dtype_name(a));
 }
 

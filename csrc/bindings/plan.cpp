@@ -14,6 +14,7 @@
 
 #include "bindings/checks.h"
 #include "kernels/plan.h"
+#include "kernels/scratch.h"
 
 namespace sparseprune {
 namespace bindings {
@@ -619,7 +620,22 @@ void bind_plan(py::module_& m) {
         for (const DimRange& d : p.dims()) out.emplace_back(d.name, d.min, d.max);
         return out;
       })
-      .def_property_readonly("n_ops", &Plan::n_ops);
+      .def_property_readonly("n_ops", &Plan::n_ops)
+      .def(
+          "arena_floats_per_sample",
+          [](const Plan& p, const std::vector<int64_t>& dims) {
+            try {
+              return p.instance(dims)->arena_floats_per_sample();
+            } catch (const std::invalid_argument& e) {
+              throw py::value_error(e.what());
+            }
+          },
+          py::arg("dims") = std::vector<int64_t>{},
+          "Floats per sample of the arena a run at these dim values lays out (computed, not run).");
+  // The calling thread's scratch (kernel repacking and the plan arena); see
+  // sparseprune/runtime/limits.py for the trim policy.
+  m.def("thread_scratch_bytes", &thread_scratch_bytes, "Bytes of scratch the calling thread holds now.");
+  m.def("release_thread_scratch", &release_thread_scratch, "Free the calling thread's scratch now.");
 }
 
 }  // namespace bindings

@@ -19,6 +19,14 @@ namespace {
 
 [[noreturn]] void fail(const std::string& what) { throw std::invalid_argument(what); }
 
+// An embedding id as the user wrote it: an integer without decimals, else the float.
+std::string id_str(float v) {
+  if (std::isfinite(v) && v == std::floor(v) && std::fabs(v) < 1e15f) return std::to_string(static_cast<int64_t>(v));
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  return std::to_string(v);
+}
+
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string out = "(";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
@@ -774,8 +782,9 @@ void PlanInstance::run_op(const PlanOp& op, float* const* buf, int64_t batch, in
       const int64_t dim = static_cast<int64_t>(op.table.size()) / op.table_rows;
       const int64_t bad = embedding_lookup(x, n_in, op.table.data(), op.table_rows, dim, y);
       if (bad >= 0)
-        fail("embedding: input value " + std::to_string(x[bad]) + " at flat position " + std::to_string(bad) +
-             " is not a row index in [0, " + std::to_string(op.table_rows) + ")");
+        fail("(embedding): sample " + std::to_string(bad / numel_[op.in]) + " holds " + id_str(x[bad]) +
+             " at index " + std::to_string(bad % numel_[op.in]) + ", not a row of the table [0, " +
+             std::to_string(op.table_rows) + ")");
       break;
     }
   }
@@ -788,20 +797,23 @@ void Plan::run(const PlanInstance& inst, const std::vector<const float*>& inputs
   // The arena is the calling thread's own (concurrent calls never share it), kept between calls
   // so a service does not pay fresh page faults on every request; laid out per instance. Not
   // zero-filled: every op writes all of its output.
-  static thread_local ScratchBuffer arena;
-  float* base = arena.get(std::max<int64_t>(batch * inst.arena_per_sample_, 16));
+  float* base = thread_arena().get(std::max<int64_t>(batch * inst.arena_per_sample_, 16));
   const size_t n = sym_shapes_.size();
   std::vector<float*> buf(n);
   for (size_t b = 0; b < n; ++b) buf[b] = base + batch * inst.offset_[root(static_cast<int>(b))];
   for (size_t k = 0; k < inputs_.size(); ++k)
     std::memcpy(buf[inputs_[k]], inputs[k], static_cast<size_t>(batch * inst.numel_[inputs_[k]]) * sizeof(float));
-  if (op_seconds == nullptr) {
-    for (const PlanOp& op : ops_) inst.run_op(op, buf.data(), batch, n_threads);
-  } else {
-    for (size_t k = 0; k < ops_.size(); ++k) {
-      const auto t0 = std::chrono::steady_clock::now();
-      inst.run_op(ops_[k], buf.data(), batch, n_threads);
-      op_seconds[k] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (size_t k = 0; k < ops_.size(); ++k) {
+    try {
+      if (op_seconds == nullptr) {
+        inst.run_op(ops_[k], buf.data(), batch, n_threads);
+      } else {
+        const auto t0 = std::chrono::steady_clock::now();
+        inst.run_op(ops_[k], buf.data(), batch, n_threads);
+        op_seconds[k] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      }
+    } catch (const std::invalid_argument& e) {  // data no plan check can catch: name the op
+      fail("ops[" + std::to_string(k) + "] " + e.what());
     }
   }
   for (size_t k = 0; k < outputs_.size(); ++k)

@@ -31,9 +31,26 @@ float* ScratchBuffer::get(int64_t n_floats) {
   return data_.get();
 }
 
+void ScratchBuffer::release() {
+  data_.reset();
+  capacity_ = 0;
+}
+
 ScratchBuffer& thread_scratch() {
   thread_local ScratchBuffer scratch;
   return scratch;
+}
+
+ScratchBuffer& thread_arena() {
+  thread_local ScratchBuffer arena;
+  return arena;
+}
+
+int64_t thread_scratch_bytes() { return thread_scratch().capacity_bytes() + thread_arena().capacity_bytes(); }
+
+void release_thread_scratch() {
+  thread_scratch().release();
+  thread_arena().release();
 }
 
 }  // namespace sparseprune

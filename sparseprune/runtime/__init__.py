@@ -8,6 +8,7 @@ Only numpy, safetensors and the native extension are imported here (never torch)
 deployment service can run pruned models without installing torch.
 """
 from sparseprune.runtime.executable import SPEC_KEY, Executable, file_size, load, weight_bytes_ratio
+from sparseprune.runtime.limits import Cost, LimitExceeded, Limits
 from sparseprune.runtime.reference import run_reference
 from sparseprune.runtime.spec import (
     ACTIVATIONS,
@@ -22,7 +23,10 @@ from sparseprune.runtime.spec import (
 
 __all__ = [
     "ACTIVATIONS",
+    "Cost",
     "Executable",
+    "LimitExceeded",
+    "Limits",
     "MAX_SAMPLE_ELEMENTS",
     "OP_FIELDS",
     "PlanLayout",

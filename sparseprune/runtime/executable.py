@@ -9,8 +9,10 @@ numpy only: this module must not import torch.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from types import MappingProxyType
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -18,24 +20,21 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from sparseprune._native import _C, aligned
-from sparseprune.config import resolve_threads
+from sparseprune.config import check_threads, resolve_threads
+from sparseprune.runtime import limits as _limits
+from sparseprune.runtime.limits import COST_KEY, Cost, Limits, LimitExceeded, check_limits
 from sparseprune.runtime.signature import bind_inputs, structure_outputs
 from sparseprune.runtime.spec import SPEC_FORMAT, SpecError, batch_shape_str, shape_json, validate
 
 SPEC_KEY = "sparseprune_spec"  # safetensors metadata key holding the JSON spec
-# "int64" inputs (token ids) must lie in [0, MAX_INT_INPUT): float32, which carries them to the
-# native plan, holds every integer below 2**24 exactly.
+# "int64" inputs travel to the native plan as float32, which holds every integer of magnitude up
+# to 2**24 exactly: an input that indexes an embedding must hold row numbers [0, rows), any other
+# int64 input values in [-MAX_INT_INPUT, MAX_INT_INPUT].
 MAX_INT_INPUT = 1 << 24
+# Costs kept per executable for recent dim assignments (a service sees few lengths at a time).
+_COST_CACHE = 64
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def _check_threads(n_threads: Optional[int], what: str = "n_threads") -> Optional[int]:
-    if n_threads is None:
-        return None
-    if not isinstance(n_threads, int) or isinstance(n_threads, bool) or n_threads < 1:
-        raise ValueError(f"{what} must be None or a positive int, got {n_threads!r}")
-    return n_threads
 
 
 class Executable:
@@ -59,11 +58,20 @@ class Executable:
 
     @classmethod
     def from_spec(cls, spec: Union[Mapping[str, Any], str], arrays: Mapping[str, np.ndarray], *,
-                  n_threads: Optional[int] = None) -> "Executable":
+                  n_threads: Optional[int] = None, limits: Optional[Limits] = None) -> "Executable":
         """Validate `spec` (a dict or its JSON text) with its weight `arrays` and build the plan.
 
-        Raises SpecError (a ValueError) naming the bad field, or TypeError for an array of the
-        wrong type or dtype."""
+        The executable's cost (work and memory per sample at the dims' max values, see
+        sparseprune.runtime.limits) is computed and written to spec.metadata["cost"]; a spec that
+        states a smaller cost is refused. `limits` bound every run(), and one sample at the dims'
+        max values must fit them; the default None sets none (the caller built the spec: compile
+        and convert); pass Limits() for a spec from elsewhere (load does).
+
+        Raises SpecError (a ValueError) naming the bad field, LimitExceeded (a ValueError) when one
+        sample at the dims' max values is beyond `limits`, or TypeError for an array of the wrong
+        type or dtype."""
+        limits = check_limits(limits)
+        n_threads = check_threads(n_threads)
         if isinstance(spec, (str, bytes)):
             spec = _parse_json(spec, "spec")
         layout = validate(spec, arrays)
@@ -77,9 +85,20 @@ class Executable:
         self = object.__new__(cls)
         self._layout = layout
         self._arrays = owned
-        self._spec_json = spec_json
         self._plan = plan
-        self._n_threads = _check_threads(n_threads)
+        self._n_threads = n_threads
+        self._limits = limits
+        self._costs: Dict[Tuple[int, ...], Cost] = {}
+        # The cost at the dims' max values: checked against what the spec states, stated in its
+        # metadata, and one sample of it must fit the limits.
+        worst = self._cost(tuple(hi for _, _, hi in layout.dims))
+        metadata = layout.spec.setdefault("metadata", {})
+        if COST_KEY in metadata:
+            _limits.check_claims(metadata[COST_KEY], worst)
+        metadata[COST_KEY] = _limits.cost_metadata(worst, self.nbytes)
+        if limits is not None:
+            limits.check(worst, 1, "one sample at the dims' max values" if layout.dims else "one sample")
+        self._spec_json = json.dumps(layout.spec, allow_nan=False, separators=(",", ":"))
         spec = layout.spec
         buffers = spec["buffers"]
         self._input_names = tuple(buffers[b].get("name") or f"input_{k}" for k, b in enumerate(spec["inputs"]))
@@ -89,6 +108,50 @@ class Executable:
         self._id_limits = _id_limits(spec, owned)
         return self
 
+    def _cost(self, dims: Tuple[int, ...]) -> Cost:
+        """The per-sample cost at these dim values (one per dim, in spec order), from the spec and
+        the native plan's arena layout (computed, never run); cached."""
+        cost = self._costs.get(dims)
+        if cost is None:
+            layout = self._layout
+            env = {name: v for (name, _, _), v in zip(layout.dims, dims)}
+            arena = self._plan.arena_floats_per_sample(list(dims))
+            cost = _limits.sample_cost(layout.spec, layout.concrete_shapes(env), self._arrays, arena,
+                                       tuple(env.items()))
+            if len(self._costs) >= _COST_CACHE:
+                self._costs.clear()
+            self._costs[dims] = cost
+        return cost
+
+    def cost(self, **dims: int) -> Cost:
+        """Work (FLOP) and memory (bytes) per sample at these dim values (default: their max);
+        a call of batch b costs b times these."""
+        known = {name: hi for name, _, hi in self._layout.dims}
+        unknown = sorted(set(dims) - set(known))
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not a dim of this executable (dims: {sorted(known)})")
+        for name, lo, hi in self._layout.dims:
+            v = dims.get(name, hi)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"dim {name!r} must be an int in [{lo}, {hi}], got {v!r}")
+        return self._cost(tuple(dims.get(name, hi) for name, _, hi in self._layout.dims))
+
+    @property
+    def limits(self) -> Optional[Limits]:
+        """The Limits every run() is checked against, or None (settable; one Limits object may
+        serve many executables)."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, value: Optional[Limits]) -> None:
+        self._limits = check_limits(value)
+
+    def trim(self) -> None:
+        """Free the calling thread's arena and kernel scratch now (they are shared by every
+        executable this thread runs; the next call allocates again). run() also frees them after
+        a call far larger than usual: see sparseprune.runtime.limits."""
+        _limits.release_thread_scratch()
+
     # --- running -------------------------------------------------------------------------------
 
     def run(self, *inputs: np.ndarray, n_threads: Optional[int] = None, **named: np.ndarray):
@@ -97,20 +160,25 @@ class Executable:
         The outputs come back as the model returned them when compile recorded it (an array, a
         tuple, a list, or a dict by name for a dict / transformers ModelOutput); otherwise one
         array for one output, else a tuple. n_threads overrides the executable's setting."""
+        threads = resolve_threads(check_threads(n_threads) or self._n_threads)
         arrays, dims = self._prepare(inputs, named)
-        threads = _check_threads(n_threads) or self._n_threads
-        outs = self._plan.run(arrays, resolve_threads(threads), dims)
+        try:
+            outs = self._plan.run(arrays, threads, dims)
+        except ValueError as exc:  # data the plan checks per call (an embedding id made inside the model)
+            raise ValueError(self._name_op(str(exc))) from None
+        batch = arrays[0].shape[0]
+        _limits.after_call(batch * self._cost(tuple(dims)).held)
         return structure_outputs(self._output_kind, self._output_names, outs)
 
     def _prepare(self, inputs: Sequence[Any], named: Mapping[str, Any]) -> Tuple[List[np.ndarray], List[int]]:
-        """The plan's float32 inputs (ids and masks converted, every check done) and the dims' values."""
+        """The plan's float32 inputs (ids and masks converted, every check done, the limits
+        checked) and the dims' values."""
         layout = self._layout
         if named:
             inputs = tuple(bind_inputs(self.input_names, inputs, named))
         if len(inputs) != len(layout.input_shapes):
             want = ", ".join(f"{n} {_batch_shape(s)}" for n, s in zip(layout.input_names, layout.input_shapes))
             raise ValueError(f"expected {len(layout.input_shapes)} input(s) [{want}], got {len(inputs)}")
-        arrays = []
         batch = None
         env: Dict[str, int] = {}
         for k, (name, shape, dtype, x) in enumerate(zip(layout.input_names, layout.input_shapes, layout.input_dtypes,
@@ -135,19 +203,23 @@ class Executable:
                 raise ValueError(
                     f"{name} has batch size {x.shape[0]}, but input 0 has {batch}: all inputs share the batch")
             batch = x.shape[0]
-            if ids:
+        # Limits before any copy or native call: from the spec, at these dims.
+        dims = tuple(env[name] for name, _, _ in layout.dims)
+        cost = self._cost(dims)
+        if self._limits is not None:
+            self._limits.check(cost, batch)
+        arrays = []
+        for k, (name, dtype, x) in enumerate(zip(layout.input_names, layout.input_dtypes, inputs)):
+            if dtype == "int64":
                 if x.size:
-                    lo, hi = int(x.min()), int(x.max())
-                    limit, table = self._id_limits.get(k, (MAX_INT_INPUT, None))
-                    if lo < 0 or hi >= limit:
-                        where = f" (rows of embedding '{table}')" if table else " for an int64 input"
-                        raise ValueError(f"{name} holds the id {lo if lo < 0 else hi}, out of range "
-                                         f"[0, {limit}){where}")
-                x = x.astype(np.float32)  # exact below 2**24
-            if mask:
+                    self._check_ids(k, name, x)
+                x = x.astype(np.float32)  # exact up to 2**24
+            elif dtype == "bool":
                 x = (x != 0).astype(np.float32)  # nonzero -> 1.0
-            arrays.append(aligned(np.ascontiguousarray(x)))
-        return arrays, [env[name] for name, _, _ in layout.dims]
+            # .view: the canonical float32 dtype object (an unpickled array carries an equal but
+            # distinct one, which the native binding's exact dtype check refuses)
+            arrays.append(aligned(np.ascontiguousarray(x)).view(np.float32))
+        return arrays, list(dims)
 
     def profile(self, *inputs: np.ndarray, repeats: int = 20, warmup: int = 3, n_threads: Optional[int] = None,
                 **named: np.ndarray):
@@ -158,6 +230,41 @@ class Executable:
         from sparseprune.runtime.profile import profile_executable
 
         return profile_executable(self, inputs, named, repeats=repeats, warmup=warmup, n_threads=n_threads)
+
+    def _check_ids(self, k: int, name: str, x: np.ndarray) -> None:
+        """Input k's integer values: rows of the embedding it indexes, else exact as float32."""
+        lo, hi = int(x.min()), int(x.max())
+        if k in self._id_limits:
+            rows, table = self._id_limits[k]
+            if lo < 0 or hi >= rows:
+                bad = lo if lo < 0 else hi
+                at = tuple(int(i) for i in np.argwhere(x == bad)[0])
+                raise ValueError(f"{name} holds {bad} at {at}, not a row of embedding '{table}': ids must lie in "
+                                 f"[0, {rows})")
+        elif lo < -MAX_INT_INPUT or hi > MAX_INT_INPUT:
+            bad = lo if lo < -MAX_INT_INPUT else hi
+            raise ValueError(f"{name} holds {bad}, outside [-{MAX_INT_INPUT}, {MAX_INT_INPUT}]: integer inputs "
+                             "reach the native plan as float32, exact only in that range")
+
+    def _name_op(self, message: str) -> str:
+        """The native plan's "ops[i] ..." message with the op's name and the buffer it reads."""
+        m = re.match(r"ops\[(\d+)\] ", message)
+        ops = self._layout.spec["ops"]
+        if not m or int(m.group(1)) >= len(ops):
+            return message
+        op = ops[int(m.group(1))]
+        buffers = self._layout.spec["buffers"]
+        b = op.get("in")
+        source = ""
+        if b is not None:
+            inputs = [self._layout.input_names[k] for k, i in enumerate(self._layout.spec["inputs"])
+                      if self._layout.roots[i] == self._layout.roots[b]]
+            source = f", reading {inputs[0]}" if inputs else f", reading buffer {b}" + (
+                f" ({buffers[b]['name']!r})" if buffers[b].get("name") else "")
+        label = f"ops[{m.group(1)}] ({op['op']} {op.get('name') or op.get('weight', '')!r}{source})"
+        rest = message[m.end():]
+        rest = rest[len(f"({op['op']}): "):] if rest.startswith(f"({op['op']}): ") else rest
+        return f"{label}: {rest}"
 
     @property
     def input_names(self) -> Tuple[str, ...]:
@@ -179,7 +286,7 @@ class Executable:
 
     @n_threads.setter
     def n_threads(self, value: Optional[int]) -> None:
-        self._n_threads = _check_threads(value)
+        self._n_threads = check_threads(value)
 
     # --- description ---------------------------------------------------------------------------
 
@@ -326,21 +433,28 @@ def _parse_json(text: Union[str, bytes], what: str) -> Any:
         raise SpecError(f"{what} is not valid JSON: {str(exc)[:200]}") from None
 
 
-def load(path: PathLike, *, n_threads: Optional[int] = None) -> Executable:
+def load(path: PathLike, *, n_threads: Optional[int] = None, limits: Optional[Limits] = None) -> Executable:
     """Read an executable written by Executable.save. Needs numpy and the native extension only.
 
     Everything in the file is checked before use; a file that is not a valid executable
-    (truncated, corrupted, from a newer version, hostile) raises ValueError (SpecError). A
-    missing file raises FileNotFoundError, an unreadable one PermissionError."""
+    (truncated, corrupted, from a newer version, hostile, or stating a smaller cost than its spec
+    needs) raises SpecError (a ValueError). A file whose one sample at the dims' max values is
+    beyond `limits` (default: Limits(), see sparseprune.runtime.limits) raises LimitExceeded (a
+    ValueError); the executable then checks every run() against them. The file system's errors
+    stay themselves, naming the path: FileNotFoundError, PermissionError, IsADirectoryError (all
+    OSError); running out of memory raises MemoryError."""
     from safetensors import safe_open
 
-    n_threads = _check_threads(n_threads)
+    n_threads = check_threads(n_threads)
+    limits = Limits() if limits is None else check_limits(limits)
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no such file: {path!r}")
-        raise ValueError(f"{path!r} is not a file")
-    # Reading an untrusted file: any failure of the safetensors parser is a bad file.
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not an executable file", path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, "no such file", path)
+    with open(path, "rb"):  # FileNotFoundError / PermissionError from the OS, naming the path
+        pass
+    # Reading an untrusted file: any other failure of the safetensors parser is a bad file.
     try:
         with safe_open(path, framework="np") as f:
             meta = f.metadata() or {}
@@ -350,12 +464,18 @@ def load(path: PathLike, *, n_threads: Optional[int] = None) -> Executable:
                     f"{path!r} is a safetensors file but not a sparseprune executable (no {SPEC_KEY!r} metadata)")
             spec = _parse_json(spec_text, f"the spec in {path!r}")
             arrays = {name: f.get_tensor(name) for name in f.keys()}
-    except (SpecError, PermissionError):
+    except (SpecError, OSError):
         raise
+    except MemoryError:
+        raise MemoryError(f"out of memory reading {path!r}") from None
     except Exception as exc:  # SafetensorError, unsupported dtypes, ...
         raise SpecError(f"{path!r} is not a valid executable file: {type(exc).__name__}: {str(exc)[:300]}") from exc
     try:
-        return Executable.from_spec(spec, arrays, n_threads=n_threads)
+        return Executable.from_spec(spec, arrays, n_threads=n_threads, limits=limits)
+    except LimitExceeded as exc:
+        raise LimitExceeded(exc.limit, exc.value, exc.maximum, f"{path!r}: {exc.what}") from None
+    except MemoryError:
+        raise MemoryError(f"out of memory building the executable in {path!r}") from None
     except Exception as exc:  # whatever a hostile spec triggers, the caller gets one clean error
         raise SpecError(f"{path!r} is not a valid executable: {str(exc)[:1000]}") from exc
 
@@ -371,7 +491,7 @@ def weight_bytes_ratio(executable: Executable) -> float:
     return executable.nbytes / max(executable.dense_nbytes, 1)
 
 
-__all__ = ["Executable", "load", "file_size", "weight_bytes_ratio", "SPEC_KEY"]
+__all__ = ["Executable", "Limits", "LimitExceeded", "load", "file_size", "weight_bytes_ratio", "SPEC_KEY"]
 
 
 def _id_limits(spec: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Dict[int, Tuple[int, Optional[str]]]:

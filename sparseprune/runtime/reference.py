@@ -148,9 +148,12 @@ def _embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     ok = np.isfinite(ids) & (ids >= 0) & (ids < table.shape[0])
     ok &= np.floor(np.where(ok, ids, 0)) == ids
     if not ok.all():
-        bad = np.flatnonzero(~ok.ravel())[0]
-        raise ValueError(f"embedding: input value {ids.ravel()[bad]!r} at flat position {bad} is not a row index "
-                         f"in [0, {table.shape[0]})")
+        flat = ids.reshape(ids.shape[0], -1)  # the native plan's message: sample, index within it
+        sample, index = (int(i) for i in np.argwhere(~ok.reshape(flat.shape))[0])
+        v = flat[sample, index]
+        shown = str(int(v)) if np.isfinite(v) and v == np.floor(v) else str(v)
+        raise ValueError(f"(embedding): sample {sample} holds {shown} at index {index}, not a row of the table "
+                         f"[0, {table.shape[0]})")
     return table.astype(np.float64)[ids.astype(np.int64)]
 
 

@@ -85,6 +85,22 @@ def _best_ms(fns: Mapping[str, Callable[[], object]], repeats: int) -> Dict[str,
     return {k: t.min_s * 1e3 for k, t in times.items()}
 
 
+def _time_plans(plans: Mapping[str, Any], shapes: Mapping[int, Tuple[int, ...]], threads: int, dense: str,
+                dense_reference: Optional[Callable[[np.ndarray], object]], repeats: int) -> Dict[str, Dict[int, float]]:
+    """Best-of-N ms of each one-op plan on a random input of each shape (keyed by size), with
+    `dense_reference(x)` timed in place of the `dense` plan when given."""
+    times: Dict[str, Dict[int, float]] = {k: {} for k in plans}
+    rng = np.random.default_rng(0)
+    for size, shape in shapes.items():
+        x = rng.standard_normal(shape).astype(np.float32)
+        fns = {k: (lambda p=p, x=x: p.run([x], threads)) for k, p in plans.items()}
+        if dense_reference is not None:
+            fns[dense] = lambda x=x: dense_reference(x)
+        for k, ms in _best_ms(fns, repeats=repeats).items():
+            times[k][size] = ms
+    return times
+
+
 def linear_candidates(weight: np.ndarray, sparsity: float,
                       kernels: Sequence[str] = LINEAR_KERNELS) -> Dict[str, Tuple[str, Tuple[int, int]]]:
     """kernel name -> (spec format, block) of the formats worth timing for this weight."""
@@ -116,15 +132,8 @@ def choose_linear(name: str, weight: np.ndarray, bias: Optional[np.ndarray], *, 
     out_features, in_features = weight.shape
     plans = {k: _one_linear_plan(arrays[k], name, fmt, block, out_features, in_features, bias is not None)
              for k, (fmt, block) in candidates.items()}
-    times: Dict[str, Dict[int, float]] = {k: {} for k in candidates}
-    rng = np.random.default_rng(0)
-    for n in rows:
-        x = rng.standard_normal((max(int(n), 1), in_features)).astype(np.float32)
-        fns = {k: (lambda p=p, x=x: p.run([x], threads)) for k, p in plans.items()}
-        if dense_reference is not None:
-            fns["dense"] = lambda x=x: dense_reference(x)
-        for k, ms in _best_ms(fns, repeats=5).items():
-            times[k][int(n)] = ms
+    times = _time_plans(plans, {int(n): (max(int(n), 1), in_features) for n in rows}, threads, "dense",
+                        dense_reference, repeats=5)
     best, why = _pick(times, "dense")
     fmt, block = candidates[best]
     return KernelChoice(best, why, fmt, block, arrays[best], times["dense"], times[best])
@@ -169,15 +178,8 @@ def choose_conv(name: str, weight: np.ndarray, bias: Optional[np.ndarray], field
             why += f"sparsity {sparsity:.2f} {'>=' if best == 'sparse-conv' else '<'} {CONV_SPARSITY_THRESHOLD}"
         return KernelChoice(best, why, _CONV_FORMATS[best], (1, 1), candidates[best])
     plans = {k: _one_conv_plan(arrays, name, fields, _CONV_FORMATS[k], in_shape) for k, arrays in candidates.items()}
-    times: Dict[str, Dict[int, float]] = {k: {} for k in candidates}
-    rng = np.random.default_rng(0)
-    for b in batches:
-        x = rng.standard_normal((max(int(b), 1),) + tuple(in_shape)).astype(np.float32)
-        fns = {k: (lambda p=p, x=x: p.run([x], threads)) for k, p in plans.items()}
-        if dense_reference is not None:
-            fns["dense-conv"] = lambda x=x: dense_reference(x)
-        for k, ms in _best_ms(fns, repeats=3).items():
-            times[k][int(b)] = ms
+    times = _time_plans(plans, {int(b): (max(int(b), 1),) + tuple(in_shape) for b in batches}, threads,
+                        "dense-conv", dense_reference, repeats=3)
     best, why = _pick(times, "dense-conv")
     return KernelChoice(best, why, _CONV_FORMATS[best], (1, 1), candidates[best], times["dense-conv"], times[best])
 

@@ -110,6 +110,30 @@ def max_rel_diff(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
 
 
+def checked_candidates(fns: Mapping[str, Callable[[], object]], baseline: str, errors: Dict[str, str],
+                       diff: Callable[[object, object], float], tolerance: float, reference: str = "torch"
+                       ) -> Tuple[Dict[str, Callable[[], object]], Dict[str, float]]:
+    """Runs the baseline and every other candidate once: one that raises, or whose output differs
+    from the baseline's by more than `tolerance` (`diff(output, reference)`, NaN included), gets
+    its reason in errors[name] and is left out. Returns (the candidates to time, their diffs)."""
+    ref = fns[baseline]()
+    diffs: Dict[str, float] = {}
+    timed = {baseline: fns[baseline]}
+    for name, fn in fns.items():
+        if name == baseline:
+            continue
+        try:
+            diffs[name] = diff(fn(), ref)
+        except Exception as exc:  # a failing candidate is a result, not a crash
+            errors[name] = (str(exc).strip().splitlines() or [""])[0][:300] or type(exc).__name__
+            continue
+        if not diffs[name] <= tolerance:  # also NaN
+            errors[name] = f"output differs from {reference}: max rel diff {diffs[name]:.1e} > {tolerance:.0e}"
+            continue
+        timed[name] = fn
+    return timed, diffs
+
+
 def speedups(times: Times) -> Dict[str, float]:
     """Dense median / candidate median, for every candidate but dense."""
     dense_ms = times["dense"]["median_ms"]

@@ -69,7 +69,7 @@ from sparseprune.bench.models import BasicBlock
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common.py sits next to this script
 from bench_common import (  # noqa: E402
     add_output_args, add_timing_args, check_timing_args, comma_list, fill_from_grid, log, max_rel_diff,
-    speedups, steal_seconds, time_case, write_outputs,
+    checked_candidates, speedups, steal_seconds, time_case, write_outputs,
 )
 
 MODELS = ("bert-layer", "bert-ffn", "resnet-stage", "resnet50")
@@ -364,21 +364,7 @@ def check_and_time(fns: Dict[str, Callable[[], object]], errors: Dict[str, str],
     with torch.inference_mode():
         if "torch" not in fns:
             raise RuntimeError(f"torch eager failed: {errors.get('torch')}")
-        ref = fns["torch"]()
-        diffs: Dict[str, float] = {}
-        timed = {"torch": fns["torch"]}
-        for engine, fn in fns.items():
-            if engine == "torch":
-                continue
-            try:
-                diffs[engine] = output_diff(fn(), ref)
-            except Exception as exc:  # a failing engine is a result, not a crash
-                errors[engine] = first_line(exc)
-                continue
-            if not diffs[engine] <= TOLERANCE:  # also NaN
-                errors[engine] = f"output differs from torch: max rel diff {diffs[engine]:.1e} > {TOLERANCE:.0e}"
-                continue
-            timed[engine] = fn
+        timed, diffs = checked_candidates(fns, "torch", errors, output_diff, TOLERANCE, "torch")
         # time_case expects the baseline under the name "dense" (bench_common.speedups)
         steal0 = steal_seconds()
         times, repeats, warmup = time_case({"dense" if k == "torch" else k: v for k, v in timed.items()}, args)

@@ -61,7 +61,7 @@ from sparseprune.bench import summary_line, zoo  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_common.py sits next to this script
 from bench_common import (  # noqa: E402
     add_output_args, add_timing_args, check_timing_args, comma_list, fill_from_grid, log, max_rel_diff,
-    speedups, steal_seconds, time_case, write_outputs,
+    checked_candidates, speedups, steal_seconds, time_case, write_outputs,
 )
 
 # A whole model takes 10-1000 ms a call: 10 s per case gives ResNet-50 at batch 1 its 20 rounds,
@@ -167,21 +167,7 @@ def check_and_time(fns: Dict[str, Callable[[], object]], errors: Dict[str, str],
     """Checks every candidate but "dense" against it (errors[name] on failure, then it is left
     out), then times the rest round-robin. Returns times, speedups, diffs, rounds and steal."""
     with torch.inference_mode():
-        ref = fns["dense"]()
-        diffs: Dict[str, float] = {}
-        timed = {"dense": fns["dense"]}
-        for name, fn in fns.items():
-            if name == "dense":
-                continue
-            try:
-                diffs[name] = output_diff(fn(), ref)
-            except Exception as exc:  # a failing candidate is a result, not a crash
-                errors[name] = first_line(exc)
-                continue
-            if not diffs[name] <= TOLERANCE:  # also NaN
-                errors[name] = f"output differs from torch eager: max rel diff {diffs[name]:.1e} > {TOLERANCE:.0e}"
-                continue
-            timed[name] = fn
+        timed, diffs = checked_candidates(fns, "dense", errors, output_diff, TOLERANCE, "torch eager")
         steal0 = steal_seconds()
         times, repeats, warmup = time_case(timed, args)
         steal = steal_seconds() - steal0

@@ -157,6 +157,35 @@ def test_matches_dense_reference(isa, rng, fmt, block, shape, sparsity, with_bia
             assert_linear(y, x, w, b, relu, f"{fmt}{block} {shape} batch={batch} relu={relu}", parts)
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_csr_column_panels_any_column_order(isa, rng, n_threads):
+    """CSR at batch > 1 runs panel by panel over 256 input columns (linear_args.h): rows spanning
+    several panels, rows with no entry in some panel, empty rows, panel edges (255/256/257), and
+    row entries given in any column order, with the bias and ReLU applied once."""
+    n_rows, n_cols = 37, 700
+    w = sparse_weight(rng, n_rows, n_cols, 0.9)
+    w[3] = 0.0                                   # an empty row
+    w[5] = 0.0
+    w[5, [255, 256, 257, 699]] = [1.5, -2.0, 0.25, 3.0]  # panel edges and the last column
+    w[7, :512] = 0.0                             # nothing in the first two panels
+    b = random_bias(rng, n_rows, True)
+    indptr = np.zeros(n_rows + 1, np.int64)
+    indices, values = [], []
+    for r in range(n_rows):
+        cols = np.flatnonzero(w[r])
+        cols = cols[rng.permutation(cols.size)]  # CSR rows need not be sorted
+        indices.append(cols)
+        values.append(w[r, cols])
+        indptr[r + 1] = indptr[r] + cols.size
+    p = _native.PackedLinear("csr", 1, 1, n_rows, n_cols, indptr, np.concatenate(indices).astype(np.int64),
+                             np.concatenate(values).astype(np.float32), b)
+    for batch in (1, 2, 17, 64, 65, 130):
+        x = random_x(rng, batch, n_cols)
+        parts = linear_parts(x, w, b)
+        for relu in (False, True):
+            assert_linear(run(p, x, relu=relu, n_threads=n_threads), x, w, b, relu, f"batch={batch}", parts)
+
+
 @pytest.mark.parametrize("fmt,block", FORMATS, ids=FORMAT_IDS)
 def test_all_zero_weight_gives_bias_or_zeros(isa, rng, fmt, block):
     """Sparsity 1.0: no stored values at all; the output is exactly the bias (relu'd), or 0."""

@@ -9,7 +9,10 @@
 // batch == 1: per chunk, 8 row sums side by side; each vector loads kVec weights (kVec / 8 steps
 //             of the chunk) and gathers kVec x.
 // batch > 1 : x is packed channel-major (xt[n_cols, ldx], ldx = batch rounded up to kVec), and
-//             each nonzero scales a contiguous run of up to 64 batch values held in registers.
+//             each nonzero scales a contiguous run of up to 64 batch values held in registers;
+//             batch tile by tile, column panel by column panel (linear_args.h), so the inputs
+//             read stay in L1/L2 (768x3072 at 90%, batch 64-256, 1 thread on Zen 4: 20-25%
+//             faster than one pass over all 3072 columns).
 // Chunks are split among threads by stored entries.
 #pragma once
 
@@ -134,20 +137,25 @@ void chunks_batch1(const SellView<Index>& w, const float* __restrict x, const Li
   }
 }
 
-// Chunks [c0, c1) for the NV * kVec batch columns starting at b0, one row at a time.
-// U independent accumulator sets over consecutive nonzeros hide the FMA latency when the tile
-// is narrow (NV * U >= 4 chains in flight); they are summed once per row.
-// xtile[n_cols, kVec * NV] is the packed tile; results go to yt[r * ldy + b0 ...].
+// Chunks [c0, c1) for the NV * kVec batch columns starting at b0, the entries of column panel p
+// only, one row at a time. U independent accumulator sets over consecutive nonzeros hide the FMA
+// latency when the tile is narrow (NV * U >= 4 chains in flight); they are summed once per row.
+// xtile[n_cols, kVec * NV] is the packed tile; the sums go to yt[r * ldy + b0 ...]: the first
+// panel starts them from the bias, later ones add to them, the last applies the ReLU.
 template <int NV, int U, class Index>
 void chunks_tile(const SellView<Index>& w, const float* __restrict xtile, float* __restrict yt,
-                 int64_t ldy, const LinearArgs& a, int64_t b0, int64_t c0, int64_t c1) {
+                 int64_t ldy, const LinearArgs& a, int64_t b0, int64_t c0, int64_t c1, int64_t p) {
   constexpr int64_t ldt = NV * kVec;
   const float* __restrict xb = xtile;
+  const int64_t n_starts = w.n_panels + 1;
+  const bool first = p == 0, last = p == w.n_panels - 1;
   for (int64_t s = c0 * kSellLanes; s < c1 * kSellLanes; ++s) {
     const int32_t r = w.perm[s];
     if (r < 0) continue;
+    const int64_t l0 = w.panel_start[s * n_starts + p];
+    const int64_t l1 = w.panel_start[s * n_starts + p + 1];
+    if (l0 == l1 && !first && !last) continue;  // adds nothing
     const int64_t base = w.chunk_ptr[s / kSellLanes] + s % kSellLanes;
-    const int64_t len = w.row_len[s];
     const float* __restrict val = w.values + base;
     const Index* __restrict idx = w.indices + base;
     vf acc[U][NV];
@@ -156,8 +164,8 @@ void chunks_tile(const SellView<Index>& w, const float* __restrict xtile, float*
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[u][v] = splat(0.0f);
     }
-    int64_t l = 0;
-    for (; l + U <= len; l += U) {
+    int64_t l = l0;
+    for (; l + U <= l1; l += U) {
 #pragma GCC unroll 8
       for (int u = 0; u < U; ++u) {
         const vf wv = splat(val[(l + u) * kSellLanes]);
@@ -166,58 +174,47 @@ void chunks_tile(const SellView<Index>& w, const float* __restrict xtile, float*
         for (int v = 0; v < NV; ++v) acc[u][v] += wv * load_aligned(xr + v * kVec);
       }
     }
-    for (; l < len; ++l) {
+    for (; l < l1; ++l) {
       const vf wv = splat(val[l * kSellLanes]);
       const float* __restrict xr = xb + static_cast<int64_t>(idx[l * kSellLanes]) * ldt;
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[0][v] += wv * load_aligned(xr + v * kVec);
     }
-    const vf init = splat(a.bias ? a.bias[r] : 0.0f);
+    float* __restrict yrow = yt + static_cast<int64_t>(r) * ldy + b0;
+    const vf bias = splat(first && a.bias ? a.bias[r] : 0.0f);
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      vf sum = acc[0][v] + init;
+      vf sum = acc[0][v] + (first ? bias : load(yrow + v * kVec));
 #pragma GCC unroll 8
       for (int u = 1; u < U; ++u) sum += acc[u][v];
-      acc[0][v] = a.relu ? relu_v(sum) : sum;
+      acc[0][v] = last && a.relu ? relu_v(sum) : sum;
     }
-    store_row_tile<NV>(acc[0], yt + static_cast<int64_t>(r) * ldy + b0);
+    store_row_tile<NV>(acc[0], yrow);
   }
 }
 
-// Packed inputs of the batch tiles visited together stay within this many bytes (half of a
-// 2 MiB L2), so they are still cached when the next block of rows reads them.
-constexpr int64_t kTileGroupBytes = int64_t{1} << 20;
-// Rows (in chunks of 8) that run through all tiles of a group before the next rows start: their
-// weights stay in L1 across the tiles.
-constexpr int64_t kChunksPerBlock = 4;
 // A batch tile is at most 64 floats (8 vectors of 8, or 4 of 16) per output row in registers.
 constexpr int kMaxTileVectors = static_cast<int>(64 / kVec);
 
 // Chunks [c0, c1) for the whole batch: xt (tile-major, see pack_channel_major) in, yt[n_rows, ldx]
-// out.
+// out. Tile by tile, and within a tile panel by panel: the tile's panel of inputs (256 columns x
+// 64 floats) is reused by every row, and each row's partial sums (64 floats) are read back once
+// per panel.
 template <class Index>
 void chunks_batched(const SellView<Index>& w, const float* __restrict xt, float* __restrict yt,
                     int64_t ldx, const LinearArgs& a, int64_t c0, int64_t c1) {
-  const int64_t group_floats = std::max<int64_t>(kTileGroupBytes / 4 / std::max<int64_t>(w.n_cols, 1), 64);
-  for (int64_t g0 = 0; g0 < ldx;) {
-    int64_t g1 = g0 + tile_width(ldx, g0, kMaxTileVectors);
-    while (g1 < ldx && g1 + tile_width(ldx, g1, kMaxTileVectors) - g0 <= group_floats)
-      g1 += tile_width(ldx, g1, kMaxTileVectors);
-    for (int64_t cb = c0; cb < c1; cb += kChunksPerBlock) {
-      const int64_t ce = std::min(c1, cb + kChunksPerBlock);
-      for (int64_t b0 = g0; b0 < g1;) {
-        const float* xtile = xt + w.n_cols * b0;
-        const int nv = pick_tile_vectors(ldx - b0, kMaxTileVectors);
-        switch (nv) {
-          case 8: chunks_tile<8, 1>(w, xtile, yt, ldx, a, b0, cb, ce); break;
-          case 4: chunks_tile<4, 2>(w, xtile, yt, ldx, a, b0, cb, ce); break;
-          case 2: chunks_tile<2, 4>(w, xtile, yt, ldx, a, b0, cb, ce); break;
-          default: chunks_tile<1, 4>(w, xtile, yt, ldx, a, b0, cb, ce); break;
-        }
-        b0 += nv * kVec;
+  for (int64_t b0 = 0; b0 < ldx;) {
+    const float* xtile = xt + w.n_cols * b0;
+    const int nv = pick_tile_vectors(ldx - b0, kMaxTileVectors);
+    for (int64_t p = 0; p < w.n_panels; ++p) {
+      switch (nv) {
+        case 8: chunks_tile<8, 1>(w, xtile, yt, ldx, a, b0, c0, c1, p); break;
+        case 4: chunks_tile<4, 2>(w, xtile, yt, ldx, a, b0, c0, c1, p); break;
+        case 2: chunks_tile<2, 4>(w, xtile, yt, ldx, a, b0, c0, c1, p); break;
+        default: chunks_tile<1, 4>(w, xtile, yt, ldx, a, b0, c0, c1, p); break;
       }
     }
-    g0 = g1;
+    b0 += nv * kVec;
   }
 }
 

@@ -38,8 +38,13 @@ struct CsrView {
 //   slot s = 8 * chunk + lane holds row perm[s] (-1 for the padding slots past n_rows);
 //   entry l of slot s is at chunk_ptr[chunk] + 8 * l + lane, for l < row_len[s];
 //   entries from row_len[s] to the chunk's longest row are padding (value 0, index 0).
+//   Each row's entries are sorted by column, and cut into column panels of kSellPanelCols: the
+//   entries l of slot s in panel p are [panel_start[s * (n_panels + 1) + p], ... + p + 1). At
+//   batch > 1 the kernel runs panel by panel, so the packed inputs it reads (one panel's columns
+//   for up to 64 batch values: 64 KiB) stay in L1/L2 instead of streaming the whole input width.
 constexpr int kSellLanes = 8;
 constexpr int kSellSortWindow = 256;
+constexpr int64_t kSellPanelCols = 256;
 
 template <class Index>
 struct SellView {
@@ -51,6 +56,8 @@ struct SellView {
   const int32_t* row_len = nullptr;   // row_len[8 * n_chunks]
   const Index* indices = nullptr;     // indices[chunk_ptr[n_chunks]], each in [0, n_cols)
   const float* values = nullptr;      // values[chunk_ptr[n_chunks]]
+  int64_t n_panels = 1;               // ceil(n_cols / kSellPanelCols), at least 1
+  const int32_t* panel_start = nullptr;  // panel_start[8 * n_chunks * (n_panels + 1)]
 };
 
 // Block-sparse rows: W is cut into R x C blocks; a stored block keeps all R*C values.

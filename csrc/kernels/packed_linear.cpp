@@ -126,14 +126,25 @@ void PackedLinear::build_sell(const int64_t* indptr, const int64_t* indices, con
   const int64_t n_entries = indptr_[n_chunks];
   std::vector<int64_t> sell_indices(static_cast<size_t>(n_entries), 0);  // padding: column 0, value 0
   values_.assign(static_cast<size_t>(n_entries), 0.0f);
+  const int64_t n_panels = std::max<int64_t>(1, ceil_div(n_cols_, kSellPanelCols));
+  panel_start_.assign(static_cast<size_t>(n_slots * (n_panels + 1)), 0);
+  std::vector<int64_t> order_in_row;
   for (int64_t s = 0; s < n_slots; ++s) {
     if (perm_[s] < 0) continue;
     const int64_t base = indptr_[s / kSellLanes] + s % kSellLanes;
     const int64_t src = indptr[perm_[s]];
+    // by column, for the panels (a CSR row may list its columns in any order)
+    order_in_row.resize(static_cast<size_t>(row_len_[s]));
+    std::iota(order_in_row.begin(), order_in_row.end(), src);
+    std::sort(order_in_row.begin(), order_in_row.end(), [&](int64_t a, int64_t b) { return indices[a] < indices[b]; });
+    int32_t* starts = panel_start_.data() + s * (n_panels + 1);
     for (int64_t l = 0; l < row_len_[s]; ++l) {
-      sell_indices[base + l * kSellLanes] = indices[src + l];
-      values_[base + l * kSellLanes] = values[src + l];
+      const int64_t j = order_in_row[static_cast<size_t>(l)];
+      sell_indices[base + l * kSellLanes] = indices[j];
+      values_[base + l * kSellLanes] = values[j];
+      ++starts[indices[j] / kSellPanelCols + 1];
     }
+    for (int64_t p = 0; p < n_panels; ++p) starts[p + 1] += starts[p];
   }
   set_indices(sell_indices.data(), n_entries);
 }
@@ -142,7 +153,8 @@ int64_t PackedLinear::nbytes() const {
   const int64_t index_bytes = narrow_ ? 2 * static_cast<int64_t>(indices16_.size())
                                       : 4 * static_cast<int64_t>(indices32_.size());
   return index_bytes + 8 * static_cast<int64_t>(indptr_.size()) +
-         4 * static_cast<int64_t>(values_.size() + bias_.size() + perm_.size() + row_len_.size());
+         4 * static_cast<int64_t>(values_.size() + bias_.size() + perm_.size() + row_len_.size() +
+                              panel_start_.size());
 }
 
 int64_t PackedLinear::n_stored() const {
@@ -222,6 +234,8 @@ void PackedLinear::run_with(const Index* indices, const LinearArgs& args) const 
     w.row_len = row_len_.data();
     w.indices = indices;
     w.values = values_.data();
+    w.n_panels = std::max<int64_t>(1, ceil_div(n_cols_, kSellPanelCols));  // as build_sell made them
+    w.panel_start = panel_start_.data();
     csr_linear(w, args);
   } else {
     BsrView<Index> w;

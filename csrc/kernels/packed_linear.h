@@ -58,6 +58,7 @@ class PackedLinear {
   std::vector<int64_t> indptr_;
   std::vector<int32_t> perm_;
   std::vector<int32_t> row_len_;
+  std::vector<int32_t> panel_start_;  // see SellView
   std::vector<uint16_t> indices16_;
   std::vector<int32_t> indices32_;
   std::vector<float> values_;

@@ -11,15 +11,25 @@ from sparseprune import _native
 
 
 def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), for benchmark records."""
+    """The CPU's model name with its family and model numbers (from /proc/cpuinfo on Linux), for
+    benchmark records. Cloud VMs often report a bare "AMD EPYC": the numbers tell Zen 3 (family
+    25, model 1) from Zen 4 (family 25, model 17), whose figures must never be compared."""
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:
+                    break  # the first processor's block is enough
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def build_info() -> Dict[str, Any]:

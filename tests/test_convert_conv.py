@@ -1,6 +1,7 @@
 """convert() on convolutional networks: outputs equal the pruned model's; with example inputs the
 network is compiled whole (BatchNorm folded, ReLU and shortcut adds fused by compile's passes),
 without them each pruned convolution is swapped; unsupported settings left dense with a reason."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,3 +268,39 @@ def test_convert_tries_the_pattern_kernel(gen):
     conv = sp.convert(model, example_inputs=(x,))
     assert conv.sparseprune_report.layers[0].kernel in ("dense", "sparse-conv", "pattern-conv")
     check_same(model, conv, x)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("stride,dilation,groups,image", [(1, 1, 1, (40, 37)), (2, 1, 2, (33, 40)), (1, 2, 1, (9, 7))])
+def test_sparse_conv_input_channel_panels(simd_path, threads, stride, dilation, groups, image, gen):
+    """The kernel runs input-channel panels sized for the image (sparse_conv.h): many channels give
+    several panels; channels with no entry in some panel, empty output channels and taps listed
+    in any order (a file's order) must give the dense answer, bias and ReLU applied once."""
+    from sparseprune._native import _C
+
+    cin, cout = 96, 10
+    conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, dilation=dilation, groups=groups)
+    zero_fraction_(conv, 0.9, gen)
+    with torch.no_grad():
+        conv.weight[3] = 0                 # an empty output channel
+        conv.weight[5, : cin // groups - 8] = 0  # entries in the last panel only
+    w = conv.weight.detach().numpy().reshape(cout, -1)
+    row_ptr, taps, values = [0], [], []
+    rng = np.random.default_rng(0)
+    for o in range(cout):
+        t = np.flatnonzero(w[o])
+        t = t[rng.permutation(t.size)]     # not sorted
+        taps.append(t)
+        values.append(w[o, t])
+        row_ptr.append(row_ptr[-1] + t.size)
+    packed = _C.PackedConv(cin, cout, (3, 3), (stride, stride), (1, 1), (dilation, dilation), groups,
+                           np.array(row_ptr, np.int64), np.concatenate(taps).astype(np.int64),
+                           np.concatenate(values).astype(np.float32), conv.bias.detach().numpy())
+    for relu in (False, True):
+        sparse = SparseConv2d(packed, relu=relu, num_threads=threads)
+        sparse.padding = (1, 1)
+        x = torch.randn(2, cin, *image, generator=gen)
+        with torch.no_grad():
+            ref = conv(x)
+            ref = F.relu(ref) if relu else ref
+            torch.testing.assert_close(sparse(x), ref, atol=2e-5, rtol=1e-5)

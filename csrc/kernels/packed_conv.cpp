@@ -1,6 +1,7 @@
 #include "kernels/packed_conv.h"
 
 #include <algorithm>
+#include <numeric>
 #include <stdexcept>
 #include <tuple>
 #include <string>
@@ -51,8 +52,21 @@ PackedConv PackedConv::make(const ConvShape& s, const int64_t* row_ptr, int64_t 
   PackedConv p;
   p.shape_ = s;
   p.row_ptr_.assign(row_ptr, row_ptr + n_ptr);
-  p.taps_.assign(taps, taps + n_taps);
-  p.values_.assign(values, values + n_values);
+  // Each channel's entries by tap, i.e. input channel first, for the kernel's input-channel
+  // panels (a file may list them in any order).
+  p.taps_.resize(static_cast<size_t>(n_taps));
+  p.values_.resize(static_cast<size_t>(n_taps));
+  std::vector<int64_t> order;
+  for (int64_t o = 0; o < s.out_channels; ++o) {
+    order.resize(static_cast<size_t>(row_ptr[o + 1] - row_ptr[o]));
+    std::iota(order.begin(), order.end(), row_ptr[o]);
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return taps[a] < taps[b]; });
+    for (int64_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) {
+      const int64_t from = order[static_cast<size_t>(j - row_ptr[o])];
+      p.taps_[j] = static_cast<int32_t>(taps[from]);
+      p.values_[j] = values[from];
+    }
+  }
   if (bias) p.bias_.assign(bias, bias + s.out_channels);
   if (use_patterns) p.build_patterns();
   return p;
@@ -127,15 +141,15 @@ std::shared_ptr<const PatternOffsets> PackedConv::pattern_offsets_for(const Conv
   return table;
 }
 
-std::shared_ptr<const std::vector<int32_t>> PackedConv::offsets_for(const ConvGeometry& g) const {
+std::shared_ptr<const ConvReadTable> PackedConv::read_table_for(const ConvGeometry& g) const {
   const auto key = std::make_pair(g.in_h, g.in_w);
   std::lock_guard<std::mutex> lock(cache_mutex_);
-  auto it = offsets_cache_.find(key);
-  if (it != offsets_cache_.end()) return it->second;
-  SparseConvWeights w{row_ptr_.data(), taps_.data(), values_.data()};
-  auto table = std::make_shared<const std::vector<int32_t>>(conv_offsets(shape_, g, w));
-  if (offsets_cache_.size() >= 16) offsets_cache_.clear();  // bounded: inputs of many sizes
-  offsets_cache_.emplace(key, table);
+  auto it = read_table_cache_.find(key);
+  if (it != read_table_cache_.end()) return it->second;
+  const SparseConvWeights w{row_ptr_.data(), taps_.data(), values_.data()};
+  auto table = std::make_shared<const ConvReadTable>(conv_read_table(shape_, g, w));
+  if (read_table_cache_.size() >= 16) read_table_cache_.clear();  // bounded: inputs of many sizes
+  read_table_cache_.emplace(key, table);
   return table;
 }
 
@@ -148,8 +162,10 @@ void PackedConv::run(const ConvGeometry& g, ConvArgs args) const {
     sparse_conv2d(shape_, g, w, nullptr, args, &pw, off.get());
     return;
   }
-  const auto offsets = offsets_for(g);
-  sparse_conv2d(shape_, g, w, offsets->data(), args);
+  const auto table = read_table_for(g);
+  w.n_panels = table->n_panels;
+  w.panel_ptr = table->panel_ptr.data();
+  sparse_conv2d(shape_, g, w, table->offsets.data(), args);
 }
 
 }  // namespace sparseprune

@@ -41,14 +41,14 @@ class PackedConv {
  private:
   // Read offsets depend on the input size; built on first use of a size and kept (shared,
   // immutable), so concurrent calls never see a half-built table.
-  std::shared_ptr<const std::vector<int32_t>> offsets_for(const ConvGeometry& g) const;
+  std::shared_ptr<const ConvReadTable> read_table_for(const ConvGeometry& g) const;
   std::shared_ptr<const PatternOffsets> pattern_offsets_for(const ConvGeometry& g) const;
   void build_patterns();
   PatternConvWeights pattern_view() const;
 
   ConvShape shape_;
   std::vector<int64_t> row_ptr_;
-  std::vector<int32_t> taps_;
+  std::vector<int32_t> taps_;  // sorted within each output channel (see SparseConvWeights)
   std::vector<float> values_;
   std::vector<float> bias_;
   // Pattern mode (optional): the same weight grouped by kernel pattern.
@@ -58,7 +58,7 @@ class PackedConv {
   std::vector<float> pattern_values_;
   mutable std::mutex cache_mutex_;
   mutable std::map<std::pair<int64_t, int64_t>, std::shared_ptr<const PatternOffsets>> pattern_cache_;
-  mutable std::map<std::pair<int64_t, int64_t>, std::shared_ptr<const std::vector<int32_t>>> offsets_cache_;
+  mutable std::map<std::pair<int64_t, int64_t>, std::shared_ptr<const ConvReadTable>> read_table_cache_;
 
  public:
   PackedConv() = default;

@@ -54,10 +54,11 @@ ConvGeometry conv_geometry(const ConvShape& s, int64_t in_h, int64_t in_w) {
   return g;
 }
 
-std::vector<int32_t> conv_offsets(const ConvShape& s, const ConvGeometry& g, const SparseConvWeights& w) {
+ConvReadTable conv_read_table(const ConvShape& s, const ConvGeometry& g, const SparseConvWeights& w) {
   const int64_t cin_g = s.in_channels / s.groups, cout_g = s.out_channels / s.groups;
   const int64_t taps = static_cast<int64_t>(s.kernel_h) * s.kernel_w;
-  std::vector<int32_t> off(static_cast<size_t>(w.row_ptr[s.out_channels]));
+  ConvReadTable t;
+  t.offsets.resize(static_cast<size_t>(w.row_ptr[s.out_channels]));
   for (int64_t o = 0; o < s.out_channels; ++o) {
     const int64_t group = o / cout_g;
     for (int64_t j = w.row_ptr[o]; j < w.row_ptr[o + 1]; ++j) {
@@ -65,10 +66,23 @@ std::vector<int32_t> conv_offsets(const ConvShape& s, const ConvGeometry& g, con
       const int64_t dy = (w.tap[j] % taps) / s.kernel_w * s.dilation_h;
       const int64_t dx = (w.tap[j] % s.kernel_w) * s.dilation_w;
       const int64_t phase = (i * s.stride_h + dy % s.stride_h) * s.stride_w + dx % s.stride_w;
-      off[j] = static_cast<int32_t>(phase * g.plane + (dy / s.stride_h) * g.phase_w + dx / s.stride_w);
+      t.offsets[j] = static_cast<int32_t>(phase * g.plane + (dy / s.stride_h) * g.phase_w + dx / s.stride_w);
     }
   }
-  return off;
+  // One tile (kTileFloats grid pixels) reads, per input channel and stride phase, the grid rows it
+  // spans plus the kernel's reach below them.
+  const int64_t rows = ceil_div(kTileFloats, g.phase_w) + 1 + (s.dilation_h * (s.kernel_h - 1)) / s.stride_h;
+  const int64_t channel_bytes = 4 * s.stride_h * s.stride_w * std::min(g.plane, rows * g.phase_w);
+  const int64_t per_panel = std::max<int64_t>(1, kConvPanelBytes / std::max<int64_t>(channel_bytes, 1));
+  t.n_panels = ceil_div(cin_g, per_panel);
+  t.panel_ptr.assign(static_cast<size_t>(s.out_channels * (t.n_panels + 1)), 0);
+  for (int64_t o = 0; o < s.out_channels; ++o) {
+    int64_t* panels = t.panel_ptr.data() + o * (t.n_panels + 1);
+    panels[0] = w.row_ptr[o];
+    for (int64_t j = w.row_ptr[o]; j < w.row_ptr[o + 1]; ++j) ++panels[w.tap[j] / taps / per_panel + 1];
+    for (int64_t q = 0; q < t.n_panels; ++q) panels[q + 1] += panels[q];
+  }
+  return t;
 }
 
 PatternOffsets pattern_offsets(const ConvShape& s, const ConvGeometry& g, const PatternConvWeights& w,

@@ -37,10 +37,17 @@ ConvGeometry conv_geometry(const ConvShape& s, int64_t in_h, int64_t in_w);
 
 // Sparse weight: per output channel o, entries [row_ptr[o], row_ptr[o+1]) with
 // tap[j] = ((i * kernel_h) + dy) * kernel_w + dx, i the input channel *within o's group*.
+// Each channel's entries are sorted by tap, i.e. by input channel (PackedConv::make sorts them),
+// and cut into panels of input channels: panel q of channel o is entries [panel_ptr[o * (n_panels
+// + 1) + q], ... + q + 1). The kernel runs panel by panel, so the input rows one pixel tile reads
+// from a panel's channels stay in L1 while every output channel uses them (conv_read_table sizes
+// the panels for the input size).
 struct SparseConvWeights {
   const int64_t* row_ptr = nullptr;  // [out_channels + 1]
   const int32_t* tap = nullptr;      // [nnz]
   const float* values = nullptr;     // [nnz]
+  int64_t n_panels = 1;
+  const int64_t* panel_ptr = nullptr;  // [out_channels * (n_panels + 1)]
 };
 
 // The same weight grouped by kernel pattern ("pattern mode"): every non-empty k x k kernel (o, i)
@@ -68,7 +75,16 @@ PatternOffsets pattern_offsets(const ConvShape& s, const ConvGeometry& g, const 
                                int64_t n_patterns);
 
 // offsets[j]: where entry j reads in the repacked image, relative to the output pixel.
-std::vector<int32_t> conv_offsets(const ConvShape& s, const ConvGeometry& g, const SparseConvWeights& w);
+// What the sparse kernel reads for one input size: offsets[j], where entry j reads the repacked
+// image, and the input-channel panels (see SparseConvWeights), as many channels per panel as
+// keep one tile's reads within kConvPanelBytes.
+struct ConvReadTable {
+  std::vector<int32_t> offsets;    // [nnz]
+  int64_t n_panels = 1;
+  std::vector<int64_t> panel_ptr;  // [out_channels * (n_panels + 1)]
+};
+constexpr int64_t kConvPanelBytes = 16 * 1024;  // half of a 32 KiB L1: room for weights and sums
+ConvReadTable conv_read_table(const ConvShape& s, const ConvGeometry& g, const SparseConvWeights& w);
 
 struct ConvArgs {
   const float* x = nullptr;   // x[batch, in_channels, in_h, in_w] through element strides
@@ -84,7 +100,7 @@ struct ConvArgs {
 };
 
 // Preconditions (checked when the weight was packed / the call was bound): offsets made by
-// conv_offsets for this geometry, taps within the kernel and group.
+// conv_read_table's offsets for this geometry, taps within the kernel and group.
 // pattern: null for the unstructured kernel, else pattern mode with its offsets.
 void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWeights& w,
                    const int32_t* offsets, const ConvArgs& args,

@@ -20,49 +20,56 @@ namespace conv_detail {
 // A task's tile is at most 64 grid pixels: 8 vectors of 8 or 4 of 16.
 constexpr int kMaxTileVectors = static_cast<int>(64 / kVec);
 
-// Output channels [o0, o1) for grid pixels [p0, p0 + NV * lanes<V>).
+// Output channels [o0, o1) for grid pixels [p0, p0 + NV * lanes<V>), panel by panel (see
+// SparseConvWeights): the first panel starts each channel's sums from its bias, later ones add to
+// what yt holds, the last applies the ReLU.
 template <class V, int NV, int U>
 void channels_tile(const SparseConvWeights& w, const int32_t* __restrict offsets,
                    const float* __restrict xph, const float* __restrict bias, bool relu,
                    float* __restrict yt, int64_t grid_padded, int64_t p0, int64_t o0, int64_t o1) {
   const float* __restrict xb = xph + p0;
-  for (int64_t o = o0; o < o1; ++o) {
-    V acc[U][NV];
-#pragma GCC unroll 8
-    for (int u = 0; u < U; ++u) {
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[u][v] = splat<V>(0.0f);
-    }
-    int64_t j = w.row_ptr[o];
-    const int64_t end = w.row_ptr[o + 1];
-    for (; j + U <= end; j += U) {
+  const int64_t n_starts = w.n_panels + 1;
+  for (int64_t q = 0; q < w.n_panels; ++q) {
+    const bool first = q == 0, last = q == w.n_panels - 1;
+    for (int64_t o = o0; o < o1; ++o) {
+      int64_t j = w.panel_ptr[o * n_starts + q];
+      const int64_t end = w.panel_ptr[o * n_starts + q + 1];
+      if (j == end && !first && !last) continue;  // adds nothing
+      V acc[U][NV];
 #pragma GCC unroll 8
       for (int u = 0; u < U; ++u) {
-        const V wv = splat<V>(w.values[j + u]);
-        const float* __restrict xr = xb + offsets[j + u];
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[u][v] += wv * load<V>(xr + v * lanes<V>);
+        for (int v = 0; v < NV; ++v) acc[u][v] = splat<V>(0.0f);
       }
-    }
-    for (; j < end; ++j) {
-      const V wv = splat<V>(w.values[j]);
-      const float* __restrict xr = xb + offsets[j];
+      for (; j + U <= end; j += U) {
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[0][v] += wv * load<V>(xr + v * lanes<V>);
-    }
-    const V init = splat<V>(bias ? bias[o] : 0.0f);
+        for (int u = 0; u < U; ++u) {
+          const V wv = splat<V>(w.values[j + u]);
+          const float* __restrict xr = xb + offsets[j + u];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      V sum = acc[0][v] + init;
+          for (int v = 0; v < NV; ++v) acc[u][v] += wv * load<V>(xr + v * lanes<V>);
+        }
+      }
+      for (; j < end; ++j) {
+        const V wv = splat<V>(w.values[j]);
+        const float* __restrict xr = xb + offsets[j];
 #pragma GCC unroll 8
-      for (int u = 1; u < U; ++u) sum += acc[u][v];
-      acc[0][v] = relu ? relu_v(sum) : sum;
+        for (int v = 0; v < NV; ++v) acc[0][v] += wv * load<V>(xr + v * lanes<V>);
+      }
+      float* __restrict out = yt + o * grid_padded + p0;
+      const V init = splat<V>(first && bias ? bias[o] : 0.0f);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        V sum = acc[0][v] + (first ? init : load<V>(out + v * lanes<V>));
+#pragma GCC unroll 8
+        for (int u = 1; u < U; ++u) sum += acc[u][v];
+        acc[0][v] = last && relu ? relu_v(sum) : sum;
+      }
+      store_row_tile<NV>(acc[0], out);
     }
-    store_row_tile<NV>(acc[0], yt + o * grid_padded + p0);
   }
 }
 
-// Blocks [b0, b1) of one output channel, all of one pattern with K taps: acc += W * x.
 template <class V, int K, int NV>
 inline void pattern_run(const PatternConvWeights& w, const int32_t* __restrict rel, int64_t channel_stride,
                         const float* __restrict xb, int64_t b0, int64_t b1, V (&acc)[NV]) {

@@ -12,7 +12,8 @@ compiles deepsparse.Engine(model=MODEL.onnx, batch_size=batch, num_cores=T), run
 and writes the outputs as DIR/output0.npy, ... for the parent's check against torch, then times
 it as bench_common.time_case / sparseprune.timing.time_interleaved time one candidate: W warm-up
 calls, then R rounds of one untimed call and CALLS_PER_TURN timed calls; median and p90 go to
-DIR/result.json. Arrays are .npy without pickle both ways.
+DIR/result.json (with the NM_* settings DeepSparse read, e.g. NM_BIND_THREADS_TO_CORES). Arrays
+are .npy without pickle both ways. NM_DISABLE_ANALYTICS defaults to 1.
 
 Exit status 0 on success; MISSING (3) with "not installed (...)" on stderr when deepsparse does
 not import; 1 with the error's last line on stderr otherwise.
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads < 1 or args.warmup < 0 or args.repeats < 1:
         p.error("--threads and --repeats must be >= 1, --warmup >= 0")
+    # DeepSparse reports usage to Google Analytics unless told not to: a benchmark phones no one.
+    os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
     try:
         import deepsparse
     except Exception as exc:  # ImportError, or a broken install failing at import
@@ -80,7 +83,8 @@ def main(argv=None) -> int:
     result = time_calls(lambda: engine.run(inputs), args.warmup, args.repeats)
     result.update(warmup=args.warmup, rounds=args.repeats, compile_s=compile_s, python=sys.executable,
                   deepsparse_version=getattr(deepsparse, "__version__", "unknown"),
-                  cpu_avx_type=getattr(engine, "cpu_avx_type", None), cpu_vnni=getattr(engine, "cpu_vnni", None))
+                  cpu_avx_type=getattr(engine, "cpu_avx_type", None), cpu_vnni=getattr(engine, "cpu_vnni", None),
+                  nm_environment={k: v for k, v in os.environ.items() if k.startswith("NM_")})  # its knobs
     with open(os.path.join(args.directory, "result.json"), "w", encoding="utf-8") as f:
         json.dump(result, f)
     return 0

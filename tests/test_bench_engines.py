@@ -202,6 +202,7 @@ def test_deepsparse_in_its_own_interpreter_is_checked_and_timed(bench, tmp_path,
         assert (info["warmup"], info["rounds"]) == (row["warmup"], row["runs"])
         assert info["samples"] == 3 * row["runs"] and info["cpu_avx_type"] == "fake"
         assert info["python"] == sys.executable and info["wall_s"] > 0
+        assert info["nm_environment"]["NM_DISABLE_ANALYTICS"] == "1"  # no telemetry from a benchmark
     assert "deepsparse ran in its own process" in md
 
 

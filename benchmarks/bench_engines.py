@@ -21,7 +21,12 @@ Engines (all at --threads, default 2):
                 torch.export-based one when that fails), CPUExecutionProvider,
                 intra_op_num_threads = threads, dense
   deepsparse    DeepSparse's Engine(onnx, batch_size, num_cores = threads) on the same ONNX file
-                (one engine per batch size: it compiles for a fixed batch)
+                (one engine per batch size: it compiles for a fixed batch). DeepSparse 1.8 cannot
+                share the project's venv: --deepsparse-python PATH (default
+                $SPARSEPRUNE_DEEPSPARSE_PYTHON) runs it with another venv's interpreter through
+                deepsparse_worker.py, input and outputs as .npy files; it is then timed in that
+                process right after the in-process engines (same warm-up and round count; it cannot
+                take turns with them), and each row records it under "timed_apart"
   convert       sparseprune.convert(model, (x,), ...): compiled whole when capturable
   executable    sparseprune.compile(model, (x,), ...), Executable.run on numpy
 
@@ -37,14 +42,17 @@ time, share, kernel and GFLOP/s).
     python benchmarks/bench_engines.py --json engines.json --markdown engines.md   # full size: quiet machine
     python benchmarks/bench_engines.py --models bert-ffn --batch-sizes 1           # one model
     python benchmarks/bench_engines.py --quick                                     # small models, seconds
+    python benchmarks/bench_engines.py --deepsparse-python ~/venv-ds/bin/python    # DeepSparse in its own venv
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import importlib
+import json
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,6 +90,9 @@ FULL = {"size": "full", "batch_sizes": [1, 8], "threads": 2, "repeats": 20, "bud
 QUICK = {"size": "small", "batch_sizes": [1, 2], "threads": 2, "repeats": 3, "budget_s": 0.1,
          "policy": "threshold"}
 EXPORT_BATCH = 2  # the ONNX example batch: torch.export specialises a batch of 1 to a constant
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepsparse_worker.py")
+WORKER_MISSING = 3  # deepsparse_worker.py's exit status when deepsparse does not import
+WORKER_TIMEOUT_S = 1800  # compiling ResNet-50 takes a minute or two; a hung worker must not hang the run
 
 
 def first_line(exc: BaseException) -> str:
@@ -258,7 +269,50 @@ def build_onnxruntime(model, example, ctx):
     return bind
 
 
+class TimedApart:
+    """An engine run by another interpreter: it cannot take turns with the in-process engines, so
+    check_and_time runs it right after timing them. run(warmup, repeats) -> (outputs, info with
+    median_ms and p90_ms), with the warm-up and round count the in-process engines had."""
+
+    def __init__(self, run: Callable[[int, int], Tuple[List[np.ndarray], dict]]):
+        self.run = run
+
+
+def run_worker(python: str, onnx_path: str, x: np.ndarray, threads: int, warmup: int, repeats: int
+               ) -> Tuple[List[np.ndarray], dict]:
+    """deepsparse_worker.py under `python` on the input x (.npy files in a temporary directory):
+    (its outputs, its result.json plus the wall time and DeepSparse's banner line)."""
+    with tempfile.TemporaryDirectory(prefix="deepsparse-") as tmp:
+        np.save(os.path.join(tmp, "input0.npy"), np.ascontiguousarray(x), allow_pickle=False)
+        command = [python, WORKER, onnx_path, tmp, "--threads", str(threads), "--warmup", str(warmup),
+                   "--repeats", str(repeats)]
+        t0 = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        wall_s = time.perf_counter() - t0
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.strip()] or [f"exit status {done.returncode}"]
+            if done.returncode == WORKER_MISSING:
+                raise EngineMissing(lines[-1])
+            raise RuntimeError(f"deepsparse worker: {lines[-1]}")
+        outputs = []
+        while os.path.exists(os.path.join(tmp, f"output{len(outputs)}.npy")):
+            outputs.append(np.load(os.path.join(tmp, f"output{len(outputs)}.npy"), allow_pickle=False))
+        with open(os.path.join(tmp, "result.json"), encoding="utf-8") as f:
+            info = json.load(f)
+    banner = [line for line in (done.stdout + done.stderr).splitlines() if "DeepSparse" in line and "system=" in line]
+    info.update(wall_s=wall_s, banner=banner[0].strip() if banner else None)
+    return outputs, info
+
+
 def build_deepsparse(model, example, ctx):
+    python = ctx.args.deepsparse_python
+    if python:  # DeepSparse in its own venv, run by deepsparse_worker.py
+        path = ctx.onnx_path(model, example)
+
+        def bind_apart(x):
+            return TimedApart(lambda warmup, repeats: run_worker(python, path, x.numpy(), ctx.threads, warmup,
+                                                                 repeats))
+        return bind_apart
     deepsparse = import_engine("deepsparse", "pip install deepsparse==1.8.0")
     path = ctx.onnx_path(model, example)
     engines: Dict[int, object] = {}
@@ -358,9 +412,12 @@ def model_rows(name: str, args: argparse.Namespace) -> Tuple[List[dict], Optiona
     return rows, profile
 
 
-def check_and_time(fns: Dict[str, Callable[[], object]], errors: Dict[str, str], args: argparse.Namespace) -> dict:
+def check_and_time(fns: Dict[str, object], errors: Dict[str, str], args: argparse.Namespace) -> dict:
     """Checks every engine but torch against it (errors[engine] on failure, then it is not timed),
-    then times torch and the engines that matched round-robin."""
+    then times torch and the engines that matched round-robin; then each TimedApart engine in its
+    own process with the same warm-up and round count, its outputs checked the same way."""
+    apart = {k: v for k, v in fns.items() if isinstance(v, TimedApart)}
+    fns = {k: v for k, v in fns.items() if k not in apart}
     with torch.inference_mode():
         if "torch" not in fns:
             raise RuntimeError(f"torch eager failed: {errors.get('torch')}")
@@ -369,9 +426,27 @@ def check_and_time(fns: Dict[str, Callable[[], object]], errors: Dict[str, str],
         steal0 = steal_seconds()
         times, repeats, warmup = time_case({"dense" if k == "torch" else k: v for k, v in timed.items()}, args)
         steal = steal_seconds() - steal0
-    times = {"torch" if k == "dense" else k: v for k, v in times.items()}
+        times = {"torch" if k == "dense" else k: v for k, v in times.items()}
+        timed_apart = {}
+        for engine, job in apart.items():
+            steal0 = steal_seconds()
+            try:
+                outputs, info = job.run(warmup, repeats)
+            except EngineMissing as exc:
+                errors[engine] = str(exc)
+                continue
+            except Exception as exc:
+                errors[engine] = first_line(exc)
+                continue
+            info["steal_s"] = steal_seconds() - steal0
+            timed_apart[engine] = info
+            _, diff = checked_candidates({"torch": fns["torch"], engine: lambda: outputs}, "torch", errors,
+                                         output_diff, TOLERANCE, "torch")
+            diffs.update(diff)
+            if engine not in errors:
+                times[engine] = {"median_ms": info["median_ms"], "p90_ms": info["p90_ms"]}
     return {"times_ms": times, "speedup_vs_torch": speedups({"dense": times["torch"], **times}),
-            "max_rel_diff": diffs, "runs": repeats, "warmup": warmup, "steal_s": steal}
+            "max_rel_diff": diffs, "runs": repeats, "warmup": warmup, "steal_s": steal, "timed_apart": timed_apart}
 
 
 def row_text(row: dict) -> str:
@@ -386,14 +461,19 @@ def row_text(row: dict) -> str:
 
 
 # ------------------------------------------------------------------------------- output
-def versions() -> Dict[str, Optional[str]]:
-    """Version of each optional engine package, or None when it does not import."""
+def versions(rows: List[dict], deepsparse_python: Optional[str]) -> Dict[str, Optional[str]]:
+    """Version of each optional engine package, or None when it does not import; DeepSparse's as
+    its worker reported it when it runs in another interpreter."""
     out: Dict[str, Optional[str]] = {}
     for module in ("onnxruntime", "onnx", "onnxscript", "deepsparse"):
         try:
             out[module] = getattr(importlib.import_module(module), "__version__", "unknown")
         except Exception:
             out[module] = None
+    if deepsparse_python:
+        reported = [r["timed_apart"]["deepsparse"]["deepsparse_version"] for r in rows
+                    if "deepsparse" in r.get("timed_apart", {})]
+        out["deepsparse"] = reported[0] if reported else None
     return out
 
 
@@ -431,6 +511,11 @@ def markdown(result: dict) -> str:
                 if note not in notes:
                     notes.append(note)
         out.append(f"| {row['model']} | {row['batch']} | " + " | ".join(cells) + " |")
+    apart = [r["timed_apart"]["deepsparse"] for r in result["rows"] if "deepsparse" in r.get("timed_apart", {})]
+    if apart:
+        out += ["", f"deepsparse ran in its own process ({apart[0]['python']}, "
+                    f"{apart[0].get('banner') or 'ISA ' + str(apart[0].get('cpu_avx_type'))}), timed right after "
+                    f"the in-process engines with their warm-up and round count, not interleaved with them."]
     if notes:
         out += ["", "Not timed:", ""] + [f"* {n}" for n in notes]
     for prof in result.get("profiles", []):
@@ -455,9 +540,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--profile-repeats", type=int, default=20, help="calls of Executable.profile (default 20)")
     p.add_argument("--quick", action="store_true",
                    help="small models (width 64, 16 channels, 32x32 ResNet-50 config), batches 1,2, 3 rounds")
+    p.add_argument("--deepsparse-python", metavar="PATH", default=os.environ.get("SPARSEPRUNE_DEEPSPARSE_PYTHON"),
+                   help="Python interpreter of a venv with deepsparse: DeepSparse runs there through "
+                        "deepsparse_worker.py (default: $SPARSEPRUNE_DEEPSPARSE_PYTHON, else deepsparse "
+                        "imported in this process)")
     add_timing_args(p, budget_s=None)
     add_output_args(p, "bench_engines.json")
     args = p.parse_args(argv)
+    if args.deepsparse_python is not None and not (os.path.isfile(args.deepsparse_python)
+                                                   and os.access(args.deepsparse_python, os.X_OK)):
+        p.error(f"--deepsparse-python (or SPARSEPRUNE_DEEPSPARSE_PYTHON) must be an executable file, "
+                f"got {args.deepsparse_python!r}")
     if not 0.0 <= args.sparsity < 1.0:
         p.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.threads < 1 or args.profile_repeats < 1:
@@ -497,14 +590,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "batch_sizes": args.batch_sizes, "threads": args.threads, "policy": args.policy}
     threads, args.threads = args.threads, [args.threads]  # write_outputs records a list of counts
     write_outputs(args, rows, lambda result: markdown(dict(result, profiles=profiles)), started,
-                  head={"command": args.command, "grid": grid, "engine_versions": versions(),
+                  head={"command": args.command, "grid": grid,
+                        "engine_versions": versions(rows, args.deepsparse_python),
+                        "deepsparse_python": args.deepsparse_python,
                         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}, notes={
         "tolerance": {"max_rel_diff": TOLERANCE, "relative_to": "max(1, max |torch output|)"},
         "engines": {
             "torch": "the pruned model in torch eager (dense), torch.inference_mode(), torch.set_num_threads",
             "onnxruntime": "torch.onnx.export (dynamic batch), CPUExecutionProvider, intra_op_num_threads, "
                            "inter_op 1, ORT_ENABLE_ALL",
-            "deepsparse": "deepsparse.Engine(onnx, batch_size, num_cores=threads), one per batch size",
+            "deepsparse": "deepsparse.Engine(onnx, batch_size, num_cores=threads), one per batch size"
+                          + (f"; in its own process ({args.deepsparse_python}, benchmarks/deepsparse_worker.py), "
+                             "timed right after the in-process engines with their warm-up and round count "
+                             "(rows' timed_apart)" if args.deepsparse_python else ""),
             "convert": f"sparseprune.convert(model, (x,), policy={args.policy!r})",
             "executable": f"sparseprune.compile(model, (x,), policy={args.policy!r}); Executable.run",
         },

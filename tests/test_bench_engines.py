@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -146,3 +147,102 @@ def test_bad_options_are_refused(bench, argv, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(argv)
     assert "error" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ DeepSparse in its own interpreter
+# deepsparse_worker.py run by --deepsparse-python, with a stand-in `deepsparse` package (ONNX Runtime
+# behind deepsparse.Engine's interface) on PYTHONPATH: the protocol is tested without DeepSparse.
+FAKE_DEEPSPARSE = '''
+import numpy as np
+import onnxruntime
+
+__version__ = "0.0-fake"
+
+
+class Engine:
+    def __init__(self, model, batch_size, num_cores):
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = num_cores
+        self.session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.batch_size, self.cpu_avx_type, self.cpu_vnni = batch_size, "fake", False
+
+    def run(self, inputs):
+        assert all(a.shape[0] == self.batch_size for a in inputs), "compiled for another batch"
+        names = [i.name for i in self.session.get_inputs()]
+        return [SCALE * a for a in self.session.run(None, dict(zip(names, inputs)))]
+'''
+
+
+@pytest.fixture
+def fake_deepsparse(tmp_path, monkeypatch):
+    """write(scale=1.0, body=FAKE_DEEPSPARSE): puts a stand-in deepsparse on the worker's PYTHONPATH."""
+    pytest.importorskip("onnxruntime")
+
+    def write(scale=1.0, body=FAKE_DEEPSPARSE):
+        package = tmp_path / "fake" / "deepsparse"
+        package.mkdir(parents=True, exist_ok=True)
+        (package / "__init__.py").write_text(f"SCALE = {scale}\n" + body)
+        monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake"))
+    return write
+
+
+APART = ["--models", "bert-ffn", "--engines", "deepsparse,executable", "--deepsparse-python", sys.executable]
+
+
+def test_deepsparse_in_its_own_interpreter_is_checked_and_timed(bench, tmp_path, fake_deepsparse):
+    fake_deepsparse()
+    result, md = _run(bench, tmp_path, APART + ["--repeats", "2", "--warmup", "1"])
+    assert result["metadata"]["deepsparse_python"] == sys.executable
+    assert result["metadata"]["engine_versions"]["deepsparse"] == "0.0-fake"
+    for row in result["rows"]:
+        _check_row(row, ("deepsparse", "executable"))
+        assert "deepsparse" in row["times_ms"], row["errors"]
+        info = row["timed_apart"]["deepsparse"]
+        # the in-process engines' warm-up and round count, 3 timed calls a round
+        assert (info["warmup"], info["rounds"]) == (row["warmup"], row["runs"])
+        assert info["samples"] == 3 * row["runs"] and info["cpu_avx_type"] == "fake"
+        assert info["python"] == sys.executable and info["wall_s"] > 0
+        assert info["nm_environment"]["NM_DISABLE_ANALYTICS"] == "1"  # no telemetry from a benchmark
+    assert "deepsparse ran in its own process" in md
+
+
+def test_deepsparse_worker_outputs_are_checked_against_torch(bench, tmp_path, fake_deepsparse):
+    fake_deepsparse(scale=1.5)
+    result, md = _run(bench, tmp_path, APART)
+    for row in result["rows"]:
+        assert "deepsparse" not in row["times_ms"]
+        assert "differs from torch" in row["errors"]["deepsparse"]
+        assert row["max_rel_diff"]["deepsparse"] > 1e-3
+        _check_row(row, ("deepsparse", "executable"))
+
+
+def test_deepsparse_worker_failures_are_row_entries(bench, tmp_path, fake_deepsparse, monkeypatch):
+    fake_deepsparse(body="class Engine:\n    def __init__(self, **kw):\n        raise ValueError('no such op\\nmore')\n")
+    result, md = _run(bench, tmp_path, APART + ["--batch-sizes", "1"])
+    (row,) = result["rows"]
+    assert row["errors"]["deepsparse"] == "RuntimeError: deepsparse worker: ValueError: no such op"
+    assert "* deepsparse: RuntimeError: deepsparse worker: ValueError: no such op" in md
+    # an interpreter without deepsparse (this one, with the stand-in off the path): not installed
+    monkeypatch.delenv("PYTHONPATH")
+    if _installed("deepsparse"):
+        pytest.skip("deepsparse is installed in the test interpreter")
+    result, md = _run(bench, tmp_path, APART + ["--batch-sizes", "1"])
+    (row,) = result["rows"]
+    assert row["errors"]["deepsparse"].startswith(f"not installed (deepsparse in {sys.executable}: ModuleNotFoundError")
+    assert "| bert-ffn | 1 | " in md and " | not installed | " in md
+
+
+def test_deepsparse_python_must_be_an_executable(bench, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--deepsparse-python", str(tmp_path / "nope")])
+    assert "--deepsparse-python" in capsys.readouterr().err
+    not_executable = tmp_path / "python"
+    not_executable.write_text("")
+    monkeypatch.setenv("SPARSEPRUNE_DEEPSPARSE_PYTHON", str(not_executable))
+    with pytest.raises(SystemExit):
+        bench.parse_args([])
+    assert "SPARSEPRUNE_DEEPSPARSE_PYTHON" in capsys.readouterr().err
+    monkeypatch.setenv("SPARSEPRUNE_DEEPSPARSE_PYTHON", sys.executable)  # the default comes from it
+    assert bench.parse_args([]).deepsparse_python == sys.executable
+    monkeypatch.delenv("SPARSEPRUNE_DEEPSPARSE_PYTHON")
+    assert bench.parse_args([]).deepsparse_python is None

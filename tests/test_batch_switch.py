@@ -224,3 +224,29 @@ def test_compile_with_one_batch_size_never_switches(monkeypatch):
     monkeypatch.setattr(kernel_choice, "_time_plans", _fake_times(True))
     exe = sparseprune.compile(model, (torch.randn(2, 4, 6, 6),))
     assert not any("dense_from" in op for op in exe.spec["ops"])
+
+
+def test_switches_whose_dense_weights_outgrow_the_file_are_refused():
+    # one nonzero in a 4096 x 4096 weight: the file holds a few bytes, the switch would build 64 MiB
+    rng = np.random.default_rng(6)
+    w = np.zeros((4096, 4096), np.float32)
+    w[3, 5] = 1.0
+    arrays = _sparse_arrays("l", *formats.csr_arrays(w), None)
+    op = {"op": "linear", "in": 0, "out": 1, "weight": "l", "format": "csr", "block": [1, 1], "rows": 4096,
+          "cols": 4096, "dense_from": 2}
+    spec = make_spec([[4096], [4096]], [0], [1], [op])
+    with pytest.raises(SpecError, match="dense_from switches need"):
+        validate(spec, arrays)
+    with pytest.raises(_C.SpecError, match="dense_from switches need"):
+        _C.Plan(json.dumps(spec), arrays)
+    del op["dense_from"]
+    Executable.from_spec(spec, arrays).run(randn(rng, 1, 4096))  # without the switch: fine
+
+
+def test_compile_keeps_one_kernel_where_a_switch_would_outgrow_the_budget(monkeypatch):
+    model = nn.Sequential(nn.Linear(512, 512)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_((torch.rand(512, 512) < 0.003).float())  # 99.7% sparse: dense is ~170x the CSR arrays
+    monkeypatch.setattr(kernel_choice, "_time_plans", _fake_times(True))
+    exe = sparseprune.compile(model, (torch.randn(1, 512),), batch_sizes=(1, 64))
+    assert not any("dense_from" in op for op in exe.spec["ops"])

@@ -241,6 +241,26 @@ int64_t dense_from_field(const py::dict& op, const std::string& where, bool stor
   return v;
 }
 
+// The dense weights built for dense_from switches stay within kMaxDenseSwitchFactor x the bytes of
+// all the arrays (the Python validator's MAX_DENSE_SWITCH_FACTOR): a file cannot make load
+// allocate more than a fixed multiple of its own size. Counted before each switch is built.
+constexpr double kMaxDenseSwitchFactor = 64;
+
+struct SwitchBudget {
+  double stored_bytes = 0, dense_bytes = 0;
+  explicit SwitchBudget(const py::dict& arrays) {
+    for (auto item : arrays)
+      if (py::isinstance<py::array>(item.second)) stored_bytes += static_cast<double>(item.second.cast<py::array>().nbytes());
+  }
+  // Adds a switch's dense weight of `elements` floats; throws SpecError beyond the budget.
+  void add(double elements) {
+    dense_bytes += 4 * elements;
+    if (dense_bytes > kMaxDenseSwitchFactor * stored_bytes)
+      throw SpecError("the dense_from switches need more than " + std::to_string(static_cast<int64_t>(kMaxDenseSwitchFactor)) +
+                      " x the " + std::to_string(static_cast<int64_t>(stored_bytes)) + " bytes of the file's arrays in dense weights");
+  }
+};
+
 // spec.dims (optional): {name: {"min": int, "max": int}}, in the spec's order.
 std::vector<DimRange> parse_dims(const py::dict& spec) {
   std::vector<DimRange> dims;
@@ -366,6 +386,7 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
   py::object ops = field(spec, "ops", "spec");
   if (!py::isinstance<py::list>(ops)) throw SpecError("spec.ops must be a list");
   i = 0;
+  SwitchBudget budget(arrays);
   for (py::handle h : ops) {
     const std::string where = "ops[" + std::to_string(i++) + "]";
     if (!py::isinstance<py::dict>(h)) throw SpecError(where + " must be an object");
@@ -417,7 +438,10 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
         op.linear = make_linear(o, arrays, where);
         if (!op.linear) op.dense = make_dense(o, arrays, where);
         op.dense_from = dense_from_field(o, where, op.linear != nullptr);
-        if (op.dense_from) op.dense = DenseWeights::from_sparse(*op.linear);
+        if (op.dense_from) {
+          budget.add(static_cast<double>(op.linear->n_rows()) * static_cast<double>(op.linear->n_cols()));
+          op.dense = DenseWeights::from_sparse(*op.linear);
+        }
         break;
       case OpKind::affine:
         op.scale = number_field(o, "scale", where);
@@ -510,7 +534,12 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
           throw SpecError(where + ".format must be 'sparse', 'pattern', 'depthwise' or 'dense'");
         }
         op.dense_from = dense_from_field(o, where, op.conv != nullptr);
-        if (op.dense_from) op.dense_conv = DenseConv::from_sparse(*op.conv);
+        if (op.dense_from) {
+          const ConvShape& cs = op.conv->shape();
+          budget.add(static_cast<double>(cs.out_channels) * static_cast<double>(cs.in_channels / cs.groups) *
+                     cs.kernel_h * cs.kernel_w);
+          op.dense_conv = DenseConv::from_sparse(*op.conv);
+        }
         if (op.depthwise) op.conv = nullptr;  // the depthwise kernel runs it
         break;
       }

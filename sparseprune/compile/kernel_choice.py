@@ -19,7 +19,7 @@ import numpy as np
 
 from sparseprune import formats
 from sparseprune._native import _C
-from sparseprune.runtime.spec import MAX_KERNEL_PATTERNS, SPEC_FORMAT, SPEC_VERSION
+from sparseprune.runtime.spec import MAX_DENSE_SWITCH_FACTOR, MAX_KERNEL_PATTERNS, SPEC_FORMAT, SPEC_VERSION
 from sparseprune.timing import time_interleaved
 
 # Timing noise on a shared 2-core machine: a sparse kernel within this factor of dense at some
@@ -81,6 +81,12 @@ def _pick(times: Mapping[str, Mapping[int, float]], dense: str) -> Tuple[str, st
     if ratio(best) * TIMING_TOLERANCE < 1.0:
         return dense, f"{tried}: all slower than {dense} (best {best}: {ratio(best):.2f}x)"
     return best, f"{tried}: fastest, {ratio(best):.2f}x {dense}"
+
+
+def _switch_fits(arrays: Mapping[str, np.ndarray], dense_elements: int) -> bool:
+    """Whether a layer's dense weight fits the spec's switch budget on its own (then the whole
+    file's switches do: MAX_DENSE_SWITCH_FACTOR)."""
+    return 4 * dense_elements <= MAX_DENSE_SWITCH_FACTOR * sum(int(a.nbytes) for a in arrays.values())
 
 
 def _pick_by_size(times: Mapping[str, Mapping[int, float]], dense: str,
@@ -179,6 +185,8 @@ def choose_linear(name: str, weight: np.ndarray, bias: Optional[np.ndarray], *, 
     times = _time_plans(plans, {int(n): (max(int(n), 1), in_features) for n in rows}, threads, "dense",
                         dense_reference, repeats=5)
     best, dense_from, why = _pick_by_size(times, "dense", switch)
+    if dense_from is not None and not _switch_fits(arrays[best], weight.size):
+        best, dense_from, why = _pick_by_size(times, "dense", False)
     fmt, block = candidates[best]
     return KernelChoice(best, why, fmt, block, arrays[best], times["dense"], times[best], dense_from)
 
@@ -227,6 +235,8 @@ def choose_conv(name: str, weight: np.ndarray, bias: Optional[np.ndarray], field
     times = _time_plans(plans, {int(b): (max(int(b), 1),) + tuple(in_shape) for b in batches}, threads,
                         "dense-conv", dense_reference, repeats=3)
     best, dense_from, why = _pick_by_size(times, "dense-conv", switch)
+    if dense_from is not None and not _switch_fits(candidates[best], weight.size):
+        best, dense_from, why = _pick_by_size(times, "dense-conv", False)
     return KernelChoice(best, why, _CONV_FORMATS[best], (1, 1), candidates[best], times["dense-conv"], times[best],
                         dense_from)
 

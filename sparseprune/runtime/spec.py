@@ -64,6 +64,11 @@ MAX_SCALAR = float(np.finfo(np.float32).max)  # |scale|, |shift|, eps: finite as
 # BERT-base encoder at sequence 512 ~1e8, so real models fit; a hostile file asking for more is
 # refused at load instead of making the first run() allocate tens of GiB.
 MAX_SAMPLE_ELEMENTS = 1 << 28
+# The dense weights the native plan builds at load for "dense_from" switches, in bytes, are at
+# most this many times the bytes of all the file's arrays: a file cannot make load allocate more
+# than a fixed multiple of its own size. CSR at 90% sparsity stores 8 bytes per nonzero, dense 40
+# (5x); 98% sparse layers need 25x, so every layer of a real model may switch.
+MAX_DENSE_SWITCH_FACTOR = 64
 
 # Fields every op may carry besides its own: "op" and an optional "name" (the module path, for
 # messages and reports; the native plan ignores it).
@@ -385,6 +390,22 @@ def _dense_from(o: Mapping, op: Dict[str, Any], where: str, stored_sparse: bool)
         raise SpecError(f"{where}.dense_from needs a sparse format (the dense weights are built from it), "
                         "but the op's format is 'dense'")
     op["dense_from"] = _int(o["dense_from"], f"{where}.dense_from", 2, MAX_DIM)
+
+
+def _check_dense_switches(ops: Sequence[Mapping[str, Any]], arrays: Mapping[str, np.ndarray]) -> None:
+    """The dense weights of all "dense_from" switches within MAX_DENSE_SWITCH_FACTOR x the arrays' bytes."""
+    dense = 0
+    for op in ops:
+        if "dense_from" in op:
+            if op["op"] == "linear":
+                dense += 4 * op["rows"] * op["cols"]
+            else:
+                kh, kw = op["kernel"]
+                dense += 4 * op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw
+    stored = sum(int(a.nbytes) for a in arrays.values())
+    if dense > MAX_DENSE_SWITCH_FACTOR * stored:
+        raise SpecError(f"the dense_from switches need {dense:,} bytes of dense weights, more than "
+                        f"{MAX_DENSE_SWITCH_FACTOR} x the {stored:,} bytes of the file's arrays")
 
 
 def _finite_float(v: Any) -> Optional[float]:
@@ -777,6 +798,7 @@ def validate(spec: Any, arrays: Mapping[str, Any], *, at: Optional[Mapping[str, 
     unused = sorted(set(store.arrays) - store.used)
     if unused:
         raise SpecError(f"array {_short(unused[0])} is not used by any op (a misspelled name?)")
+    _check_dense_switches(ops_out, store.arrays)
 
     canonical: Dict[str, Any] = {
         "format": SPEC_FORMAT,

@@ -11,7 +11,7 @@ with sparseprune.compile and saved. Each mutated file is one of:
   added), op kinds, dims (hostile maxima), the stated cost (claiming less);
 - arrays: indices and taps out of range, row pointers broken, arrays cut, retyped or dropped;
 - still-valid re-packs: a linear's weight re-packed CSR <-> dense <-> BSR, a sparse convolution
-  as a dense one (the outputs must not change);
+  as a dense one, a sparse op given a dense_from switch (the outputs must not change);
 - resized inputs: the unchanged file on other batch sizes (0 to 64).
 
 A worker process (spawned: numpy and the runtime only) loads and runs each file through
@@ -164,7 +164,7 @@ class Mutator:
         elif how == "rename":
             op[key + "_"] = op.pop(key)
         else:
-            op[self.pick(["ceil_mode", "bias", "extra", "weight2"])] = 1
+            op[self.pick(["ceil_mode", "bias", "extra", "weight2", "dense_from"])] = 1
         return f"ops[{op_i}] {how} key {key!r}"
 
     def _op_kind(self, spec, arrays):
@@ -249,6 +249,9 @@ class Mutator:
         i = self.pick(linears + convs)
         op = spec["ops"][i]
         w = op["weight"]
+        if op.get("format", "sparse") != "dense" and self.pick([False, False, True]):  # the same weight, switched
+            op["dense_from"] = self.pick([2, 3, 17, 64, 2**31])
+            return f"ops[{i}] {op['op']} {w!r} dense from {op['dense_from']}"
         if op["op"] == "conv2d":
             cout, g = op["out_channels"], op["groups"]
             kh, kw = op["kernel"]

@@ -308,6 +308,10 @@ def _add_compile(subparsers, want_help: bool = False) -> None:
     p.add_argument("--policy", choices=("measure", "threshold"), default="measure",
                    help="measure: time the candidate kernels per layer on this machine; threshold: by sparsity "
                         "alone, faster (default: measure)")
+    p.add_argument("--batch-sizes", type=_int_list, default=None, metavar="N,N,...",
+                   help="batch sizes the kernels are timed at, e.g. 1,64 (the smallest and largest a service sees): "
+                        "a layer may then run a sparse kernel at small batches and dense from the batch where they "
+                        "cross (default: --batch)")
     p.add_argument("--dynamic-seq", type=_bounded_int(2), default=None, metavar="MAX",
                    help="make axis 1 of every input a dynamic sequence length up to MAX: the file then serves "
                         "every length from 1 to MAX (default: the example's shapes only)")
@@ -432,7 +436,7 @@ def _run_compile(args: argparse.Namespace) -> int:
             names = input_names(model, len(inputs))
             dynamic = {name: {1: seq} for name, x in zip(names, inputs) if x.dim() >= 2}
         exe = sparseprune.compile(model, inputs, dynamic_shapes=dynamic, policy=args.policy,
-                                  num_threads=args.threads, check=False)
+                                  batch_sizes=args.batch_sizes, num_threads=args.threads, check=False)
         if hasattr(result, "values") and not isinstance(result, torch.Tensor):
             outputs = [v for v in result.values() if isinstance(v, torch.Tensor)]  # a dict / ModelOutput
         else:
@@ -450,7 +454,8 @@ def _run_compile(args: argparse.Namespace) -> int:
     outs = ", ".join(_batch_shape(s) for s in exe.output_shapes)
     print(f"{exe.n_ops} ops, {len(layers)} weighted layers; inputs {ins}, outputs {outs}")
     if layers:
-        rows = [(r["name"], r["op"], r["format"], f"{r['sparsity']:.1%}", r["activation"] or "-") for r in layers]
+        rows = [(r["name"], r["op"], r["format"] + (f", dense from {r['dense_from']}" if r.get("dense_from") else ""),
+                 f"{r['sparsity']:.1%}", r["activation"] or "-") for r in layers]
         header = ("layer", "op", "kernel", "sparsity", "activation")
         widths = [max(len(h), *(len(str(row[i])) for row in rows)) for i, h in enumerate(header)]
         for row in [header, *rows]:

@@ -109,6 +109,26 @@ def test_compile_named_model_prints_a_summary(compiled):
     assert 0 <= diff < 1e-4
 
 
+def test_compile_batch_sizes_reach_the_kernel_choice(tmp_path, monkeypatch):
+    from sparseprune.compile import kernel_choice
+
+    seen = []
+
+    def fake(plans, shapes, threads, dense, dense_reference, repeats):  # sparse wins at 1, dense at 64
+        seen.append(sorted(shapes))
+        return {k: {1: 1.0 if k == dense else 0.1, 64: 10.0 if k == dense else 30.0} for k in plans}
+
+    monkeypatch.setattr(kernel_choice, "_time_plans", fake)
+    path = tmp_path / "mlp.spx"
+    status, out, err = _main(["compile", "--model", "mlp-small", "--threads", "1", "--batch-sizes", "1,64",
+                              "-o", str(path)])
+    assert status == 0, err
+    assert seen and all(sizes == [1, 64] for sizes in seen)
+    for row in sparseprune.load(path).layer_table():
+        assert row["format"] == "csr" and row["dense_from"] == 4
+        assert any(line.split()[:5] == [row["name"], row["op"], "csr,", "dense", "from"] for line in out.splitlines())
+
+
 def test_compile_named_model_is_the_pruned_model(compiled):
     # the same pruning as `sparseprune bench`: per-layer L1 magnitude on the seeded model
     from sparseprune.bench import build_model, prune_linear_layers

@@ -231,6 +231,36 @@ std::shared_ptr<const PackedConv> make_conv(const py::dict& op, const py::dict& 
   return std::shared_ptr<const PackedConv>(std::move(conv));
 }
 
+// dense_from (optional, linear / conv2d stored sparse): the input rows (linear) or images
+// (conv2d) from which the op runs its dense kernel; 0 when absent.
+int64_t dense_from_field(const py::dict& op, const std::string& where, bool stored_sparse) {
+  if (!op.contains("dense_from")) return 0;
+  if (!stored_sparse) throw SpecError(where + ".dense_from needs a sparse format (the dense weights are built from it)");
+  const int64_t v = int_field(op, "dense_from", where);
+  if (v < 2 || v > (int64_t{1} << 31)) throw SpecError(where + ".dense_from must be an int in [2, 2**31]");
+  return v;
+}
+
+// The dense weights built for dense_from switches stay within kMaxDenseSwitchFactor x the bytes of
+// all the arrays (the Python validator's MAX_DENSE_SWITCH_FACTOR): a file cannot make load
+// allocate more than a fixed multiple of its own size. Counted before each switch is built.
+constexpr double kMaxDenseSwitchFactor = 64;
+
+struct SwitchBudget {
+  double stored_bytes = 0, dense_bytes = 0;
+  explicit SwitchBudget(const py::dict& arrays) {
+    for (auto item : arrays)
+      if (py::isinstance<py::array>(item.second)) stored_bytes += static_cast<double>(item.second.cast<py::array>().nbytes());
+  }
+  // Adds a switch's dense weight of `elements` floats; throws SpecError beyond the budget.
+  void add(double elements) {
+    dense_bytes += 4 * elements;
+    if (dense_bytes > kMaxDenseSwitchFactor * stored_bytes)
+      throw SpecError("the dense_from switches need more than " + std::to_string(static_cast<int64_t>(kMaxDenseSwitchFactor)) +
+                      " x the " + std::to_string(static_cast<int64_t>(stored_bytes)) + " bytes of the file's arrays in dense weights");
+  }
+};
+
 // spec.dims (optional): {name: {"min": int, "max": int}}, in the spec's order.
 std::vector<DimRange> parse_dims(const py::dict& spec) {
   std::vector<DimRange> dims;
@@ -356,6 +386,7 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
   py::object ops = field(spec, "ops", "spec");
   if (!py::isinstance<py::list>(ops)) throw SpecError("spec.ops must be a list");
   i = 0;
+  SwitchBudget budget(arrays);
   for (py::handle h : ops) {
     const std::string where = "ops[" + std::to_string(i++) + "]";
     if (!py::isinstance<py::dict>(h)) throw SpecError(where + " must be an object");
@@ -406,6 +437,11 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
       case OpKind::linear:
         op.linear = make_linear(o, arrays, where);
         if (!op.linear) op.dense = make_dense(o, arrays, where);
+        op.dense_from = dense_from_field(o, where, op.linear != nullptr);
+        if (op.dense_from) {
+          budget.add(static_cast<double>(op.linear->n_rows()) * static_cast<double>(op.linear->n_cols()));
+          op.dense = DenseWeights::from_sparse(*op.linear);
+        }
         break;
       case OpKind::affine:
         op.scale = number_field(o, "scale", where);
@@ -490,12 +526,21 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
         if (format == "sparse" || format == "pattern") {
           op.conv = make_conv(o, arrays, where, format == "pattern");
         } else if (format == "depthwise") {
-          op.depthwise = DepthwiseConv::make(*make_conv(o, arrays, where, false));  // validated as sparse first
+          op.conv = make_conv(o, arrays, where, false);  // validated as sparse first
+          op.depthwise = DepthwiseConv::make(*op.conv);
         } else if (format == "dense") {
           op.dense_conv = make_dense_conv(o, arrays, where);
         } else {
           throw SpecError(where + ".format must be 'sparse', 'pattern', 'depthwise' or 'dense'");
         }
+        op.dense_from = dense_from_field(o, where, op.conv != nullptr);
+        if (op.dense_from) {
+          const ConvShape& cs = op.conv->shape();
+          budget.add(static_cast<double>(cs.out_channels) * static_cast<double>(cs.in_channels / cs.groups) *
+                     cs.kernel_h * cs.kernel_w);
+          op.dense_conv = DenseConv::from_sparse(*op.conv);
+        }
+        if (op.depthwise) op.conv = nullptr;  // the depthwise kernel runs it
         break;
       }
       case OpKind::maxpool2d:
@@ -621,6 +666,18 @@ void bind_plan(py::module_& m) {
         return out;
       })
       .def_property_readonly("n_ops", &Plan::n_ops)
+      .def(
+          "runs_dense",
+          [](const Plan& p, int64_t batch, const std::vector<int64_t>& dims) {
+            if (batch < 0) throw py::value_error("batch must be >= 0");
+            try {
+              return p.runs_dense(*p.instance(dims), batch);
+            } catch (const std::invalid_argument& e) {
+              throw py::value_error(e.what());
+            }
+          },
+          py::arg("batch"), py::arg("dims") = std::vector<int64_t>{},
+          "Per op: whether it runs its dense kernel at this batch (a dense format, or its dense_from switch).")
       .def(
           "arena_floats_per_sample",
           [](const Plan& p, const std::vector<int64_t>& dims) {

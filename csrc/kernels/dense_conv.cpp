@@ -21,6 +21,18 @@ std::shared_ptr<const DenseConv> DenseConv::make(const ConvShape& s, const float
   return c;
 }
 
+std::shared_ptr<const DenseConv> DenseConv::from_sparse(const PackedConv& sparse) {
+  const ConvShape& s = sparse.shape();
+  const int64_t k = s.in_channels / s.groups * s.kernel_h * s.kernel_w;  // taps of one filter
+  const std::vector<int64_t>& ptr = sparse.row_ptr();
+  const std::vector<int64_t> taps = sparse.taps();
+  const std::vector<float>& values = sparse.values();
+  std::vector<float> weight(static_cast<size_t>(s.out_channels * k), 0.0f);
+  for (int64_t o = 0; o < s.out_channels; ++o)
+    for (int64_t j = ptr[o]; j < ptr[o + 1]; ++j) weight[o * k + taps[j]] += values[j];
+  return make(s, weight.data(), sparse.bias().empty() ? nullptr : sparse.bias().data());
+}
+
 namespace {
 
 // Panel columns are output pixels [ow0, ow0 + width) of output row oh, of one image and group

@@ -7,6 +7,7 @@
 #include <memory>
 #include <vector>
 
+#include "kernels/packed_conv.h"
 #include "kernels/sparse_conv.h"
 
 namespace sparseprune {
@@ -16,6 +17,8 @@ class DenseConv {
   // weight[out_channels, in_channels / groups, kernel_h, kernel_w], bias[out_channels] or null.
   // Throws std::invalid_argument for a shape conv_geometry would refuse.
   static std::shared_ptr<const DenseConv> make(const ConvShape& shape, const float* weight, const float* bias);
+  // The same filters from a validated sparse weight, for an op's dense switch.
+  static std::shared_ptr<const DenseConv> from_sparse(const PackedConv& sparse);
 
   const ConvShape& shape() const { return shape_; }
   ConvGeometry geometry(int64_t in_h, int64_t in_w) const { return conv_geometry(shape_, in_h, in_w); }

@@ -99,6 +99,24 @@ std::shared_ptr<const DenseWeights> DenseWeights::make(int64_t rows, int64_t col
   return w;
 }
 
+std::shared_ptr<const DenseWeights> DenseWeights::from_sparse(const PackedLinear& sparse) {
+  const int64_t rows = sparse.n_rows(), cols = sparse.n_cols();
+  const int64_t br = sparse.block_rows(), bc = sparse.block_cols();
+  const std::vector<int64_t> ptr = sparse.indptr(), idx = sparse.indices();
+  const std::vector<float> val = sparse.values();
+  std::vector<float> weight(static_cast<size_t>(rows * cols), 0.0f);
+  // Block row r holds blocks [ptr[r], ptr[r + 1]), block j at block column idx[j] with br x bc
+  // values (row-major); CSR is the 1 x 1 case. The last block row / column may overhang.
+  for (int64_t r = 0; r + 1 < static_cast<int64_t>(ptr.size()); ++r)
+    for (int64_t j = ptr[r]; j < ptr[r + 1]; ++j)
+      for (int64_t i = 0; i < br; ++i)
+        for (int64_t k = 0; k < bc; ++k) {
+          const int64_t row = r * br + i, col = idx[j] * bc + k;
+          if (row < rows && col < cols) weight[row * cols + col] += val[(j * br + i) * bc + k];
+        }
+  return make(rows, cols, weight.data(), sparse.has_bias() ? sparse.bias().data() : nullptr);
+}
+
 void Plan::set_dims(std::vector<DimRange> dims) {
   if (finalized_ || !sym_shapes_.empty()) fail("dims must be set before the buffers");
   if (dims.size() > static_cast<size_t>(kMaxDims)) fail("at most " + std::to_string(kMaxDims) + " dims");
@@ -257,7 +275,11 @@ void PlanInstance::check_op(const PlanOp& op, const std::string& where) const {
         fail(where + ": bad in-place operand");
   switch (op.kind) {
     case OpKind::linear: {
-      if (!op.linear == !op.dense) fail(where + ": linear needs exactly one of sparse or dense weights");
+      // Sparse or dense weights; both only with a dense switch (the same weight, built from the sparse one).
+      if (!op.linear && !op.dense) fail(where + ": linear needs sparse or dense weights");
+      if ((op.linear && op.dense) != (op.dense_from > 0)) fail(where + ": linear has both weights exactly with dense_from");
+      if (op.linear && op.dense && (op.dense->rows != op.linear->n_rows() || op.dense->cols != op.linear->n_cols()))
+        fail(where + ": the dense switch's weight differs in shape");
       const int64_t rows = op.linear ? op.linear->n_rows() : op.dense->rows;
       const int64_t cols = op.linear ? op.linear->n_cols() : op.dense->cols;
       if (si.back() != cols) fail(where + ": input " + shape_str(si) + " must end in " + std::to_string(cols));
@@ -267,8 +289,10 @@ void PlanInstance::check_op(const PlanOp& op, const std::string& where) const {
       break;
     }
     case OpKind::conv2d: {
-      if ((op.conv != nullptr) + (op.dense_conv != nullptr) + (op.depthwise != nullptr) != 1)
-        fail(where + ": conv2d needs exactly one of sparse, dense or depthwise weights");
+      // Exactly one of sparse, dense or depthwise weights, plus dense ones with a dense switch.
+      if ((op.conv != nullptr) + (op.dense_conv != nullptr) + (op.depthwise != nullptr) != 1 + (op.dense_from > 0) ||
+          (op.dense_from > 0 && !op.dense_conv))
+        fail(where + ": conv2d needs exactly one of sparse, dense or depthwise weights (and dense ones with dense_from)");
       const ConvShape& cs = op.conv ? op.conv->shape() : op.dense_conv ? op.dense_conv->shape() : op.depthwise->shape();
       if (si.size() != 3 || si[0] != cs.in_channels)
         fail(where + ": input must be (" + std::to_string(cs.in_channels) + ", H, W), got " + shape_str(si));
@@ -565,6 +589,22 @@ std::shared_ptr<const PlanInstance> Plan::instance(const std::vector<int64_t>& d
   return inst;
 }
 
+bool PlanInstance::runs_dense(const PlanOp& op, int64_t batch) const {
+  if (op.kind == OpKind::linear) {
+    if (!op.linear) return true;
+    return op.dense_from > 0 && batch * (numel_[op.in] / op.linear->n_cols()) >= op.dense_from;
+  }
+  if (op.kind == OpKind::conv2d) return !op.conv && !op.depthwise ? true : op.dense_from > 0 && batch >= op.dense_from;
+  return false;
+}
+
+std::vector<bool> Plan::runs_dense(const PlanInstance& inst, int64_t batch) const {
+  if (inst.plan_ != this) fail("runs_dense() with another plan's instance");
+  std::vector<bool> out;
+  for (const PlanOp& op : ops_) out.push_back(inst.runs_dense(op, batch));
+  return out;
+}
+
 void PlanInstance::run_op(const PlanOp& op, float* const* buf, int64_t batch, int n_threads) const {
   if (op.kind == OpKind::constant) {  // the same values in every sample: the value's leading block
     const auto& so = shapes_[op.out];
@@ -596,7 +636,7 @@ void PlanInstance::run_op(const PlanOp& op, float* const* buf, int64_t batch, in
   const auto& si = shapes_[op.in];
   switch (op.kind) {
     case OpKind::linear: {
-      if (op.dense) {
+      if (runs_dense(op, batch)) {
         const int64_t rows = n_in / op.dense->cols;
         gemm(x, op.dense->cols, op.dense->packed.data(), rows, op.dense->rows, op.dense->cols, 1.0f,
              op.dense->bias.empty() ? nullptr : op.dense->bias.data(), y, op.dense->rows, n_threads);
@@ -618,8 +658,9 @@ void PlanInstance::run_op(const PlanOp& op, float* const* buf, int64_t batch, in
     }
     case OpKind::conv2d: {
       const float* residual = op.in2 >= 0 ? buf[op.in2] : nullptr;
-      if (op.dense_conv || op.depthwise) {
-        if (op.dense_conv) op.dense_conv->run(op.dense_conv->geometry(si[1], si[2]), x, batch, y, n_threads);
+      const bool dense = runs_dense(op, batch);
+      if (dense || op.depthwise) {
+        if (dense) op.dense_conv->run(op.dense_conv->geometry(si[1], si[2]), x, batch, y, n_threads);
         else op.depthwise->run(op.depthwise->geometry(si[1], si[2]), x, batch, y, n_threads);
         if (residual) binary_map(y, residual, y, n_out, false, op.act, n_threads);
         else affine_map(y, y, n_out, 1.0f, 0.0f, op.act, n_threads);

@@ -37,6 +37,8 @@ struct DenseWeights {
   std::vector<float> packed;  // gemm_pack_b of W^T: cols x rows
   std::vector<float> bias;    // rows entries, or empty
   static std::shared_ptr<const DenseWeights> make(int64_t rows, int64_t cols, const float* weight, const float* bias);
+  // The same weight from a validated sparse one (CSR or block-sparse), for an op's dense switch.
+  static std::shared_ptr<const DenseWeights> from_sparse(const PackedLinear& sparse);
 };
 
 struct PlanOp {
@@ -51,6 +53,10 @@ struct PlanOp {
   std::shared_ptr<const PackedConv> conv;       // conv2d: sparse weights, or
   std::shared_ptr<const DenseConv> dense_conv;  // dense weights, or
   std::shared_ptr<const DepthwiseConv> depthwise;  // a depthwise layer's (sparse) weights
+  // linear / conv2d stored sparse: from this many input rows (linear: batch x rows per sample;
+  // conv2d: images) on, run the dense kernel on `dense` / `dense_conv`, built from the sparse
+  // weights at load (compile measured dense faster there); 0: never.
+  int64_t dense_from = 0;
   int kernel[2] = {1, 1}, stride[2] = {1, 1}, padding[2] = {0, 0};  // pools
   std::vector<float> gamma, beta;                                   // layernorm
   float eps = 1e-5f;
@@ -102,6 +108,9 @@ class PlanInstance {
   const std::vector<int64_t>& shape(int buffer) const { return shapes_[buffer]; }
   int64_t numel(int buffer) const { return numel_[buffer]; }
   int64_t arena_floats_per_sample() const { return arena_per_sample_; }
+  // Whether a linear / conv2d op runs its dense kernel at this batch (its dense format, or its
+  // dense switch: PlanOp::dense_from).
+  bool runs_dense(const PlanOp& op, int64_t batch) const;
 
  private:
   friend class Plan;
@@ -143,6 +152,8 @@ class Plan {
   const std::vector<int>& inputs() const { return inputs_; }
   const std::vector<int>& outputs() const { return outputs_; }
   size_t n_ops() const { return ops_.size(); }
+  // Per op: whether it runs its dense kernel at this batch (PlanInstance::runs_dense).
+  std::vector<bool> runs_dense(const PlanInstance& inst, int64_t batch) const;
 
   // The instance for `dims` (one value per dim, inside its range): from a small cache of recent
   // assignments, else made (and every op checked) now. Thread-safe; the instance stays valid as

@@ -105,14 +105,46 @@ PatternOffsets pattern_offsets(const ConvShape& s, const ConvGeometry& g, const 
 
 namespace {
 
-// Zero-pads image n and splits it into stride phases; inside a parallel region.
-void repack_image(const ConvShape& s, const ConvGeometry& g, const ConvArgs& a, int64_t n, float* xph) {
+// The loops of one image's convolution run either shared by the enclosing parallel region's team
+// (team = true: a worksharing loop without its barrier; callers add barriers where needed) or all
+// on the calling thread (team = false: images are spread over the threads instead).
+template <class Body>
+void share_static(bool team, int64_t n, Body&& body) {
+  if (team) {
+#ifdef _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+    for (int64_t i = 0; i < n; ++i) body(i);
+  } else {
+    for (int64_t i = 0; i < n; ++i) body(i);
+  }
+}
+
+template <class Body>
+void share_dynamic(bool team, int64_t n, Body&& body) {
+  if (team) {
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic) nowait
+#endif
+    for (int64_t i = 0; i < n; ++i) body(i);
+  } else {
+    for (int64_t i = 0; i < n; ++i) body(i);
+  }
+}
+
+void team_barrier(bool team) {
+  if (team) {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+  }
+}
+
+// Zero-pads image n and splits it into stride phases.
+void repack_image(const ConvShape& s, const ConvGeometry& g, const ConvArgs& a, int64_t n, float* xph, bool team) {
   const float* xn = a.x + n * a.x_stride[0];
   const int64_t phases = static_cast<int64_t>(s.stride_h) * s.stride_w;
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-  for (int64_t cp = 0; cp < s.in_channels * phases; ++cp) {
+  share_static(team, s.in_channels * phases, [&](int64_t cp) {
     const int64_t c = cp / phases, ph_a = (cp % phases) / s.stride_w, ph_b = cp % s.stride_w;
     float* dst = xph + cp * g.plane;
     const float* src = xn + c * a.x_stride[1];
@@ -129,11 +161,8 @@ void repack_image(const ConvShape& s, const ConvGeometry& g, const ConvArgs& a, 
         row[q] = (in_c >= 0 && in_c < g.in_w) ? srow[in_c * a.x_stride[3]] : 0.0f;
       }
     }
-  }
-#ifdef _OPENMP
-#pragma omp single nowait
-#endif
-  std::fill(xph + s.in_channels * phases * g.plane, xph + g.image_floats, 0.0f);
+  });
+  share_static(team, 1, [&](int64_t) { std::fill(xph + s.in_channels * phases * g.plane, xph + g.image_floats, 0.0f); });
 }
 
 // NaN when input channel c of image n holds a NaN or an infinity (0 * v is NaN exactly for those),
@@ -196,16 +225,23 @@ void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWe
                    const PatternOffsets* pattern_off) {
   if (a.batch <= 0 || s.out_channels <= 0) return;
   const int64_t n_tiles = ceil_div(g.grid_padded, kTileFloats);
-  const double work = static_cast<double>(w.row_ptr[s.out_channels]) * g.grid + s.out_channels;
-  const int threads = threads_for_work(a.n_threads, work);
-  // Enough tasks to balance the threads even when the image is small (7x7 is one tile).
-  const int64_t want_chunks = ceil_div(4 * threads, n_tiles);
+  const double work = static_cast<double>(w.row_ptr[s.out_channels]) * g.grid + s.out_channels;  // per image
+  // Two ways to use the threads. Images spread over them, each thread convolving whole images
+  // alone, when there are enough images to balance them (at most 25% idle): one parallel region
+  // and no barrier per image. A ResNet on 32x32 inputs does ~20k multiply-adds per image and
+  // layer, so sharing each image between threads paid ~5 us of barriers per image and layer: 2
+  // threads ran slower than 1 at batch 64. Otherwise the threads share each image (tiles x
+  // channel chunks), one parallel region for the whole batch.
+  const int batch_threads = static_cast<int>(std::min<int64_t>(threads_for_work(a.n_threads, work * a.batch), a.batch));
+  const bool by_image = batch_threads > 1 && ceil_div(a.batch, batch_threads) * batch_threads * 4 <= a.batch * 5;
+  const int threads = by_image ? batch_threads : threads_for_work(a.n_threads, work);
+  const bool team = !by_image && threads > 1;
+  // Enough tasks to balance the threads of a team even when the image is small (7x7 is one tile).
+  const int64_t want_chunks = team ? ceil_div(4 * threads, n_tiles) : 1;
   const int64_t n_chunks = std::max<int64_t>(1, std::min<int64_t>(want_chunks, ceil_div(s.out_channels, 8)));
   const int64_t chunk = ceil_div(s.out_channels, n_chunks);
   const int64_t n_tasks = n_tiles * n_chunks;
-  ScratchBuffer& scratch = thread_scratch();
-  float* xph = scratch.get((g.image_floats + 15) / 16 * 16 + s.out_channels * g.grid_padded);
-  float* yt = xph + (g.image_floats + 15) / 16 * 16;
+  const int64_t scratch_floats = (g.image_floats + 15) / 16 * 16 + s.out_channels * g.grid_padded;
   auto task = SP_ISA_PICK(conv_task_entry);
   auto ptask = SP_ISA_PICK(pattern_conv_task_entry);
   const int taps_per_kernel = s.kernel_h * s.kernel_w;
@@ -214,67 +250,82 @@ void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWe
   const bool direct = s.kernel_h == 1 && s.kernel_w == 1 && s.stride_h == 1 && s.stride_w == 1 &&
                       s.pad_h == 0 && s.pad_w == 0 && g.grid == g.grid_padded && a.x_stride[3] == 1 &&
                       a.x_stride[2] == g.in_w && a.x_stride[1] == g.plane;
-  for (int64_t n = 0; n < a.batch; ++n) {
+  // Per image: NaN when it holds a NaN or an infinity (see dense_recompute_image).
+  std::vector<float> probes(static_cast<size_t>(a.batch), 0.0f);
+  // Image n on the team (team = true) or on this thread alone; xph: repacking scratch.
+  auto convolve_image = [&](int64_t n, float* xph, bool team) {
+    float* yt = xph + (g.image_floats + 15) / 16 * 16;
     float* yn = a.y + n * s.out_channels * g.out_h * g.out_w;
     const float* src = direct ? a.x + n * a.x_stride[0] : xph;
     float* dst = direct ? yn : yt;
     const float* res = a.residual ? a.residual + n * s.out_channels * g.out_h * g.out_w : nullptr;
     const bool tile_relu = a.relu && !res;  // with a residual, the ReLU comes after the add
     float probe = 0.0f;
+    share_static(team, s.in_channels, [&](int64_t c) { probe += channel_nonfinite_probe(g, a, n, c); });
+    if (probe != 0.0f) {  // NaN: rare, so the update may take the lock
+#ifdef _OPENMP
+#pragma omp critical(sparseprune_conv_probe)
+#endif
+      probes[static_cast<size_t>(n)] += probe;
+    }
+    if (!direct) {
+      repack_image(s, g, a, n, xph, team);
+      team_barrier(team);
+    }
+    share_dynamic(team, n_tasks, [&](int64_t t) {
+      const int64_t tile = t / n_chunks, c = t % n_chunks;
+      const int64_t p0 = tile * kTileFloats;
+      const int64_t width = std::min(kTileFloats, g.grid_padded - p0);
+      const int64_t o0 = c * chunk, o1 = std::min(s.out_channels, o0 + chunk);
+      if (o0 >= o1) return;
+      if (pattern)
+        ptask(*pattern, *pattern_off, taps_per_kernel, src, a.bias, tile_relu, dst, g.grid_padded, p0, width, o0, o1);
+      else
+        task(w, offsets, src, a.bias, tile_relu, dst, g.grid_padded, p0, width, o0, o1);
+    });
+    team_barrier(team);
+    // Crop the grid (phase_w columns per row) to the output (out_w columns), adding the
+    // residual and applying the ReLU on the way when there is one; the direct path wrote the
+    // output in place, so it adds the residual there.
+    if (!direct || res) {
+      share_static(team, s.out_channels, [&](int64_t o) {
+        for (int64_t oh = 0; oh < g.out_h; ++oh) {
+          const float* row = direct ? yn + (o * g.out_h + oh) * g.out_w : yt + o * g.grid_padded + oh * g.phase_w;
+          float* out = yn + (o * g.out_h + oh) * g.out_w;
+          if (!res) {
+            std::copy(row, row + g.out_w, out);
+            continue;
+          }
+          const float* r = res + (o * g.out_h + oh) * g.out_w;
+          for (int64_t q = 0; q < g.out_w; ++q) {
+            const float v = row[q] + r[q];
+            out[q] = a.relu && v < 0.0f ? 0.0f : v;  // NaN stays NaN, as in torch.relu
+          }
+        }
+      });
+      team_barrier(team);  // the next image's repack and tasks reuse xph and yt
+    }
+  };
+  if (by_image) {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
 #endif
     {
-#ifdef _OPENMP
-#pragma omp for schedule(static) reduction(+ : probe) nowait
-#endif
-      for (int64_t c = 0; c < s.in_channels; ++c) probe += channel_nonfinite_probe(g, a, n, c);
-      if (!direct) {
-        repack_image(s, g, a, n, xph);
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-      }
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic)
-#endif
-      for (int64_t t = 0; t < n_tasks; ++t) {
-        const int64_t tile = t / n_chunks, c = t % n_chunks;
-        const int64_t p0 = tile * kTileFloats;
-        const int64_t width = std::min(kTileFloats, g.grid_padded - p0);
-        const int64_t o0 = c * chunk, o1 = std::min(s.out_channels, o0 + chunk);
-        if (o0 >= o1) continue;
-        if (pattern)
-          ptask(*pattern, *pattern_off, taps_per_kernel, src, a.bias, tile_relu, dst, g.grid_padded, p0, width, o0, o1);
-        else
-          task(w, offsets, src, a.bias, tile_relu, dst, g.grid_padded, p0, width, o0, o1);
-      }
-      // Crop the grid (phase_w columns per row) to the output (out_w columns), adding the
-      // residual and applying the ReLU on the way when there is one; the direct path wrote the
-      // output in place, so it adds the residual there.
-      if (!direct || res) {
+      float* xph = thread_scratch().get(scratch_floats);  // each thread its own
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int64_t o = 0; o < s.out_channels; ++o) {
-          for (int64_t oh = 0; oh < g.out_h; ++oh) {
-            const float* row = direct ? yn + (o * g.out_h + oh) * g.out_w : yt + o * g.grid_padded + oh * g.phase_w;
-            float* out = yn + (o * g.out_h + oh) * g.out_w;
-            if (!res) {
-              std::copy(row, row + g.out_w, out);
-              continue;
-            }
-            const float* r = res + (o * g.out_h + oh) * g.out_w;
-            for (int64_t q = 0; q < g.out_w; ++q) {
-              const float v = row[q] + r[q];
-              out[q] = a.relu && v < 0.0f ? 0.0f : v;  // NaN stays NaN, as in torch.relu
-            }
-          }
-        }
-      }
+      for (int64_t n = 0; n < a.batch; ++n) convolve_image(n, xph, false);
     }
-    if (probe != probe) dense_recompute_image(s, g, w, a, n);
+  } else {
+    float* xph = thread_scratch().get(scratch_floats);  // shared by the team
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (team)
+#endif
+    for (int64_t n = 0; n < a.batch; ++n) convolve_image(n, xph, team);
   }
+  for (int64_t n = 0; n < a.batch; ++n)
+    if (probes[static_cast<size_t>(n)] != probes[static_cast<size_t>(n)]) dense_recompute_image(s, g, w, a, n);
 }
 
 }  // namespace sparseprune

@@ -298,8 +298,11 @@ def benchmark(
         else:
             from sparseprune.compile import compile as compile_model
 
-            compile_kwargs = {k: v for k, v in kwargs.items() if k != "batch_sizes"}  # times at the example
+            compile_kwargs = {k: v for k, v in kwargs.items() if k != "batch_sizes"}
+            # kernels timed at the smallest and largest batch benchmarked: the layers that lose at
+            # one of them switch kernels by the batch (see compile)
             executable = compile_model(dense, compile_kwargs.pop("example_inputs"), num_threads=convert_threads,
+                                       batch_sizes=tuple(sorted({min(batch_sizes), max(batch_sizes)})),
                                        **compile_kwargs)
             executable.n_threads = None  # then follow torch's count, like the dense side
             sparse = _ExecutableModule(executable)

@@ -479,16 +479,19 @@ class AtenLowering(LoweringBase):
                 p = converted.packed
                 kernel_name, reason, sparsity = converted.kernel, "already converted", converted.sparsity
                 arrays = _conv_sparse_arrays(path, p.row_ptr, p.taps, p.values, p.bias)
+                dense_from = None
             else:
                 sparsity = 1.0 - np.count_nonzero(w_np) / max(w_np.size, 1)
                 choice = choose_conv(path, w_np, b_np, fields, policy=self.policy, threads=self.threads,
-                                     in_shape=in_shape, batches=self.batches)
-                kernel_name, arrays, reason = choice.kernel, choice.arrays, choice.reason
+                                     in_shape=in_shape, batches=self.batches, switch=True)
+                kernel_name, arrays, reason, dense_from = choice.kernel, choice.arrays, choice.reason, choice.dense_from
             if kernel_name != "sparse-conv":
                 fields = {**fields, "format": _CONV_FORMATS[kernel_name]}
+            switch = {} if dense_from is None else {"dense_from": int(dense_from)}
+            fields = {**fields, **switch}
             self.arrays.update(arrays)
             self.layers.append({"name": path, "op": "conv2d", "kernel": kernel_name,
-                                "sparsity": round(float(sparsity), 6), "reason": reason})
+                                "sparsity": round(float(sparsity), 6), "reason": reason, **switch})
             name = path
             self._param_pairs[key] = (name, fields)
         op = {"op": "conv2d", "name": path, "in": src, "weight": name, **fields, "activation": None}

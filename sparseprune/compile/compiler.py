@@ -123,8 +123,12 @@ def compile(
     layers are read through their effective (masked) weights, and every Linear/Conv2d gets the
     kernel that is fastest on this machine (policy="measure", timed as the executor runs it) or
     the one its sparsity picks (policy="threshold"); kernels are timed at the example's batch, or at
-    each of `batch_sizes` (a sparse kernel must then win at all of them). num_threads: the threads used to time and
-    check (default: torch's count); the executable's own count is set at load.
+    each of `batch_sizes` (e.g. (1, 64): the smallest and largest batch a service sees). A layer
+    whose sparse kernel wins the small batches and dense the large ones keeps the sparse format and
+    switches to dense from the batch where the measured times cross (the op's "dense_from": the
+    file stores the sparse arrays only, the plan builds the dense weights at load); otherwise the
+    kernel fastest over all of them (geometric mean) runs at every batch. num_threads: the threads
+    used to time and check (default: torch's count); the executable's own count is set at load.
 
     Raises UnsupportedOperation (a ValueError) naming the ATen op and the module path when the
     model uses something the executor does not run (sparseprune.convert still works then), and

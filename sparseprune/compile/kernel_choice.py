@@ -2,7 +2,9 @@
 
 For each Linear and Conv2d the candidates (dense, CSR, block-sparse; the direct sparse, pattern,
 depthwise and dense im2col convolutions) are timed exactly as the executor runs them (one-op
-native plans), or picked by sparsity alone with policy="threshold". The named constants below are
+native plans) at each batch size asked for, or picked by sparsity alone with policy="threshold".
+For executables a layer may keep a sparse kernel for small batches and switch to dense from a
+measured batch on (_pick_by_size; the spec's "dense_from"). The named constants below are
 the only thresholds in the project, each with the measurement behind it. Also: the spec arrays of
 each storage format of a weight.
 """
@@ -17,7 +19,7 @@ import numpy as np
 
 from sparseprune import formats
 from sparseprune._native import _C
-from sparseprune.runtime.spec import MAX_KERNEL_PATTERNS, SPEC_FORMAT, SPEC_VERSION
+from sparseprune.runtime.spec import MAX_DENSE_SWITCH_FACTOR, MAX_KERNEL_PATTERNS, SPEC_FORMAT, SPEC_VERSION
 from sparseprune.timing import time_interleaved
 
 # Timing noise on a shared 2-core machine: a sparse kernel within this factor of dense at some
@@ -57,6 +59,9 @@ class KernelChoice:
     arrays: Dict[str, np.ndarray] = field(default_factory=dict)  # the chosen format's spec arrays
     dense_ms: Dict[int, float] = field(default_factory=dict)  # best-of-N ms by rows / batch, when measured
     chosen_ms: Dict[int, float] = field(default_factory=dict)
+    # The switch: from this many rows (linear) / images (conv) on the dense kernel runs instead
+    # (the spec's "dense_from"); None: `kernel` at every size.
+    dense_from: Optional[int] = None
 
 
 def _pick(times: Mapping[str, Mapping[int, float]], dense: str) -> Tuple[str, str]:
@@ -76,6 +81,48 @@ def _pick(times: Mapping[str, Mapping[int, float]], dense: str) -> Tuple[str, st
     if ratio(best) * TIMING_TOLERANCE < 1.0:
         return dense, f"{tried}: all slower than {dense} (best {best}: {ratio(best):.2f}x)"
     return best, f"{tried}: fastest, {ratio(best):.2f}x {dense}"
+
+
+def _switch_fits(arrays: Mapping[str, np.ndarray], dense_elements: int) -> bool:
+    """Whether a layer's dense weight fits the spec's switch budget on its own (then the whole
+    file's switches do: MAX_DENSE_SWITCH_FACTOR)."""
+    return 4 * dense_elements <= MAX_DENSE_SWITCH_FACTOR * sum(int(a.nbytes) for a in arrays.values())
+
+
+def _pick_by_size(times: Mapping[str, Mapping[int, float]], dense: str,
+                  switch: bool) -> Tuple[str, Optional[int], str]:
+    """(kernel, dense_from, reason): _pick over every measured size, unless `switch` and a sparse
+    kernel wins the small sizes while `dense` wins every size from some measured one on. Then the
+    op keeps the sparse kernel (and stores only its arrays) and switches to dense from the size
+    where the two cross: on a straight line through each one's times at the last sparse-won size
+    and the first dense-won one (a kernel's time is a fixed cost plus a cost per row / image)."""
+    best, why = _pick(times, dense)
+    sizes = sorted(times[dense])
+    if not switch or len(sizes) < 2:
+        return best, None, why
+    at = lambda chosen: {k: {s: times[k][s] for s in chosen} for k in times}  # noqa: E731
+    winners = [_pick(at([s]), dense)[0] for s in sizes]
+    first_dense = next(i for i in range(len(sizes) + 1) if all(w == dense for w in winners[i:]))
+    if first_dense == 0 or first_dense == len(sizes) or dense in winners[:first_dense]:
+        return best, None, why  # one kernel wins everywhere, or no clean split by size
+    sparse, _ = _pick(at(sizes[:first_dense]), dense)
+    if sparse == dense:
+        return best, None, why
+    s0, s1 = sizes[first_dense - 1], sizes[first_dense]
+
+    def line(name: str) -> Tuple[float, float]:  # (fixed ms, ms per row / image)
+        slope = (times[name][s1] - times[name][s0]) / (s1 - s0)
+        return times[name][s0] - slope * s0, slope
+
+    (a_s, c_s), (a_d, c_d) = line(sparse), line(dense)
+    # Sparse counts as winning up to TIMING_TOLERANCE x dense (a tie goes to the sparse format).
+    denominator = c_s - TIMING_TOLERANCE * c_d
+    cross = (TIMING_TOLERANCE * a_d - a_s) / denominator if denominator > 0 else s1
+    dense_from = int(min(max(math.ceil(cross), s0 + 1), s1))
+    ms = lambda name, s: f"{times[name][s]:.3g}"  # noqa: E731
+    return sparse, dense_from, (f"measured {sorted(times)} at {sizes}: {sparse} up to {dense_from - 1} "
+                                f"({ms(sparse, s0)} vs {dense} {ms(dense, s0)} ms at {s0}), {dense} from {dense_from} "
+                                f"({ms(dense, s1)} vs {ms(sparse, s1)} ms at {s1})")
 
 
 def _best_ms(fns: Mapping[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
@@ -116,9 +163,12 @@ def linear_candidates(weight: np.ndarray, sparsity: float,
 
 def choose_linear(name: str, weight: np.ndarray, bias: Optional[np.ndarray], *, policy: str, threads: int,
                   rows: Sequence[int], kernels: Sequence[str] = LINEAR_KERNELS,
-                  dense_reference: Optional[Callable[[np.ndarray], object]] = None) -> KernelChoice:
+                  dense_reference: Optional[Callable[[np.ndarray], object]] = None,
+                  switch: bool = False) -> KernelChoice:
     """dense, csr or a block format for a linear weight [out, in]: with policy="measure" timed as the
     executor runs it (one-op plans) at each row count in `rows` (see _pick); with "threshold", csr from CSR_SPARSITY_THRESHOLD.
+    switch: the choice may be a sparse format with a switch to dense from some row count on
+    (KernelChoice.dense_from; see _pick_by_size), for executables, whose plan switches by the run's rows.
     `dense_reference(x)` replaces the executor's dense kernel as the thing to beat (convert keeps
     torch's own layer when sparse does not win). Only the chosen format's arrays are returned."""
     sparsity = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
@@ -134,9 +184,11 @@ def choose_linear(name: str, weight: np.ndarray, bias: Optional[np.ndarray], *, 
              for k, (fmt, block) in candidates.items()}
     times = _time_plans(plans, {int(n): (max(int(n), 1), in_features) for n in rows}, threads, "dense",
                         dense_reference, repeats=5)
-    best, why = _pick(times, "dense")
+    best, dense_from, why = _pick_by_size(times, "dense", switch)
+    if dense_from is not None and not _switch_fits(arrays[best], weight.size):
+        best, dense_from, why = _pick_by_size(times, "dense", False)
     fmt, block = candidates[best]
-    return KernelChoice(best, why, fmt, block, arrays[best], times["dense"], times[best])
+    return KernelChoice(best, why, fmt, block, arrays[best], times["dense"], times[best], dense_from)
 
 
 def is_depthwise(fields: Mapping[str, Any]) -> bool:
@@ -147,13 +199,15 @@ def is_depthwise(fields: Mapping[str, Any]) -> bool:
 def choose_conv(name: str, weight: np.ndarray, bias: Optional[np.ndarray], fields: Mapping[str, Any], *,
                 policy: str, threads: int, in_shape: Optional[Sequence[int]], batches: Sequence[int] = (1,),
                 kernels: Sequence[str] = CONV_KERNELS,
-                dense_reference: Optional[Callable[[np.ndarray], object]] = None) -> KernelChoice:
+                dense_reference: Optional[Callable[[np.ndarray], object]] = None,
+                switch: bool = False) -> KernelChoice:
     """The convolution kernel among `kernels`: the direct sparse kernel, the pattern kernel (when the
     k x k kernels use at most MAX_KERNEL_PATTERNS patterns), the depthwise kernel (depthwise layers)
     or the dense im2col GEMM. policy="measure" times them as the executor runs them (one-op plans at
     the per-sample input size `in_shape`, each batch in `batches`; see _pick); with "threshold" (or
     no input size known) depthwise layers take the depthwise kernel, others the sparse kernel from
-    CONV_SPARSITY_THRESHOLD. `dense_reference(x)`
+    CONV_SPARSITY_THRESHOLD. switch: the choice may switch to the dense kernel from some batch on
+    (KernelChoice.dense_from, as in choose_linear). `dense_reference(x)`
     replaces the dense candidate as the thing to beat (convert: torch's own layer)."""
     sparsity = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
     kh, kw = fields["kernel"]
@@ -180,8 +234,11 @@ def choose_conv(name: str, weight: np.ndarray, bias: Optional[np.ndarray], field
     plans = {k: _one_conv_plan(arrays, name, fields, _CONV_FORMATS[k], in_shape) for k, arrays in candidates.items()}
     times = _time_plans(plans, {int(b): (max(int(b), 1),) + tuple(in_shape) for b in batches}, threads,
                         "dense-conv", dense_reference, repeats=3)
-    best, why = _pick(times, "dense-conv")
-    return KernelChoice(best, why, _CONV_FORMATS[best], (1, 1), candidates[best], times["dense-conv"], times[best])
+    best, dense_from, why = _pick_by_size(times, "dense-conv", switch)
+    if dense_from is not None and not _switch_fits(candidates[best], weight.size):
+        best, dense_from, why = _pick_by_size(times, "dense-conv", False)
+    return KernelChoice(best, why, _CONV_FORMATS[best], (1, 1), candidates[best], times["dense-conv"], times[best],
+                        dense_from)
 
 
 def count_kernel_patterns(weight: np.ndarray) -> int:

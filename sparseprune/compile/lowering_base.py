@@ -106,20 +106,24 @@ class LoweringBase:
             fmt, block, (rows, cols) = p.format, tuple(p.block_shape), p.shape
             arrays = _sparse_arrays(name, p.indptr, p.indices, p.values, p.bias)
             kernel, reason, sparsity = converted.kernel, "already converted", converted.sparsity
+            dense_from = None
         else:
             weight = w_t.detach().to(torch.float32).cpu().contiguous().numpy()
             bias = None if b_t is None else b_t.detach().to(torch.float32).cpu().numpy().reshape(-1)
             rows, cols = weight.shape
             sparsity = 1.0 - np.count_nonzero(weight) / max(weight.size, 1)
-            choice = choose_linear(name, weight, bias, policy=self.policy, threads=self.threads, rows=x_rows)
+            choice = choose_linear(name, weight, bias, policy=self.policy, threads=self.threads, rows=x_rows,
+                                   switch=True)
             kernel, fmt, block, arrays = choice.kernel, choice.fmt, choice.block, choice.arrays
-            reason = choice.reason
+            reason, dense_from = choice.reason, choice.dense_from
         self.arrays.update(arrays)
         fields = {"weight": name, "format": fmt, "block": list(block), "rows": int(rows), "cols": int(cols)}
+        if dense_from is not None:
+            fields["dense_from"] = int(dense_from)
         self.packed_names[id(pair)] = name
         self._linear_fields[name] = fields
         self.layers.append({"name": path, "op": "linear", "kernel": kernel, "sparsity": round(float(sparsity), 6),
-                            "reason": reason})
+                            "reason": reason, **({"dense_from": int(dense_from)} if dense_from is not None else {})})
         return name, fields
 
     # --- small op builders -----------------------------------------------------------------------

@@ -24,7 +24,7 @@ from sparseprune.config import check_threads, resolve_threads
 from sparseprune.runtime import limits as _limits
 from sparseprune.runtime.limits import COST_KEY, Cost, Limits, LimitExceeded, check_limits
 from sparseprune.runtime.signature import bind_inputs, structure_outputs
-from sparseprune.runtime.spec import SPEC_FORMAT, SpecError, batch_shape_str, shape_json, validate
+from sparseprune.runtime.spec import SPEC_FORMAT, SpecError, batch_shape_str, shape_json, stored_kernel, validate
 
 SPEC_KEY = "sparseprune_spec"  # safetensors metadata key holding the JSON spec
 # "int64" inputs travel to the native plan as float32, which holds every integer of magnitude up
@@ -365,8 +365,9 @@ class Executable:
         return int(sum(dense.values()))
 
     def layer_table(self) -> List[Dict[str, Any]]:
-        """One row per weighted op (linear, conv2d, embedding): name, op, format, stored nonzeros
-        and sparsity. Dense linear weights and embedding tables have format "dense"."""
+        """One row per weighted op (linear, conv2d, embedding): name, op, format (the stored
+        format's kernel), stored nonzeros, sparsity and dense_from (the input rows from which it
+        runs the dense kernel, or None). Dense linear weights and embedding tables have format "dense"."""
         rows = []
         for i, op in enumerate(self._layout.spec["ops"]):
             if op["op"] not in ("linear", "conv2d", "embedding"):
@@ -374,7 +375,6 @@ class Executable:
             w = op["weight"]
             if op["op"] == "linear":
                 total = op["rows"] * op["cols"]
-                fmt = {"csr": "csr", "dense": "dense"}.get(op["format"]) or "bsr{}x{}".format(*op["block"])
                 stored = self._arrays[f"{w}.weight" if op["format"] == "dense" else f"{w}.values"]
                 nnz = int(np.count_nonzero(stored))
             elif op["op"] == "embedding":
@@ -384,11 +384,11 @@ class Executable:
                 kh, kw = op["kernel"]
                 total = op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw
                 dense_conv = op.get("format") == "dense"
-                fmt = {"dense": "dense-conv", "pattern": "pattern-conv", "depthwise": "depthwise-conv"}.get(
-                    op.get("format"), "sparse-conv")
                 nnz = int(np.count_nonzero(self._arrays[f"{w}.weight" if dense_conv else f"{w}.values"]))
+            fmt = "dense" if op["op"] == "embedding" else stored_kernel(op)
             rows.append({"index": i, "name": op.get("name", w), "op": op["op"], "format": fmt, "nnz": nnz,
-                         "sparsity": 1.0 - nnz / total if total else 0.0, "activation": op.get("activation")})
+                         "sparsity": 1.0 - nnz / total if total else 0.0, "activation": op.get("activation"),
+                         "dense_from": op.get("dense_from")})
         return rows
 
     def __repr__(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from sparseprune.config import resolve_threads
+from sparseprune.runtime.spec import kernel_at
 
 
 @dataclass
@@ -24,7 +25,7 @@ class OpProfile:
     index: int
     op: str
     name: str
-    kernel: str  # the format it runs ("csr", "bsr4x1", "dense", "sparse-conv", ...) or "-"
+    kernel: str  # the kernel it ran at this batch ("csr", "bsr4x1", "dense", "sparse-conv", ...; spec.kernel_at) or "-"
     median_ms: float
     share: float  # of the sum of the ops' medians
     useful_gflop: Optional[float] = None  # per call, nonzero weights only (weighted layers)
@@ -84,11 +85,18 @@ def _shape(entry: Sequence[Any], dims: Mapping[str, int]) -> List[int]:
     return out
 
 
+def _rows(op: Mapping[str, Any], buffers: Sequence[Mapping[str, Any]], dims: Mapping[str, int], batch: int) -> int:
+    """The input rows a linear / conv2d op's kernel choice goes by (spec.kernel_at)."""
+    if op["op"] == "linear":
+        return batch * math.prod(_shape(buffers[op["in"]]["shape"], dims)[:-1])
+    return batch
+
+
 def _flops(op: Mapping[str, Any], layer: Mapping[str, Any], buffers: Sequence[Mapping[str, Any]],
            dims: Mapping[str, int], batch: int):
     """(useful, dense-equivalent) GFLOP of one call of a weighted op; (None, None) for others."""
     if op["op"] == "linear":
-        rows = batch * math.prod(_shape(buffers[op["in"]]["shape"], dims)[:-1])
+        rows = _rows(op, buffers, dims, batch)
         return 2e-9 * layer["nnz"] * rows, 2e-9 * op["rows"] * op["cols"] * rows
     if op["op"] == "conv2d":
         out = _shape(buffers[op["out"]]["shape"], dims)
@@ -97,6 +105,14 @@ def _flops(op: Mapping[str, Any], layer: Mapping[str, Any], buffers: Sequence[Ma
         total = op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw
         return 2e-9 * layer["nnz"] * pixels, 2e-9 * total * pixels
     return None, None
+
+
+def _kernel(op: Mapping[str, Any], layer: Optional[Mapping[str, Any]], buffers: Sequence[Mapping[str, Any]],
+            dims: Mapping[str, int], batch: int) -> str:
+    """The kernel the op ran at this batch ("-" for ops without weights)."""
+    if layer is None:
+        return "-"
+    return kernel_at(op, _rows(op, buffers, dims, batch)) if op["op"] in ("linear", "conv2d") else layer["format"]
 
 
 def profile_executable(exe, inputs: Sequence[np.ndarray], named: Mapping[str, np.ndarray], *, repeats: int,
@@ -127,6 +143,6 @@ def profile_executable(exe, inputs: Sequence[np.ndarray], named: Mapping[str, np
         layer = layers.get(i)
         useful, dense = _flops(op, layer, spec["buffers"], dims, batch) if layer else (None, None)
         rows.append(OpProfile(i, op["op"], str(op.get("name", op.get("weight", ""))),
-                              layer["format"] if layer else "-", float(medians_ms[i]), float(medians_ms[i]) / total,
+                              _kernel(op, layer, spec["buffers"], dims, batch), float(medians_ms[i]), float(medians_ms[i]) / total,
                               useful, dense))
     return Profile(batch, threads, repeats, float(np.median(calls) * 1e3), rows)

@@ -5,11 +5,11 @@ for debugging a spec, never for speed. numpy only (no torch).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from sparseprune.runtime.spec import PlanLayout, validate
+from sparseprune.runtime.spec import PlanLayout, kernel_at, validate
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -157,13 +157,16 @@ def _embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     return table.astype(np.float64)[ids.astype(np.int64)]
 
 
-def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Sequence[np.ndarray]) -> List[np.ndarray]:
+def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Sequence[np.ndarray],
+                  kernels: Optional[List[Tuple[int, str]]] = None) -> List[np.ndarray]:
     """Run `spec` on `inputs` (each [batch, *per-sample shape]) with plain numpy.
 
     Every buffer holds float32 between ops, as in the native plan; each op computes in float64.
     Inputs are converted to float32 (for "int64" inputs: integer token ids). An embedding id that
     is not an integer in [0, rows) raises ValueError. A spec with dims runs at the dim values the
-    inputs' shapes give (checked like every other shape rule)."""
+    inputs' shapes give (checked like every other shape rule). kernels: when given, (op index,
+    kernel) is appended for every linear / conv2d op, the kernel the native plan runs at this batch
+    (spec.kernel_at; the reference computes the same math whatever the kernel)."""
     layout: PlanLayout = validate(spec, arrays)
     if len(inputs) != len(layout.input_shapes):
         raise ValueError(f"expected {len(layout.input_shapes)} inputs, got {len(inputs)}")
@@ -183,8 +186,11 @@ def run_reference(spec: Mapping, arrays: Mapping[str, np.ndarray], inputs: Seque
 
     for b, x in zip(layout.spec["inputs"], inputs):
         write(b, x)
-    for op in layout.spec["ops"]:
+    for index, op in enumerate(layout.spec["ops"]):
         kind = op["op"]
+        if kernels is not None and kind in ("linear", "conv2d"):
+            rows = batch * math.prod(shapes[op["in"]][:-1]) if kind == "linear" else batch
+            kernels.append((index, kernel_at(op, rows)))
         if kind == "linear":
             x = read(op["in"]).astype(np.float64)
             y = x @ dense_linear_weight(op, arrays).T.astype(np.float64)

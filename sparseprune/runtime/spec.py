@@ -64,13 +64,22 @@ MAX_SCALAR = float(np.finfo(np.float32).max)  # |scale|, |shift|, eps: finite as
 # BERT-base encoder at sequence 512 ~1e8, so real models fit; a hostile file asking for more is
 # refused at load instead of making the first run() allocate tens of GiB.
 MAX_SAMPLE_ELEMENTS = 1 << 28
+# The dense weights the native plan builds at load for "dense_from" switches, in bytes, are at
+# most this many times the bytes of all the file's arrays: a file cannot make load allocate more
+# than a fixed multiple of its own size. CSR at 90% sparsity stores 8 bytes per nonzero, dense 40
+# (5x); 98% sparse layers need 25x, so every layer of a real model may switch.
+MAX_DENSE_SWITCH_FACTOR = 64
 
 # Fields every op may carry besides its own: "op" and an optional "name" (the module path, for
 # messages and reports; the native plan ignores it).
 _COMMON_FIELDS = {"op", "name"}
 # op -> (required fields, optional fields)
 OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
-    "linear": (frozenset({"in", "out", "weight", "format", "block", "rows", "cols"}), frozenset({"activation"})),
+    # dense_from (linear and conv2d stored sparse): from this many input rows on (linear: batch x
+    # the input's leading per-sample dims; conv2d: images) the op runs the dense kernel, on dense
+    # weights the native plan builds from the sparse arrays at load (see kernel_at)
+    "linear": (frozenset({"in", "out", "weight", "format", "block", "rows", "cols"}),
+               frozenset({"activation", "dense_from"})),
     "conv2d": (
         frozenset({"in", "out", "weight", "in_channels", "out_channels", "kernel", "stride", "padding",
                    "dilation", "groups"}),
@@ -78,7 +87,7 @@ OP_FIELDS: Dict[str, Tuple[frozenset, frozenset]] = {
         # most MAX_KERNEL_PATTERNS distinct k x k patterns), "depthwise" (the same arrays, run by
         # the depthwise kernel: groups == in == out channels, at most 64 taps) or "dense";
         # residual: a buffer added to the output before the activation (a ResNet block's shortcut)
-        frozenset({"activation", "format", "residual"}),
+        frozenset({"activation", "format", "residual", "dense_from"}),
     ),
     "activation": (frozenset({"kind", "in", "out"}), frozenset()),
     # add, sub, mul, div: numpy broadcasting between a's and b's per-sample shapes; out has the
@@ -143,6 +152,27 @@ _BUFFER_FIELDS = {"shape"}
 _BUFFER_OPTIONAL = {"alias_of", "name"}
 
 _INDEX_DTYPES = (np.dtype(np.int64), np.dtype(np.int32))
+
+# The kernel each stored format runs, by op (a linear bsr weight: "bsr{r}x{c}").
+_CONV_KERNELS = {"sparse": "sparse-conv", "pattern": "pattern-conv", "depthwise": "depthwise-conv",
+                 "dense": "dense-conv"}
+
+
+def stored_kernel(op: Mapping[str, Any]) -> str:
+    """The kernel a validated linear / conv2d op's stored format runs: "dense", "csr", "bsr4x1",
+    ... or "sparse-conv", "pattern-conv", "depthwise-conv", "dense-conv"."""
+    if op["op"] == "linear":
+        return "bsr{}x{}".format(*op["block"]) if op["format"] == "bsr" else op["format"]
+    return _CONV_KERNELS[op.get("format", "sparse")]
+
+
+def kernel_at(op: Mapping[str, Any], rows: int) -> str:
+    """The kernel a validated linear / conv2d op runs on `rows` input rows (linear: batch x the
+    input's leading per-sample dims; conv2d: the batch): its stored format's, or the dense one from
+    its "dense_from" on (the native plan's PlanInstance::runs_dense)."""
+    if "dense_from" in op and rows >= op["dense_from"]:
+        return "dense" if op["op"] == "linear" else "dense-conv"
+    return stored_kernel(op)
 
 
 _REPR = reprlib.Repr()
@@ -350,6 +380,32 @@ def _check_row_pointers(
         if dup.size:
             k = int(keys[dup[0]])
             raise SpecError(f"array {_short(idx_name)} holds {k % n_cols} twice in row {k // n_cols}")
+
+
+def _dense_from(o: Mapping, op: Dict[str, Any], where: str, stored_sparse: bool) -> None:
+    """A linear / conv2d op's optional dense switch: an int >= 2 on a sparse format."""
+    if "dense_from" not in o:
+        return
+    if not stored_sparse:
+        raise SpecError(f"{where}.dense_from needs a sparse format (the dense weights are built from it), "
+                        "but the op's format is 'dense'")
+    op["dense_from"] = _int(o["dense_from"], f"{where}.dense_from", 2, MAX_DIM)
+
+
+def _check_dense_switches(ops: Sequence[Mapping[str, Any]], arrays: Mapping[str, np.ndarray]) -> None:
+    """The dense weights of all "dense_from" switches within MAX_DENSE_SWITCH_FACTOR x the arrays' bytes."""
+    dense = 0
+    for op in ops:
+        if "dense_from" in op:
+            if op["op"] == "linear":
+                dense += 4 * op["rows"] * op["cols"]
+            else:
+                kh, kw = op["kernel"]
+                dense += 4 * op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw
+    stored = sum(int(a.nbytes) for a in arrays.values())
+    if dense > MAX_DENSE_SWITCH_FACTOR * stored:
+        raise SpecError(f"the dense_from switches need {dense:,} bytes of dense weights, more than "
+                        f"{MAX_DENSE_SWITCH_FACTOR} x the {stored:,} bytes of the file's arrays")
 
 
 def _finite_float(v: Any) -> Optional[float]:
@@ -742,6 +798,7 @@ def validate(spec: Any, arrays: Mapping[str, Any], *, at: Optional[Mapping[str, 
     unused = sorted(set(store.arrays) - store.used)
     if unused:
         raise SpecError(f"array {_short(unused[0])} is not used by any op (a misspelled name?)")
+    _check_dense_switches(ops_out, store.arrays)
 
     canonical: Dict[str, Any] = {
         "format": SPEC_FORMAT,
@@ -876,6 +933,7 @@ def _check_ops(raw_ops: list, shapes: Sequence[Tuple[int, ...]], sym_shapes: Seq
                     raise SpecError(f"{where}.block must be [1, 1] for format 'dense', got {[r, c]}")
             else:
                 raise SpecError(f"{where}.format must be 'csr' or 'bsr' (sparse) or 'dense', got {_short(fmt)}")
+            _dense_from(o, op, where, fmt != "dense")
             if si[-1] != cols:
                 raise SpecError(f"{where}: input buffer {op['in']} {_shape_str(si)} must end in cols = {cols}")
             want_out(si[:-1] + (rows,))
@@ -933,6 +991,7 @@ def _check_ops(raw_ops: list, shapes: Sequence[Tuple[int, ...]], sym_shapes: Seq
                                 f"of at most 64 taps, got groups {g}, channels {cin} -> {cout}, kernel {kh}x{kw}")
             if "format" in o:
                 op["format"] = fmt
+            _dense_from(o, op, where, fmt != "dense")
             bias = store.get(f"{w}.bias", (np.dtype(np.float32),), "float32 bias", required=False)
             if bias is not None and bias.shape[0] != cout:
                 raise SpecError(

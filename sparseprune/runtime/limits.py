@@ -135,6 +135,19 @@ class Cost:
         return " at " + ", ".join(f"{n}={v}" for n, v in self.at) if self.at else ""
 
 
+def weighted_op_flops(op: Mapping[str, Any], in_shape: Sequence[int], out_shape: Sequence[int],
+                      nnz: int) -> Tuple[int, int]:
+    """(useful, dense-equivalent) FLOPs per sample of a linear or conv2d op: 2 per weight the
+    kernel visits (`nnz`) and 2 per weight of the dense layer, per input vector / output pixel.
+    The one FLOP count: the limits' work and the profile's GFLOP/s."""
+    if op["op"] == "linear":
+        vectors = math.prod(in_shape) // op["cols"]
+        return 2 * nnz * vectors, 2 * op["rows"] * op["cols"] * vectors
+    pixels = math.prod(out_shape[1:])
+    kh, kw = op["kernel"]
+    return 2 * nnz * pixels, 2 * op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw * pixels
+
+
 def sample_cost(spec: Mapping[str, Any], shapes: Sequence[Tuple[int, ...]], arrays: Mapping[str, np.ndarray],
                 arena_floats: int, at: Tuple[Tuple[str, int], ...] = ()) -> Cost:
     """The per-sample cost of a validated (canonical) spec with concrete buffer `shapes`."""
@@ -147,15 +160,14 @@ def sample_cost(spec: Mapping[str, Any], shapes: Sequence[Tuple[int, ...]], arra
         if kind == "linear":
             nnz = op["rows"] * op["cols"] if op["format"] == "dense" else int(arrays[f"{op['weight']}.values"].shape[0])
             vectors = numel[op["in"]] // op["cols"]
-            work += 2 * nnz * vectors
+            work += weighted_op_flops(op, shapes[op["in"]], shapes[op["out"]], nnz)[0]
             r, c = op["block"]
             # CSR/BSR kernels repack x and y channel-major (rows and cols padded to the block)
             scratch = max(scratch, (op["cols"] + c + op["rows"] + r) * vectors)
         elif kind == "conv2d":
             w = op["weight"]
             nnz = int(arrays[f"{w}.weight"].size if op.get("format") == "dense" else arrays[f"{w}.values"].shape[0])
-            _, oh, ow = shapes[op["out"]]
-            work += 2 * nnz * oh * ow
+            work += weighted_op_flops(op, shapes[op["in"]], shapes[op["out"]], nnz)[0]
             c, h, wd = shapes[op["in"]]
             ph, pw = op["padding"]
             scratch = max(scratch, c * (h + 2 * ph) * (wd + 2 * pw) + out + 64)  # padded image + output tile

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from sparseprune.config import resolve_threads
+from sparseprune.runtime.limits import weighted_op_flops
 from sparseprune.runtime.spec import kernel_at
 
 
@@ -95,16 +96,11 @@ def _rows(op: Mapping[str, Any], buffers: Sequence[Mapping[str, Any]], dims: Map
 def _flops(op: Mapping[str, Any], layer: Mapping[str, Any], buffers: Sequence[Mapping[str, Any]],
            dims: Mapping[str, int], batch: int):
     """(useful, dense-equivalent) GFLOP of one call of a weighted op; (None, None) for others."""
-    if op["op"] == "linear":
-        rows = _rows(op, buffers, dims, batch)
-        return 2e-9 * layer["nnz"] * rows, 2e-9 * op["rows"] * op["cols"] * rows
-    if op["op"] == "conv2d":
-        out = _shape(buffers[op["out"]]["shape"], dims)
-        pixels = batch * math.prod(out[1:])
-        kh, kw = op["kernel"]
-        total = op["out_channels"] * (op["in_channels"] // op["groups"]) * kh * kw
-        return 2e-9 * layer["nnz"] * pixels, 2e-9 * total * pixels
-    return None, None
+    if op["op"] not in ("linear", "conv2d"):
+        return None, None
+    useful, dense = weighted_op_flops(op, _shape(buffers[op["in"]]["shape"], dims),
+                                      _shape(buffers[op["out"]]["shape"], dims), layer["nnz"])
+    return 1e-9 * useful * batch, 1e-9 * dense * batch
 
 
 def _kernel(op: Mapping[str, Any], layer: Optional[Mapping[str, Any]], buffers: Sequence[Mapping[str, Any]],

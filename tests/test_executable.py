@@ -898,3 +898,41 @@ def test_two_input_model(gen):
     np.testing.assert_allclose(got[1], ref[1].numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="input 1 .*batch size 3"):
         exe.run(x.numpy(), np.zeros((3, 3), np.float32))
+
+
+def _relu_chain(n_ops: int, n_buffers: int) -> dict:
+    """Input buffer 0 -> relu -> 1 -> relu -> 2 -> relu -> 1 ... over buffers 1 and 2, plus unused
+    buffers up to n_buffers."""
+    from sparseprune.runtime import spec as spec_module
+
+    ops = [{"op": "activation", "kind": "relu", "in": 0 if i == 0 else 1 + (i + 1) % 2, "out": 1 + i % 2}
+           for i in range(n_ops)]
+    return {"format": spec_module.SPEC_FORMAT, "version": spec_module.SPEC_VERSION,
+            "buffers": [{"shape": [4]} for _ in range(n_buffers)], "inputs": [0], "outputs": [ops[-1]["out"]],
+            "ops": ops}
+
+
+@pytest.mark.parametrize("too_many", ["buffers", "ops"])
+def test_specs_with_too_many_buffers_or_ops_are_refused_fast(too_many):
+    """The native plan lays buffers out in O(buffers^2) at load: a file may hold at most
+    MAX_BUFFERS buffers and MAX_OPS ops, refused by the validator and by the native plan alike
+    (which a file reaches past the validator in the fuzzer), in well under a second."""
+    import json
+    import time
+
+    from sparseprune._native import _C
+    from sparseprune.runtime import spec as spec_module
+
+    n = spec_module.MAX_BUFFERS if too_many == "buffers" else spec_module.MAX_OPS
+    spec = _relu_chain(1, n + 1) if too_many == "buffers" else _relu_chain(n + 1, 3)
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError, match=rf"spec\.{too_many} has {n + 1:,} entries, more than the {n:,} allowed"):
+        validate(spec, {})
+    with pytest.raises(_C.SpecError, match=rf"spec\.{too_many} has {n + 1} entries, more than the {n} allowed"):
+        _C.Plan(json.dumps(spec), {})
+    assert time.perf_counter() - t0 < 5.0  # generous: the point is no quadratic layout
+    # at the bound: accepted by both, and runs
+    spec = _relu_chain(1, n) if too_many == "buffers" else _relu_chain(n, 3)
+    validate(spec, {})
+    x = np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)
+    np.testing.assert_array_equal(_C.Plan(json.dumps(spec), {}).run([x], 1)[0], np.maximum(x, 0))

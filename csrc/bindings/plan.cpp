@@ -352,6 +352,11 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
   plan->set_dims(dims);
   py::object buffers = field(spec, "buffers", "spec");
   if (!py::isinstance<py::list>(buffers)) throw SpecError("spec.buffers must be a list");
+  // As spec.py's MAX_BUFFERS / MAX_OPS: the layout at finalize is quadratic in the buffers.
+  constexpr size_t kMaxBuffers = 20000, kMaxOps = 20000;
+  if (py::len(buffers) > kMaxBuffers)
+    throw SpecError("spec.buffers has " + std::to_string(py::len(buffers)) + " entries, more than the " +
+                    std::to_string(kMaxBuffers) + " allowed");
   int i = 0;
   for (py::handle h : buffers) {
     const std::string where = "buffers[" + std::to_string(i++) + "]";
@@ -385,6 +390,9 @@ std::unique_ptr<Plan> build_plan(const std::string& spec_json, const py::dict& a
   plan->set_io(id_list("inputs"), id_list("outputs"));
   py::object ops = field(spec, "ops", "spec");
   if (!py::isinstance<py::list>(ops)) throw SpecError("spec.ops must be a list");
+  if (py::len(ops) > kMaxOps)
+    throw SpecError("spec.ops has " + std::to_string(py::len(ops)) + " entries, more than the " +
+                    std::to_string(kMaxOps) + " allowed");
   i = 0;
   SwitchBudget budget(arrays);
   for (py::handle h : ops) {

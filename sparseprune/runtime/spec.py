@@ -68,6 +68,10 @@ MAX_SAMPLE_ELEMENTS = 1 << 28
 # most this many times the bytes of all the file's arrays: a file cannot make load allocate more
 # than a fixed multiple of its own size. CSR at 90% sparsity stores 8 bytes per nonzero, dense 40
 # (5x); 98% sparse layers need 25x, so every layer of a real model may switch.
+# Buffers and ops per spec: the native plan lays buffers out in O(buffers^2) at load (0.7 s for
+# 30,000): without a bound a small file could hold load for minutes. Real models use ~100-5,000.
+MAX_BUFFERS = 20_000
+MAX_OPS = 20_000
 MAX_DENSE_SWITCH_FACTOR = 64
 
 # Fields every op may carry besides its own: "op" and an optional "name" (the module path, for
@@ -688,6 +692,8 @@ def validate(spec: Any, arrays: Mapping[str, Any], *, at: Optional[Mapping[str, 
     raw_buffers = spec["buffers"]
     if not isinstance(raw_buffers, list) or not raw_buffers:
         raise SpecError("spec.buffers must be a non-empty list")
+    if len(raw_buffers) > MAX_BUFFERS:
+        raise SpecError(f"spec.buffers has {len(raw_buffers):,} entries, more than the {MAX_BUFFERS:,} allowed")
     shapes: List[Shape] = []
     roots: List[int] = []
     names: List[str] = []
@@ -776,6 +782,8 @@ def validate(spec: Any, arrays: Mapping[str, Any], *, at: Optional[Mapping[str, 
     raw_ops = spec["ops"]
     if not isinstance(raw_ops, list) or not raw_ops:
         raise SpecError("spec.ops must be a non-empty list")
+    if len(raw_ops) > MAX_OPS:
+        raise SpecError(f"spec.ops has {len(raw_ops):,} entries, more than the {MAX_OPS:,} allowed")
     points = _check_points(dims) if dims else [{}]
     if at:
         if set(at) != set(dims) or any(not dims[n][0] <= at[n] <= dims[n][1] for n in dims):

@@ -21,7 +21,8 @@ from the same JSON and arrays, past the Python validator, and runs it when its a
 The parent watches it: a signal, more than --timeout seconds on one file or an RSS above
 --rss-limit-mb counts as a failure of that file's phase, and the worker is restarted. Counts by
 outcome are printed (and written with --json); every failing file is saved in --out with its
-mutation. Bounded by --n files and --seconds.
+mutation. Bounded by --n files and --seconds. Under a sanitizer build, run it through
+.ci/sanitized REPORT_DIR: any error report counts as a failure of the file and phase that wrote it.
 
     python benchmarks/fuzz_executables.py --n 10000 --seconds 1800 --json fuzz.json
 """
@@ -42,7 +43,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 # Outcomes that are failures: the file is saved with its mutation.
-FAILURES = ("crash", "hang", "rss", "mismatch", "unexpected")
+FAILURES = ("crash", "hang", "rss", "mismatch", "unexpected", "sanitizer")
 
 
 # --------------------------------------------------------------------------------------- seeds
@@ -411,11 +412,53 @@ def worker_main(conn, max_arena_bytes: int, max_work: float) -> None:
 
 
 # -------------------------------------------------------------------------------------- parent
+class SanitizerReports:
+    """The ASan/UBSan report files of a sanitizer build (.ci/sanitized sets log_path; the worker
+    inherits the environment and writes PREFIX.PID files). new() returns the report text written
+    since its last call, so each report is tied to the file and phase that produced it."""
+
+    def __init__(self, environ=os.environ):
+        self.prefixes = [value for var in ("ASAN_OPTIONS", "UBSAN_OPTIONS")
+                         for key, _, value in (item.partition("=") for item in environ.get(var, "").split(":"))
+                         if key == "log_path" and value]
+        if "libasan" in environ.get("LD_PRELOAD", "") and not self.prefixes:
+            raise SystemExit("the sanitizer runtime is preloaded but ASAN_OPTIONS/UBSAN_OPTIONS set no log_path: "
+                             "run under .ci/sanitized REPORT_DIR so that no report goes unseen")
+        self.read_to: Dict[str, int] = {}
+        self.new()  # reports from before the run (the parent's setup) are not any file's
+
+    @property
+    def active(self) -> bool:
+        return bool(self.prefixes)
+
+    def new(self) -> str:
+        text = []
+        for prefix in self.prefixes:
+            directory, base = os.path.split(prefix)
+            for name in sorted(os.listdir(directory or ".")) if os.path.isdir(directory or ".") else []:
+                if not name.startswith(base + "."):
+                    continue
+                path = os.path.join(directory, name)
+                with open(path, "rb") as f:
+                    f.seek(self.read_to.get(path, 0))
+                    chunk = f.read()
+                self.read_to[path] = self.read_to.get(path, 0) + len(chunk)
+                if chunk:
+                    text.append(f"[{name}]\n" + chunk.decode(errors="replace"))
+        return "\n".join(text)
+
+
+def is_sanitizer_error(report: str) -> bool:
+    """An error report (a finding); the rest are warnings, e.g. ASan's "failed to allocate" when
+    allocator_may_return_null turns a hostile size into a null (then std::bad_alloc, a MemoryError)."""
+    return "ERROR: " in report or "runtime error:" in report
+
+
 class Watched:
     """The worker process and its watchdog (signal, time, RSS)."""
 
-    def __init__(self, ctx, max_arena_bytes: int, max_work: float):
-        self.ctx, self.args = ctx, (max_arena_bytes, max_work)
+    def __init__(self, ctx, max_arena_bytes: int, max_work: float, reports: SanitizerReports):
+        self.ctx, self.args, self.reports = ctx, (max_arena_bytes, max_work), reports
         self.start()
 
     def start(self):
@@ -436,36 +479,44 @@ class Watched:
         self.proc.join()
         self.start()
 
-    def run(self, path, inputs, timeout: float, rss_limit: int) -> List[Tuple[str, str, str]]:
-        """[(phase, outcome, detail)] for the file's two phases."""
+    def run(self, path, inputs, timeout: float, rss_limit: int) -> List[Tuple[str, str, str, str]]:
+        """[(phase, outcome, detail, sanitizer report text)] for the file's two phases."""
         self.conn.send((path, inputs))
         results = []
         for phase in ("python", "native"):
-            deadline = time.monotonic() + timeout
-            while True:
-                if self.conn.poll(0.01):
-                    try:
-                        msg = self.conn.recv()
-                    except EOFError:
-                        msg = None
-                    if msg is not None:
-                        results.append(msg)
-                        self.conn.send("ack")
-                        break
-                if not self.proc.is_alive():
-                    code = self.proc.exitcode
-                    results.append((phase, "crash", f"worker died with exit code {code}"))
+            outcome, detail = self._phase(timeout, rss_limit)
+            report = self.reports.new()
+            if is_sanitizer_error(report):  # it halted the worker (or will): restart it regardless
+                outcome, detail = "sanitizer", f"{outcome}: {detail}"
+                if self.proc.is_alive():
                     self.restart()
-                    return results
-                if time.monotonic() > deadline:
-                    results.append((phase, "hang", f"more than {timeout} s"))
-                    self.restart()
-                    return results
-                if self.rss() > rss_limit:
-                    results.append((phase, "rss", f"RSS above {rss_limit >> 20} MiB"))
-                    self.restart()
-                    return results
+            results.append((phase, outcome, detail, report))
+            if outcome in ("crash", "hang", "rss", "sanitizer"):
+                return results  # the worker was restarted: the file's next phase did not run
         return results
+
+    def _phase(self, timeout: float, rss_limit: int) -> Tuple[str, str]:
+        """(outcome, detail) of one phase; the worker is restarted after a crash, hang or RSS breach."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.conn.poll(0.01):
+                try:
+                    msg = self.conn.recv()
+                except EOFError:
+                    msg = None
+                if msg is not None:
+                    self.conn.send("ack")
+                    return msg[1], msg[2]
+            if not self.proc.is_alive():
+                code = self.proc.exitcode
+                self.restart()
+                return "crash", f"worker died with exit code {code}"
+            if time.monotonic() > deadline:
+                self.restart()
+                return "hang", f"more than {timeout} s"
+            if self.rss() > rss_limit:
+                self.restart()
+                return "rss", f"RSS above {rss_limit >> 20} MiB"
 
     def close(self):
         try:
@@ -475,6 +526,14 @@ class Watched:
         self.proc.join(5)
         if self.proc.is_alive():
             self.proc.kill()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 def main(argv=None) -> int:
@@ -499,10 +558,12 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="sparseprune-fuzz-")
     seeds = build_seeds(work)
     mutators = {s["name"]: Mutator(s["path"], rng) for s in seeds}
+    reports = SanitizerReports()
     ctx = mp.get_context("spawn")
-    watched = Watched(ctx, max_arena, max_work)
+    watched = Watched(ctx, max_arena, max_work, reports)
     counts: Dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     failures = []
+    sanitizer_warnings = []  # reports that are not errors: counted and kept, not failures
     start = time.monotonic()
     done = 0
     try:
@@ -540,7 +601,11 @@ def main(argv=None) -> int:
                     except Exception:  # noqa: BLE001 - safetensors would not write it: skip
                         counts[kind]["skipped"] += 1
                         continue
-            for phase, outcome, detail in watched.run(path, inputs, args.timeout, rss_limit):
+            for phase, outcome, detail, report in watched.run(path, inputs, args.timeout, rss_limit):
+                if report and outcome != "sanitizer":
+                    counts["all/sanitizer-warnings"][phase] += 1
+                    sanitizer_warnings.append({"file": i, "seed": seed["name"], "kind": kind, "mutation": what,
+                                               "phase": phase, "outcome": outcome, "report": report[:2000]})
                 counts[f"{kind}/{phase}"][outcome] += 1
                 counts[f"all/{phase}"][outcome] += 1
                 failing = outcome in FAILURES and not (phase == "native" and outcome in ("hang", "rss"))
@@ -550,7 +615,7 @@ def main(argv=None) -> int:
                     shutil.copyfile(path, os.path.join(args.out, name + ".safetensors"))
                     with open(os.path.join(args.out, name + ".json"), "w") as f:
                         json.dump({"seed": seed["name"], "kind": kind, "mutation": what, "phase": phase,
-                                   "outcome": outcome, "detail": detail,
+                                   "outcome": outcome, "detail": detail, "sanitizer_report": report,
                                    "inputs": [list(x.shape) for x in inputs]}, f, indent=1)
                     np.save(os.path.join(args.out, name + ".inputs.npy"), inputs[0])
                     failures.append(name)
@@ -571,9 +636,11 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"files": done, "seconds": round(elapsed, 1), "failing": failures,
+                       "sanitizer_warnings": sanitizer_warnings[:50],
                        "counts": {k: dict(v) for k, v in counts.items()},
                        "metadata": {"argv": sys.argv, "build_info": build_info(), "seed": args.seed,
                                     "timeout": args.timeout, "rss_limit_mb": args.rss_limit_mb,
+                                    "sanitizer_reports": reports.prefixes, "cpu": cpu_model(),
                                     "limits": {"max_arena_bytes": max_arena, "max_work": max_work}}}, f, indent=1)
     return 1 if failures else 0
 

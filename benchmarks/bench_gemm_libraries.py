@@ -31,6 +31,10 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see bench_engines.py: two OpenMP pools
+# OpenBLAS's own worker threads spin after each call (read when the library loads): timed round
+# robin, they held the second core while the next candidate ran, and every other candidate's
+# 2-thread time came out slower than its 1-thread time. 2^4 cycles of spinning, then sleep.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np
 import torch

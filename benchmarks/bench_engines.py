@@ -225,8 +225,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str, info: Dict[s
             errors.append(f"TorchScript exporter: {first_line(exc)}")
         try:
             dim = torch.export.Dim("batch", min=1, max=1024)
+            # opset 17 as above: its default (20) is newer than DeepSparse 1.8's runtime reads
             torch.onnx.export(model, (x,), path, dynamo=True, input_names=["input"], output_names=outputs,
-                              dynamic_shapes=({0: dim},), verbose=False)
+                              dynamic_shapes=({0: dim},), verbose=False, opset_version=17)
             info.update(exporter="torch.export (dynamo)", export_s=time.perf_counter() - t0,
                         torchscript_error=errors[0])
             return path

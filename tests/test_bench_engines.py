@@ -246,3 +246,24 @@ def test_deepsparse_python_must_be_an_executable(bench, tmp_path, monkeypatch, c
     assert bench.parse_args([]).deepsparse_python == sys.executable
     monkeypatch.delenv("SPARSEPRUNE_DEEPSPARSE_PYTHON")
     assert bench.parse_args([]).deepsparse_python is None
+
+
+def test_deepsparse_worker_restamps_ir_10_files(tmp_path):
+    """DeepSparse 1.8 loads ONNX IR <= 9; the torch.export exporter writes IR 10 for opset 17:
+    the worker hands DeepSparse an IR 9 copy, and a file already readable as it is."""
+    onnx = pytest.importorskip("onnx")
+    spec = importlib.util.spec_from_file_location("deepsparse_worker", os.path.join(ROOT, "benchmarks", "deepsparse_worker.py"))
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+    for ir, restamped in ((10, True), (9, False), (8, False)):
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+        model.ir_version = ir
+        path = str(tmp_path / f"m{ir}.onnx")
+        onnx.save(model, path)
+        got = worker.readable_model(path, str(tmp_path))
+        assert (got != path) == restamped
+        assert onnx.load(got).ir_version == min(ir, worker.MAX_IR_VERSION)
+        assert onnx.load(got).graph == model.graph

@@ -120,6 +120,7 @@ void share_static(bool team, int64_t n, Body&& body) {
   }
 }
 
+// As share_static with a dynamic schedule (OpenMP takes the schedule only as a literal clause).
 template <class Body>
 void share_dynamic(bool team, int64_t n, Body&& body) {
   if (team) {

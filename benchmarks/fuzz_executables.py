@@ -50,27 +50,12 @@ FAILURES = ("crash", "hang", "rss", "mismatch", "unexpected", "sanitizer")
 def build_seeds(directory: str) -> List[Dict[str, Any]]:
     """Compile the two seed models; returns [{name, path, inputs: [array, ...]}]."""
     import torch
-    import torch.nn.functional as F
     from torch import nn
 
     import sparseprune as sp
+    from sparseprune.bench.models import TinyTransformer
 
     torch.manual_seed(0)
-
-    class Transformer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(30, 16)
-            self.encoder = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, activation="gelu")
-            self.qkv = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
-            self.head = nn.Linear(32, 5)
-
-        def forward(self, ids):
-            x = self.encoder(self.emb(ids))
-            b, n, e = x.shape
-            q, k, v = (f(x).view(b, n, 2, 8).transpose(1, 2) for f in self.qkv)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, e)
-            return self.head(torch.cat([x, a * 0.5], dim=-1)).softmax(dim=-1)
 
     cnn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(),
@@ -78,7 +63,7 @@ def build_seeds(directory: str) -> List[Dict[str, Any]]:
     with torch.no_grad():
         cnn[1].running_mean.uniform_(-0.5, 0.5)
         cnn[1].running_var.uniform_(0.5, 2.0)
-    transformer = Transformer()
+    transformer = TinyTransformer()
     seeds = []
     for name, model, x in (("cnn", cnn, torch.randn(2, 3, 12, 12)),
                            ("transformer", transformer, torch.randint(0, 30, (2, 7)))):

@@ -14,6 +14,8 @@ from concurrency import run_in_threads  # tests/concurrency.py
 from spec_edits import drop_field, set_field  # tests/spec_edits.py
 from torch import nn
 
+from sparseprune.bench.models import TinyTransformer
+
 from sparseprune import formats
 from sparseprune.compile import UnsupportedOperation, VerificationError, compile, verify
 from sparseprune.runtime import Executable, SpecError, load, run_reference, validate
@@ -537,28 +539,9 @@ def saved_cnn(tmp_path, gen):
     return exe, path, x.numpy()
 
 
-class _TinyTransformer(nn.Module):
-    """Token ids -> embedding -> encoder layer -> hand-written causal attention -> cat -> head:
-    every op family of the executor besides convolutions."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(30, 16)
-        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, activation="gelu")
-        self.qkv = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
-        self.head = nn.Linear(32, 5)
-
-    def forward(self, ids):
-        x = self.encoder(self.emb(ids))
-        b, n, e = x.shape
-        q, k, v = (f(x).view(b, n, 2, 8).transpose(1, 2) for f in self.qkv)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, e)
-        return self.head(torch.cat([x, a * 0.5], dim=-1)).softmax(dim=-1)
-
-
 @pytest.fixture
 def saved_transformer(tmp_path, gen):
-    model = _TinyTransformer().eval()
+    model = TinyTransformer().eval()
     _prune(model, 0.8, gen)  # nn.Linear layers go CSR; the attention in_proj stays dense
     ids = torch.randint(0, 30, (3, 7), generator=gen)
     exe = compile(model, (ids,), policy="threshold")

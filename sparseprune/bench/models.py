@@ -139,6 +139,26 @@ def resnet18(width: int = 64, num_classes: int = 1000) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class TinyTransformer(nn.Module):
+    """Token ids [batch, seq] in [0, 30) -> embedding -> encoder layer -> hand-written causal
+    attention -> cat -> head: every op family of the executor besides convolutions, in a few KB
+    (the executable tests and the fuzzer's transformer seed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, activation="gelu")
+        self.qkv = nn.ModuleList(nn.Linear(16, 16) for _ in range(3))
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, ids):
+        x = self.encoder(self.emb(ids))
+        b, n, e = x.shape
+        q, k, v = (f(x).view(b, n, 2, 8).transpose(1, 2) for f in self.qkv)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, e)
+        return self.head(torch.cat([x, a * 0.5], dim=-1)).softmax(dim=-1)
+
+
 def _with_random_bn_stats(model: nn.Module) -> nn.Module:
     # Fresh BatchNorms are identities; give them running statistics like a trained network's so
     # folding them is exercised for real.

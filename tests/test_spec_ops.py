@@ -784,6 +784,24 @@ def test_conv_with_residual(rng, cin, cout, k, stride, pad, hw, fmt, act, batch)
     assert_close(got, y.numpy())
 
 
+# Images of several 128-pixel tiles whose edges fall inside grid rows, and enough output channels
+# to split each tile into channel chunks: each task crops its own part of the grid, adding the
+# residual (sparse_conv.cpp's finish), whether the threads share one image or take whole images.
+@pytest.mark.parametrize("cin, cout, k, stride, pad, hw", [
+    (5, 40, (3, 3), (1, 1), (1, 1), (21, 23)), (7, 24, (1, 1), (1, 1), (0, 0), (16, 24)),
+    (4, 24, (3, 3), (2, 2), (1, 1), (33, 29))])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_conv_with_residual_over_many_tiles(rng, cin, cout, k, stride, pad, hw, batch, n_threads):
+    spec = conv_residual_spec(cin, cout, k, stride, pad, hw, "sparse", "relu")
+    w, arrays = conv_arrays(rng, cout, cin, k, "sparse")
+    x = randn(rng, batch, cin, *hw)
+    r = randn(rng, batch, *spec["buffers"][1]["shape"])
+    got = check(spec, arrays, [x, r], n_threads=n_threads)[0]
+    y = F.conv2d(torch64(x), torch64(w), torch64(arrays["c.bias"]), stride, pad) + torch64(r)
+    assert_close(got, y.clamp(min=0).numpy())
+
+
 def test_conv_with_residual_and_a_non_finite_input_matches_dense_math(rng):
     spec = conv_residual_spec(3, 4, (3, 3), (1, 1), (1, 1), (6, 6), "sparse", "relu")
     w, arrays = conv_arrays(rng, 4, 3, (3, 3), "sparse")

@@ -141,10 +141,14 @@ void team_barrier(bool team) {
   }
 }
 
-// Zero-pads image n and splits it into stride phases.
-void repack_image(const ConvShape& s, const ConvGeometry& g, const ConvArgs& a, int64_t n, float* xph, bool team) {
+// Zero-pads image n and splits it into stride phases. Returns this thread's share of the image's
+// probe: NaN when the rows it copied hold a NaN or an infinity (0 * v is NaN exactly for those),
+// else 0; every input pixel lands in exactly one phase, so the team's shares cover the image.
+// Summed over the copied rows while they are in L1, not in a pass of its own over the input.
+float repack_image(const ConvShape& s, const ConvGeometry& g, const ConvArgs& a, int64_t n, float* xph, bool team) {
   const float* xn = a.x + n * a.x_stride[0];
   const int64_t phases = static_cast<int64_t>(s.stride_h) * s.stride_w;
+  float probe = 0.0f;
   share_static(team, s.in_channels * phases, [&](int64_t cp) {
     const int64_t c = cp / phases, ph_a = (cp % phases) / s.stride_w, ph_b = cp % s.stride_w;
     float* dst = xph + cp * g.plane;
@@ -161,9 +165,12 @@ void repack_image(const ConvShape& s, const ConvGeometry& g, const ConvArgs& a, 
         const int64_t in_c = q * s.stride_w + ph_b - s.pad_w;
         row[q] = (in_c >= 0 && in_c < g.in_w) ? srow[in_c * a.x_stride[3]] : 0.0f;
       }
+#pragma omp simd reduction(+ : probe)
+      for (int64_t q = 0; q < g.phase_w; ++q) probe += row[q] * 0.0f;
     }
   });
   share_static(team, 1, [&](int64_t) { std::fill(xph + s.in_channels * phases * g.plane, xph + g.image_floats, 0.0f); });
+  return probe;
 }
 
 // NaN when input channel c of image n holds a NaN or an infinity (0 * v is NaN exactly for those),
@@ -261,18 +268,45 @@ void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWe
     float* dst = direct ? yn : yt;
     const float* res = a.residual ? a.residual + n * s.out_channels * g.out_h * g.out_w : nullptr;
     const bool tile_relu = a.relu && !res;  // with a residual, the ReLU comes after the add
+    // The direct path reads the input in place: its probe is a pass of its own.
     float probe = 0.0f;
-    share_static(team, s.in_channels, [&](int64_t c) { probe += channel_nonfinite_probe(g, a, n, c); });
+    if (direct)
+      share_static(team, s.in_channels, [&](int64_t c) { probe += channel_nonfinite_probe(g, a, n, c); });
+    else
+      probe = repack_image(s, g, a, n, xph, team);
     if (probe != 0.0f) {  // NaN: rare, so the update may take the lock
 #ifdef _OPENMP
 #pragma omp critical(sparseprune_conv_probe)
 #endif
       probes[static_cast<size_t>(n)] += probe;
     }
-    if (!direct) {
-      repack_image(s, g, a, n, xph, team);
-      team_barrier(team);
-    }
+    if (!direct) team_barrier(team);  // tasks read rows other threads repacked
+    // Each task finishes its outputs: the grid (phase_w columns per row) cropped to the output
+    // (out_w columns), with the residual added and the ReLU applied on the way when there is
+    // one (the direct path wrote the output in place, so it adds the residual there). Done while
+    // the tile is in cache, and without a barrier of its own.
+    auto finish = [&](int64_t p0, int64_t width, int64_t o0, int64_t o1) {
+      if (direct && !res) return;
+      const int64_t end = std::min(p0 + width, g.grid);
+      for (int64_t o = o0; o < o1; ++o) {
+        for (int64_t oh = p0 / g.phase_w; oh * g.phase_w < end; ++oh) {
+          const int64_t lo = std::max<int64_t>(p0 - oh * g.phase_w, 0);
+          const int64_t hi = std::min<int64_t>(end - oh * g.phase_w, g.out_w);
+          if (lo >= hi) continue;
+          const float* row = direct ? yn + (o * g.out_h + oh) * g.out_w : yt + o * g.grid_padded + oh * g.phase_w;
+          float* out = yn + (o * g.out_h + oh) * g.out_w;
+          if (!res) {
+            std::copy(row + lo, row + hi, out + lo);
+            continue;
+          }
+          const float* r = res + (o * g.out_h + oh) * g.out_w;
+          for (int64_t q = lo; q < hi; ++q) {
+            const float v = row[q] + r[q];
+            out[q] = a.relu && v < 0.0f ? 0.0f : v;  // NaN stays NaN, as in torch.relu
+          }
+        }
+      }
+    };
     share_dynamic(team, n_tasks, [&](int64_t t) {
       const int64_t tile = t / n_chunks, c = t % n_chunks;
       const int64_t p0 = tile * kTileFloats;
@@ -283,29 +317,11 @@ void sparse_conv2d(const ConvShape& s, const ConvGeometry& g, const SparseConvWe
         ptask(*pattern, *pattern_off, taps_per_kernel, src, a.bias, tile_relu, dst, g.grid_padded, p0, width, o0, o1);
       else
         task(w, offsets, src, a.bias, tile_relu, dst, g.grid_padded, p0, width, o0, o1);
+      finish(p0, width, o0, o1);
     });
-    team_barrier(team);
-    // Crop the grid (phase_w columns per row) to the output (out_w columns), adding the
-    // residual and applying the ReLU on the way when there is one; the direct path wrote the
-    // output in place, so it adds the residual there.
-    if (!direct || res) {
-      share_static(team, s.out_channels, [&](int64_t o) {
-        for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          const float* row = direct ? yn + (o * g.out_h + oh) * g.out_w : yt + o * g.grid_padded + oh * g.phase_w;
-          float* out = yn + (o * g.out_h + oh) * g.out_w;
-          if (!res) {
-            std::copy(row, row + g.out_w, out);
-            continue;
-          }
-          const float* r = res + (o * g.out_h + oh) * g.out_w;
-          for (int64_t q = 0; q < g.out_w; ++q) {
-            const float v = row[q] + r[q];
-            out[q] = a.relu && v < 0.0f ? 0.0f : v;  // NaN stays NaN, as in torch.relu
-          }
-        }
-      });
-      team_barrier(team);  // the next image's repack and tasks reuse xph and yt
-    }
+    // The next image's repack and tasks reuse xph and yt; after the last image the parallel
+    // region's end is the barrier.
+    if (n + 1 < a.batch) team_barrier(team);
   };
   if (by_image) {
 #ifdef _OPENMP

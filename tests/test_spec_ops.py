@@ -789,7 +789,7 @@ def test_conv_with_residual(rng, cin, cout, k, stride, pad, hw, fmt, act, batch)
 # residual (sparse_conv.cpp's finish), whether the threads share one image or take whole images.
 @pytest.mark.parametrize("cin, cout, k, stride, pad, hw", [
     (5, 40, (3, 3), (1, 1), (1, 1), (21, 23)), (7, 24, (1, 1), (1, 1), (0, 0), (16, 24)),
-    (4, 24, (3, 3), (2, 2), (1, 1), (33, 29))])
+    (4, 24, (3, 3), (2, 2), (1, 1), (33, 29)), (8, 24, (1, 1), (2, 2), (0, 0), (30, 27))])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_conv_with_residual_over_many_tiles(rng, cin, cout, k, stride, pad, hw, batch, n_threads):
@@ -815,6 +815,27 @@ def test_conv_with_residual_and_a_non_finite_input_matches_dense_math(rng):
     assert np.isnan(y).any() or np.isinf(y).any()
     finite = np.isfinite(y)
     assert_close(got[finite], y[finite])
+
+
+# A 1x1 convolution of stride 2 reads one pixel in four: a NaN or an infinity elsewhere reaches no
+# output, in torch or here (only the phase the kernel reads is repacked and checked).
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_strided_1x1_conv_ignores_non_finite_pixels_it_never_reads(rng, bad):
+    spec = conv_residual_spec(5, 6, (1, 1), (2, 2), (0, 0), (9, 8), "sparse", None)
+    w, arrays = conv_arrays(rng, 6, 5, (1, 1), "sparse", sparsity=0.5)
+    x = randn(rng, 2, 5, 9, 8)
+    x[1, 2, 3, 5] = bad  # odd row and column: outside every output's window
+    x[0, 4, 1, 0] = bad
+    r = randn(rng, 2, *spec["buffers"][1]["shape"])
+    got = Executable.from_spec(spec, arrays).run(x, r)
+    y = (F.conv2d(torch64(x), torch64(w), torch64(arrays["c.bias"]), 2, 0) + torch64(r)).numpy()
+    assert np.isfinite(y).all()
+    assert_close(got, y)
+    x[1, 2, 4, 6] = bad  # even row and column: read, so it spreads as in dense math
+    got = Executable.from_spec(spec, arrays).run(x, r)
+    y = (F.conv2d(torch64(x), torch64(w), torch64(arrays["c.bias"]), 2, 0) + torch64(r)).numpy()
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(y))
+    assert not np.isfinite(y).all()
 
 
 @pytest.mark.parametrize("mutate, match", [

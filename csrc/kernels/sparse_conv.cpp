@@ -26,6 +26,21 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether some tap of the kernel reads stride phase `phase` of an axis. A 1x1 kernel of stride 2
+// reads one phase of four: the others are neither repacked nor counted in a panel's bytes.
+bool phase_read(int64_t phase, int kernel, int dilation, int stride) {
+  for (int64_t t = 0; t < kernel; ++t)
+    if (t * dilation % stride == phase) return true;
+  return false;
+}
+
+int64_t phases_read(const ConvShape& s) {
+  int64_t rows = 0, cols = 0;
+  for (int64_t a = 0; a < s.stride_h; ++a) rows += phase_read(a, s.kernel_h, s.dilation_h, s.stride_h);
+  for (int64_t b = 0; b < s.stride_w; ++b) cols += phase_read(b, s.kernel_w, s.dilation_w, s.stride_w);
+  return rows * cols;
+}
+
 constexpr int64_t kTileFloats = 128;  // grid pixels per task: 2 x 8 vectors of 8, or 8 of 16 (AVX-512 has 32 registers)
 
 }  // namespace
@@ -72,7 +87,7 @@ ConvReadTable conv_read_table(const ConvShape& s, const ConvGeometry& g, const S
   // One tile (kTileFloats grid pixels) reads, per input channel and stride phase, the grid rows it
   // spans plus the kernel's reach below them.
   const int64_t rows = ceil_div(kTileFloats, g.phase_w) + 1 + (s.dilation_h * (s.kernel_h - 1)) / s.stride_h;
-  const int64_t channel_bytes = 4 * s.stride_h * s.stride_w * std::min(g.plane, rows * g.phase_w);
+  const int64_t channel_bytes = 4 * phases_read(s) * std::min(g.plane, rows * g.phase_w);
   const int64_t per_panel = std::max<int64_t>(1, kConvPanelBytes / std::max<int64_t>(channel_bytes, 1));
   t.n_panels = ceil_div(cin_g, per_panel);
   t.panel_ptr.assign(static_cast<size_t>(s.out_channels * (t.n_panels + 1)), 0);
@@ -143,7 +158,8 @@ void team_barrier(bool team) {
 
 // Zero-pads image n and splits it into stride phases. Returns this thread's share of the image's
 // probe: NaN when the rows it copied hold a NaN or an infinity (0 * v is NaN exactly for those),
-// else 0; every input pixel lands in exactly one phase, so the team's shares cover the image.
+// else 0; every input pixel lands in exactly one phase, so the team's shares cover every pixel
+// some output reads.
 // Summed over the copied rows while they are in L1, not in a pass of its own over the input.
 float repack_image(const ConvShape& s, const ConvGeometry& g, const ConvArgs& a, int64_t n, float* xph, bool team) {
   const float* xn = a.x + n * a.x_stride[0];
@@ -151,6 +167,8 @@ float repack_image(const ConvShape& s, const ConvGeometry& g, const ConvArgs& a,
   float probe = 0.0f;
   share_static(team, s.in_channels * phases, [&](int64_t cp) {
     const int64_t c = cp / phases, ph_a = (cp % phases) / s.stride_w, ph_b = cp % s.stride_w;
+    if (!phase_read(ph_a, s.kernel_h, s.dilation_h, s.stride_h) || !phase_read(ph_b, s.kernel_w, s.dilation_w, s.stride_w))
+      return;  // no tap reads it (a pixel there is outside every output's window, as in torch)
     float* dst = xph + cp * g.plane;
     const float* src = xn + c * a.x_stride[1];
     for (int64_t r = 0; r < g.phase_h; ++r) {

@@ -278,7 +278,7 @@ def test_sparse_conv_input_channel_panels(simd_path, threads, stride, dilation, 
     in any order (a file's order) must give the dense answer, bias and ReLU applied once."""
     from sparseprune._native import _C
 
-    cin, cout = 96, 10
+    cin, cout = 192, 10  # 2-5 panels of kConvPanelBytes at these images
     conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, dilation=dilation, groups=groups)
     zero_fraction_(conv, 0.9, gen)
     with torch.no_grad():

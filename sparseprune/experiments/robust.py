@@ -119,7 +119,7 @@ class RobustConfig:
     threshold: float = 1e-2
     epochs: Dict[str, int] = field(default_factory=lambda: {"mlp": 30, "cnn": 30})
     # masked networks: epochs learning masks and weights, from the trained standard / AT network
-    mask_epochs: Dict[str, int] = field(default_factory=lambda: {"mlp": 30, "cnn": 20})
+    mask_epochs: Dict[str, int] = field(default_factory=lambda: {"mlp": 30, "cnn": 30})
     lr: float = 2e-3
     batch_size: int = 64
     train_threads: int = 1  # deterministic training (see CompareConfig.train_threads)
@@ -142,7 +142,8 @@ QUICK = RobustConfig(epochs={"mlp": 4, "cnn": 3}, mask_epochs={"mlp": 3, "cnn": 
 DEMO = RobustConfig(models=("mlp",), networks=("standard", "bp", "at", "anp-vs"), epochs={"mlp": 15},
                     mask_epochs={"mlp": 15},
                     timing_repeats=5, timing_min_time_s=0.05)
-PRESETS = {"full": FULL, "quick": QUICK, "demo": DEMO}
+DEMO_QUICK = DEMO.with_(epochs={"mlp": 4}, mask_epochs={"mlp": 3}, eval_steps=10, timing_repeats=3, timing_min_time_s=0.0)
+PRESETS = {"full": FULL, "quick": QUICK, "demo": DEMO, "demo-quick": DEMO_QUICK}
 
 
 def check_config(config: RobustConfig) -> None:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from sparseprune.compare import NOISY_SPREAD
 from sparseprune.data import DataSplit
 from sparseprune.experiments.deploy import deploy
 from sparseprune.experiments.measure import footprint, time_against_dense, torch_threads
@@ -357,6 +358,8 @@ def run_robust(*, config: RobustConfig = FULL, seed: int = 0, data: Optional[Seq
                    "networks": {n: NETWORKS[n].description for n in networks}},
         "rows": [r.to_dict() for r in rows],
         "targets": targets(rows),
+        "timing_spread": max((t[f"{k}_p90_ms"] / t[f"{k}_ms"] for r in rows for t in r.timing.values()
+                              for k in ("dense", "ours") if t.get(f"{k}_ms")), default=None),
         "metadata": _metadata(threads),
     }
     table = format_table(rows, config.timing_batch_sizes)
@@ -516,6 +519,10 @@ def print_report(record: Dict[str, Any]) -> None:
     for model, t in record["targets"].items():
         print(f"targets, {model}: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
                                                   for k, v in t.items()))
+    spread = record.get("timing_spread")
+    if spread is not None and spread > NOISY_SPREAD:
+        print(f"note: timings were noisy (p90 up to {spread:.1f}x the median): something else was using the CPU; "
+              "rerun for stable speedups")
     for path in record.get("files", []):
         print(f"wrote {path}")
 

@@ -209,6 +209,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--list", action="store_true", help="list the methods and exit")
+    parser.add_argument("--robust", action="store_true",
+                        help="instead: standard, AT, AT+VS, beta-Bernoulli, ANP, ANP-VS networks, robustness and "
+                             "speed (sparseprune.experiments.robust; uses --models, --seed, --out, --quick, "
+                             "--dense-epochs, --data)")
     return parser
 
 
@@ -260,6 +264,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "list", False):
         print(list_methods())
         return 0
+    if getattr(args, "robust", False):
+        from sparseprune.experiments import robust
+
+        return robust.run(args)
     t0 = time.perf_counter()
     try:
         data = load_npz(args.data, args.seed) if args.data else None

@@ -15,6 +15,10 @@ thread count. The methods:
 Every deployed model is then also compiled to one native executable (sparseprune.compile),
 checked on the test set, timed at batch 1 and saved, to show what a service would ship.
 
+Last, one network per family of `sparseprune compare --robust` (standard, beta-Bernoulli
+dropout, PGD adversarial training, ANP-VS) on the MLP: clean and PGD accuracy, vulnerability,
+units kept and speed of the shrunk network (`--no-robust` skips it).
+
 `run_demo(...)` is the Python entry point; `add_arguments(parser)` and `run(args)` are what the
 `sparseprune demo` command calls. `sparseprune compare` runs every method, both models and a
 sweep of sparsities.
@@ -123,6 +127,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default=None, help="write demo.json, demo.csv and PNG plots to DIR")
     parser.add_argument("--quick", action="store_true", help="fewer epochs and timing rounds")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--no-robust", dest="robust", action="store_false",
+                        help="skip the robust part (standard, beta-Bernoulli, AT, ANP-VS networks under PGD)")
     return parser
 
 
@@ -144,5 +150,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nconversion of {main.method} ({main.schedule}):")
     print(conversion_table(main.extra.get("conversion", {})))
     print("\n" + executable_table(record["row_objects"]))
+    if getattr(args, "robust", True):
+        from sparseprune.experiments import robust
+
+        try:
+            rob = robust.run_robust(config=robust.DEMO_QUICK if args.quick else robust.DEMO, seed=args.seed,
+                                    out=args.out, stem="demo_robust", strict=True,
+                                    progress=getattr(args, "progress", True))
+        except (RuntimeError, ValueError, TypeError, OSError) as exc:
+            print(f"sparseprune demo: robust part: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        robust.print_report(rob)
     print(f"\ndone in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -71,6 +71,7 @@ def train(
     num_threads: Optional[int] = None,
     on_step: Optional[Callable[[int], object]] = None,
     on_epoch: Optional[Callable[[int], object]] = None,
+    objective: object = None,
 ) -> List[float]:
     """Train `model` in place with cross-entropy on (x, y); returns the mean loss of each epoch.
 
@@ -86,6 +87,12 @@ def train(
     `on_epoch(e)` after epoch e (0-based). They may prune the model (e.g.
     `sparseprune.schedules.GradualPruner.step`): the optimizer holds the parameter objects, which
     torch's pruning keeps as `weight_orig`, so new masks take effect from the next forward.
+
+    `objective`: adversarial training and its relatives (`sparseprune.robust`). An attack
+    (`PGD(eps=0.1)`, `FGSM(eps=0.1)`) trains on the attack's examples of each batch (Madry et
+    al.); a `RobustObjective` mixes clean and adversarial loss, adds vulnerability suppression
+    and, for models with beta-Bernoulli dropout layers, their KL term (masks at their own
+    learning rate). Attacks' random starts are drawn from a generator seeded by `seed`.
     """
     _check_xy(model, x, y)
     epochs = _positive_int(epochs, "epochs", minimum=0)
@@ -110,12 +117,20 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
+    from sparseprune.robust.objective import as_objective  # torch-only, small; imported when training
+
+    objective = as_objective(objective)
+    if objective is not None:
+        objective.check_model(model)
 
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / batch_size)
     total_steps = epochs * steps_per_epoch
-    opt = _make_optimizer(optimizer, params, float(lr), float(weight_decay))
+    groups = params if objective is None else objective.param_groups(model, float(lr), float(weight_decay))
+    opt = _make_optimizer(optimizer, groups, float(lr), float(weight_decay))
+    base_lrs = [group["lr"] for group in opt.param_groups]
     generator = torch.Generator().manual_seed(int(seed))
+    attack_generator = torch.Generator().manual_seed(int(seed) + 1)
     was_training = model.training
     labels = y.long()
     losses: List[float] = []
@@ -133,15 +148,20 @@ def train(
                 idx = order[start:start + batch_size]
                 if lr_schedule == "cosine":
                     # set before the step, so step 0 runs at `lr` and the last one near 0
-                    for group in opt.param_groups:
-                        group["lr"] = 0.5 * float(lr) * (1.0 + math.cos(math.pi * step / total_steps))
+                    for group, base in zip(opt.param_groups, base_lrs):
+                        group["lr"] = 0.5 * base * (1.0 + math.cos(math.pi * step / total_steps))
                 opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x[idx]), labels[idx])
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training diverged (loss {loss.item()}); lower lr")
-                loss.backward()
+                if objective is None:
+                    loss = F.cross_entropy(model(x[idx]), labels[idx])
+                    value = loss.item()
+                    if math.isfinite(value):
+                        loss.backward()
+                else:
+                    value = objective.backward(model, x[idx], labels[idx], n_train=n, generator=attack_generator)
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"training diverged (loss {value}); lower lr")
                 opt.step()
-                total += loss.item() * idx.numel()
+                total += value * idx.numel()
                 if on_step is not None:
                     on_step(step)
                 step += 1

@@ -254,3 +254,14 @@ def test_demo_compiles_every_deployed_model_to_an_executable(demo_run):
     table = demo.executable_table([SimpleNamespace(**r) for r in rows.values()])
     assert table.splitlines()[0].startswith("compiled to a native executable")
     assert len(table.splitlines()) == 2 + len(rows)
+
+
+def test_demo_robust_part_has_one_network_per_family(demo_run):
+    _, out = demo_run
+    record = json.loads((out / "demo_robust.json").read_text())
+    rows = {r["network"]: r for r in record["rows"]}
+    assert set(rows) == {"standard", "bp", "at", "anp-vs"}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["model"] == "mlp"
+        assert 0.0 <= r["pgd_acc"] <= r["clean_acc"] + 0.05
+    assert rows["anp-vs"]["deploy"] == "shrink+convert" and rows["standard"]["deploy"] == "convert"

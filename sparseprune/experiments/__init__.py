@@ -8,7 +8,8 @@
   measure   nonzero parameters, bytes on disk (safetensors), latency vs torch dense;
   runner    the run itself: dense baselines, one row per (model, method, schedule, level);
   results   rows, the terminal table, CSV and JSON;
-  plots     the PNG plots.
+  plots     the PNG plots;
+  robust    `compare --robust`: standard, AT, AT+VS, beta-Bernoulli, ANP, ANP-VS under PGD.
 
 Add a method by registering a runner:
 

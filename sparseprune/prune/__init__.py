@@ -18,6 +18,10 @@ Data-driven saliency (`saliency`): Optimal Brain Damage (`obd`, 1/2 h_ii w_i^2 w
 diagonal from `hessian_diagonal`: exact, Hutchinson or empirical Fisher) and pruning at
 initialisation (`at_init`: random, magnitude or SNIP's |g * w| from `snip_scores`).
 
+Bayesian pruning (`bayesian`): beta-Bernoulli dropout, a learned keep-probability per unit with
+its KL term (`add_beta_bernoulli`, `beta_bernoulli_kl`), units under a threshold pruned
+(`prune_beta_bernoulli`); trained adversarially it is Adversarial Neural Pruning (`sparseprune.robust`).
+
 An int amount is a count (of entries, or of blocks, filters, units, kernels), a float a fraction.
 """
 from sparseprune.prune.amount import amount_to_count, check_amount
@@ -63,6 +67,13 @@ from sparseprune.prune.saliency import (
 from sparseprune.prune.stats import sparsity
 from sparseprune.prune.depth import LayerRemovalReport, LayerwiseStep, layerwise_neuron_prune, remove_layers
 from sparseprune.prune.ensemble import RandomMaskEnsemble, single_random_mask
+from sparseprune.prune.bayesian import (
+    BetaBernoulliDropout,
+    add_beta_bernoulli,
+    beta_bernoulli_kl,
+    keep_probabilities,
+    prune_beta_bernoulli,
+)
 from sparseprune.prune.gates import (
     GatedLayer,
     add_channel_gates,
@@ -82,6 +93,11 @@ from sparseprune.prune.structured import (
 )
 
 __all__ = [
+    "BetaBernoulliDropout",
+    "add_beta_bernoulli",
+    "beta_bernoulli_kl",
+    "keep_probabilities",
+    "prune_beta_bernoulli",
     "GatedLayer",
     "LayerRemovalReport",
     "LayerwiseStep",

@@ -413,3 +413,42 @@ def test_create_app_checks_its_arguments(served_models, exes):
         create_app([served_models["mlp"], served_models["mlp"]])
     with pytest.raises(FileNotFoundError):
         create_app(["/nonexistent/model.safetensors"])
+
+
+def test_the_command_serves_and_stops_on_sigterm(served_models, exes):
+    """`sparseprune serve NAME=PATH ...` in a subprocess: it answers, and SIGTERM stops it (uvicorn
+    drains, then re-raises the signal: exit status 0 or -SIGTERM)."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "sparseprune", "serve", f"m={served_models['mlp']}", "--port", str(port),
+           "--threads", "1", "--max-wait-ms", "1"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            deadline = time.monotonic() + 60
+            while not _ready(url):
+                assert proc.poll() is None, "the server exited"
+                assert time.monotonic() < deadline, "the server did not get ready in 60 s"
+                time.sleep(0.1)
+            x = np.ones((2, 6), np.float32)
+            r = httpx.post(f"{url}/v2/models/m/infer", json=infer_json(x), timeout=TIMEOUT)
+            np.testing.assert_array_equal(output_of(r), exes["mlp"].run(x))
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode in (0, -signal.SIGTERM), err
+            assert "sparseprune serve: m on http://127.0.0.1" in out
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate(timeout=10)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

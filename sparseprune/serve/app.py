@@ -108,13 +108,12 @@ def create_app(models: Union[Mapping[str, Any], Sequence[Any]], *, max_batch: in
 def build_app(runners: Mapping[str, Any], metrics: Metrics, *, max_batch: int, max_body_bytes: int) -> Starlette:
     """The app over ready-made runners (name -> an object with .exe, start(), async submit(inputs,
     dims) and async close()): Batcher here, the Ray Serve replica's @serve.batch runner there."""
-    state = {"ready": False}
+    state = {"ready": True}  # until shutdown begins (a mounted app without lifespan starts on use)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         for runner in runners.values():
             runner.start()
-        state["ready"] = True
         try:
             yield
         finally:

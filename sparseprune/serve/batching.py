@@ -113,14 +113,18 @@ class Batcher:
         return self._queued
 
     def start(self) -> None:
-        self._wakeup = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        """Start the batch loop in the running event loop (the app's lifespan calls it; the first
+        request does when the app is mounted where no lifespan runs)."""
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def submit(self, inputs: List[np.ndarray], dims: Tuple[int, ...]) -> List[np.ndarray]:
         """This request's outputs (output_names' order); raises QueueFull, ShuttingDown, or the
         executable's error for this request."""
-        if self._closing or self._task is None:
-            raise ShuttingDown("the server is shutting down" if self._closing else "the model is not started")
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        self.start()
         if self._queued >= self.max_queue:
             raise QueueFull(f"the queue holds {self._queued} requests, the server's --max-queue")
         pending = _Pending(inputs, inputs[0].shape[0], asyncio.get_running_loop().create_future())

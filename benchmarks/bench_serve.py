@@ -119,23 +119,25 @@ class Server:
             return -9
 
 
-def batch_rows(url: str, model: str) -> Dict[str, float]:
-    """The server's sparseprune_batch_rows histogram for `model`: count, sum, and bucket counts."""
+def histograms(url: str, model: str) -> Dict[str, float]:
+    """From the server's /metrics for `model`: sparseprune_batch_rows (count, sum, le_* buckets)
+    and sparseprune_run_seconds (run_count, run_sum)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     out: Dict[str, float] = {}
     for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
-        if family.name != "sparseprune_batch_rows":
+        if family.name not in ("sparseprune_batch_rows", "sparseprune_run_seconds"):
             continue
+        prefix = "run_" if family.name == "sparseprune_run_seconds" else ""
         for s in family.samples:
             if s.labels.get("model") != model:
                 continue
             if s.name.endswith("_count"):
-                out["count"] = s.value
+                out[prefix + "count"] = s.value
             elif s.name.endswith("_sum"):
-                out["sum"] = s.value
-            elif s.name.endswith("_bucket"):
+                out[prefix + "sum"] = s.value
+            elif s.name.endswith("_bucket") and not prefix:
                 out[f"le_{s.labels['le']}"] = s.value
     return out
 
@@ -204,9 +206,9 @@ def percentile(values: List[float], q: float) -> Optional[float]:
 def run_point(server: Server, model: str, x: np.ndarray, want: np.ndarray, batching: bool, concurrency: int,
               seconds: float) -> Dict[str, Any]:
     body, headers = binary_request(server.input_names[model], x)
-    before = batch_rows(server.url, model)
+    before = histograms(server.url, model)
     res = asyncio.run(closed_loop(server.url, model, body, headers, concurrency, seconds, max_requests=10 ** 6))
-    after = batch_rows(server.url, model)
+    after = histograms(server.url, model)
     lat = res["latencies"]
     diff = None
     if res["first"] is not None:
@@ -215,10 +217,12 @@ def run_point(server: Server, model: str, x: np.ndarray, want: np.ndarray, batch
     calls = after.get("count", 0) - before.get("count", 0)
     rows = after.get("sum", 0) - before.get("sum", 0)
     buckets = {k: after[k] - before.get(k, 0) for k in after if k.startswith("le_")}
+    run_s = after.get("run_sum", 0) - before.get("run_sum", 0)
     row = {"model": model, "batching": batching, "concurrency": concurrency, "seconds": res["wall_s"],
            "sent": res["sent"], "answered": res["answered"], "ok": len(lat), "errors": res["errors"],
            "throughput_rps": len(lat) / res["wall_s"], "p50_ms": _ms(percentile(lat, 50)),
            "p99_ms": _ms(percentile(lat, 99)), "calls": calls, "mean_batch_rows": rows / calls if calls else None,
+           "mean_run_ms": round(1000 * run_s / calls, 3) if calls else None,
            "batch_rows_buckets": buckets, "max_abs_diff_vs_run": diff}
     log(f"{model} batching={'on' if batching else 'off'} c={concurrency}: {row['throughput_rps']:.1f} req/s, "
         f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, mean batch {row['mean_batch_rows']}, "
@@ -228,6 +232,24 @@ def run_point(server: Server, model: str, x: np.ndarray, want: np.ndarray, batch
 
 def _ms(v: Optional[float]) -> Optional[float]:
     return None if v is None else round(v * 1000, 3)
+
+
+def http_floor_ms(url: str, n: int = 300) -> float:
+    """Median round trip (ms) of GET /v2/health/live with the same client: what HTTP itself costs
+    here (client, loopback, uvicorn), below any inference."""
+    import httpx
+
+    async def loop():
+        times = []
+        async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT) as client:
+            for i in range(n + 20):
+                t0 = time.perf_counter()
+                await client.get("/v2/health/live")
+                if i >= 20:
+                    times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1000
+
+    return asyncio.run(loop())
 
 
 def run_median_ms(exe, x: np.ndarray, seconds: float = 3.0) -> float:
@@ -285,6 +307,7 @@ def main(argv=None) -> int:
                               args.seconds)
             small["section"] = "overhead"
             small["run_median_ms"] = run_median_ms(exes["small"], inputs["small"])
+            small["http_floor_ms"] = http_floor_ms(server.url)
             small["overhead_ms"] = small["p50_ms"] - small["run_median_ms"]
             rows.append(small)
             log(f"overhead (batching {'on' if batching else 'off'}): HTTP p50 {small['p50_ms']:.3f} ms, "
@@ -328,20 +351,21 @@ def markdown(result: Dict[str, Any]) -> str:
              f"CPU: {meta['cpu']} ({meta['cpu_count']} cores, shared by the server and the load generator); "
              f"server --threads {s['threads']} --max-batch {s['max_batch']} --max-wait-ms {s['max_wait_ms']:g}; "
              f"one row per request, binary tensors; git {str(meta['git_revision'])[:10]}", "",
-             "| model | batching | concurrency | req/s | p50 ms | p99 ms | mean batch rows | sent | answered | errors |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | batching | concurrency | req/s | p50 ms | p99 ms | mean batch rows | mean run ms | sent | answered | errors |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if "section" in r:
             continue
         mean = "" if r["mean_batch_rows"] is None else f"{r['mean_batch_rows']:.1f}"
         lines.append(f"| {r['model']} | {'on' if r['batching'] else 'off'} | {r['concurrency']} | "
-                     f"{r['throughput_rps']:.1f} | {r['p50_ms']} | {r['p99_ms']} | {mean} | {r['sent']} | "
+                     f"{r['throughput_rps']:.1f} | {r['p50_ms']} | {r['p99_ms']} | {mean} | {r['mean_run_ms']} | {r['sent']} | "
                      f"{r['answered']} | {sum(r['errors'].values())} |")
     for r in result["rows"]:
         if r.get("section") == "overhead":
             lines.append(f"\nOverhead (small model, concurrency 1, batching {'on' if r['batching'] else 'off'}): "
                          f"HTTP p50 {r['p50_ms']:.3f} ms, Executable.run median {r['run_median_ms']:.3f} ms: "
-                         f"{r['overhead_ms']:.3f} ms per request")
+                         f"{r['overhead_ms']:.3f} ms per request (GET /v2/health/live round trip with the same "
+                         f"client: {r['http_floor_ms']:.3f} ms)")
         elif r.get("section") == "soak":
             lines.append(f"\nSoak (resnet18, batching on, concurrency 32, {r['seconds']:.0f} s): sent {r['sent']}, "
                          f"answered {r['answered']}, errors {sum(r['errors'].values())}, {r['throughput_rps']:.1f} "

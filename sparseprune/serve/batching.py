@@ -153,8 +153,12 @@ class Batcher:
             dims, group = min(self._groups.items(), key=lambda item: item[1][0].arrived)
             await self._fill(group)
             batch = self._take(dims, group)
-            if batch:
+            try:
                 await self._run(batch)
+            except Exception as exc:  # a bug of ours: fail this batch's callers, never hang them or the loop
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
 
     async def _fill(self, group: Deque[_Pending]) -> None:
         """Wait for the oldest request's company: until max_batch rows or its max_wait is up."""
@@ -190,6 +194,8 @@ class Batcher:
         return batch
 
     async def _run(self, batch: List[_Pending]) -> None:
+        if not batch:  # every request taken had been cancelled
+            return
         t0 = time.perf_counter()
         try:
             results = await asyncio.get_running_loop().run_in_executor(

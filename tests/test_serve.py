@@ -238,7 +238,9 @@ def test_dynamic_batching_gives_each_caller_its_rows(served_models, exes, rng):
     metrics show calls of several requests); each caller gets exactly its rows."""
     xs = [rng.standard_normal((1 + i % 4, 6)).astype(np.float32) for i in range(24)]
     ids = [rng.integers(0, 30, (1 + i % 3, 4 + 5 * (i % 2))) for i in range(12)]
-    app = create_app(served_models, max_batch=16, max_wait_ms=50, threads=1)
+    # each call 50 ms longer: requests pile up while a batch runs, however fast the machine
+    app = create_app({name: slowed(path, 0.05) for name, path in served_models.items()}, max_batch=16,
+                     max_wait_ms=50)
     with serving(app) as url, httpx.Client(base_url=url, timeout=TIMEOUT,
                                            limits=httpx.Limits(max_connections=40)) as client:
         calls = [lambda x=x: client.post("/v2/models/mlp/infer", json=infer_json(x)) for x in xs]
@@ -290,30 +292,61 @@ def test_body_limit_is_a_413(served_models):
         assert ok.status_code == 200
 
 
+def slowed(path, seconds: float):
+    """The executable at `path` with every run() taking `seconds` longer (requests pile up)."""
+    exe = load(path, n_threads=1)
+    run = exe.run
+
+    def slow(*inputs, **kwargs):
+        time.sleep(seconds)
+        return run(*inputs, **kwargs)
+
+    exe.run = slow
+    return exe
+
+
+def _wait_for_queue(client, model: str, depth: int) -> None:
+    deadline = time.monotonic() + 10
+    while f'sparseprune_queue_depth{{model="{model}"}} {depth:.1f}' not in client.get("/metrics").text:
+        assert time.monotonic() < deadline, f"the queue never held {depth} requests"
+        time.sleep(0.01)
+
+
 def test_rows_limit_queue_limit_and_executable_limits(served_models):
     from sparseprune.runtime import Limits
 
     tagger = load(served_models["tagger"])
     tagger.limits = Limits(max_work=2e5)  # one sample at seq 32 takes 345,568 FLOP
-    app = create_app({"mlp": served_models["mlp"], "tagger": tagger}, max_batch=4, max_queue=2, max_wait_ms=400)
+    mlp = slowed(served_models["mlp"], 0.5)
+    app = create_app({"mlp": mlp, "tagger": tagger}, max_batch=4, max_queue=2, max_wait_ms=1)
     with serving(app) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as c:
         r = c.post("/v2/models/mlp/infer", json=infer_json(np.ones((5, 6), np.float32)))
         assert r.status_code == 413 and "5 rows, above the server's --max-batch 4" in r.json()["error"]
         long = np.ones((1, 32), np.int64)
         r = c.post("/v2/models/tagger/infer", json=infer_json(long, "ids", "INT64"))
         assert r.status_code == 413 and "Limits.max_work" in r.json()["error"], r.text
-        # two requests of one row wait up to 400 ms for company; the third finds the queue full
+        # one request runs (0.5 s), two wait in the queue; the fourth finds it full
         one = infer_json(np.ones((1, 6), np.float32))
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            first = pool.submit(c.post, "/v2/models/mlp/infer", json=one)
+            _wait_for_queue(c, "mlp", 0)
+            time.sleep(0.05)
             waiting = [pool.submit(c.post, "/v2/models/mlp/infer", json=one) for _ in range(2)]
-            deadline = time.monotonic() + 5
-            while 'sparseprune_queue_depth{model="mlp"} 2.0' not in c.get("/metrics").text:
-                assert time.monotonic() < deadline, "the two requests never queued"
-                time.sleep(0.01)
+            _wait_for_queue(c, "mlp", 2)
             full = c.post("/v2/models/mlp/infer", json=one)
             assert full.status_code == 429 and "--max-queue" in full.json()["error"]
             assert full.headers["retry-after"] == "1"
-            assert [f.result(timeout=TIMEOUT).status_code for f in waiting] == [200, 200]
+            assert [f.result(timeout=TIMEOUT).status_code for f in [first, *waiting]] == [200, 200, 200]
+
+
+def test_a_lone_request_does_not_wait_for_company(served_models):
+    """max_wait_ms bounds the wait for requests on their way; with none arriving, none is paid."""
+    with serving(create_app(served_models, max_wait_ms=5000)) as url, httpx.Client(base_url=url,
+                                                                                   timeout=TIMEOUT) as c:
+        t0 = time.monotonic()
+        for _ in range(3):
+            assert c.post("/v2/models/mlp/infer", json=infer_json(np.ones((1, 6), np.float32))).status_code == 200
+        assert time.monotonic() - t0 < 3
 
 
 def test_executable_error_is_a_500_for_that_request_only(served_models, rng):
@@ -356,26 +389,21 @@ def test_metrics_count_requests_errors_latency_batches_and_queue(server):
 
 
 def test_shutdown_answers_every_accepted_request(served_models, rng):
-    """Stopping the server (as on SIGTERM) while requests wait in the queue: all of them are
-    answered; afterwards the server is gone."""
+    """Stopping the server (as on SIGTERM) while one batch runs and seven requests wait in the
+    queue: all of them are answered; afterwards the server is gone."""
     xs = [rng.standard_normal((1, 6)).astype(np.float32) for _ in range(8)]
-    exe = load(served_models["mlp"], n_threads=1)
-    app = create_app({"mlp": exe}, max_wait_ms=1000)
+    exe = slowed(served_models["mlp"], 0.3)
+    app = create_app({"mlp": exe}, max_batch=1)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         with serving(app) as url:
             client = httpx.Client(base_url=url, timeout=TIMEOUT, limits=httpx.Limits(max_connections=10))
             futures = [pool.submit(client.post, "/v2/models/mlp/infer", json=infer_json(x)) for x in xs]
-            deadline = time.monotonic() + 5
-            while 'sparseprune_queue_depth{model="mlp"} 8.0' not in client.get("/metrics").text:
-                assert time.monotonic() < deadline, "the requests never queued"
-                time.sleep(0.01)
-            t0 = time.monotonic()
-        # leaving serving() stopped uvicorn: it waited for the 8 queued requests
-        assert time.monotonic() - t0 < 5
+            _wait_for_queue(client, "mlp", 7)
+        # leaving serving() stopped uvicorn: it waited for the 8 accepted requests (8 x 0.3 s)
         responses = [f.result(timeout=TIMEOUT) for f in futures]
         client.close()
     for x, r in zip(xs, responses):
-        np.testing.assert_allclose(output_of(r), exe.run(x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(output_of(r), load(served_models["mlp"]).run(x))
     with pytest.raises(httpx.ConnectError), httpx.Client(timeout=2) as c:
         c.get(url + "/v2/health/live")
 

@@ -106,8 +106,9 @@ def create_app(models: Union[Mapping[str, Any], Sequence[Any]], *, max_batch: in
 
 
 def build_app(runners: Mapping[str, Any], metrics: Metrics, *, max_batch: int, max_body_bytes: int) -> Starlette:
-    """The app over ready-made runners (name -> an object with .exe, start(), async submit(inputs,
-    dims) and async close()): Batcher here, the Ray Serve replica's @serve.batch runner there."""
+    """The app over ready-made runners (name -> an object with .exe, start(), arriving() (a context
+    around reading a request), async submit(inputs, dims) and async close()): Batcher here, the Ray
+    Serve replica's @serve.batch runner there."""
     state = {"ready": True}  # until shutdown begins (a mounted app without lifespan starts on use)
 
     @contextlib.asynccontextmanager
@@ -161,8 +162,10 @@ def build_app(runners: Mapping[str, Any], metrics: Metrics, *, max_batch: int, m
 
     async def _infer(request: Request, name: str, runner: Any) -> Response:
         try:
-            body = await _read_body(request, max_body_bytes)
-            parsed = protocol.parse_infer(runner.exe, body, request.headers.get(protocol.HEADER_LENGTH), max_batch)
+            with runner.arriving():  # a batch being formed may wait for this request
+                body = await _read_body(request, max_body_bytes)
+                parsed = protocol.parse_infer(runner.exe, body, request.headers.get(protocol.HEADER_LENGTH),
+                                              max_batch)
             outputs = await runner.submit(parsed.inputs, parsed.dims)
         except protocol.ProtocolError as exc:
             return _error(exc.status, str(exc))

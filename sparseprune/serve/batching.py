@@ -6,6 +6,10 @@ their own batches, so nothing is padded), up to max_batch rows, runs them as one
 thread and hands each caller exactly its rows. One batch runs at a time per model: the
 executable's own threads (--threads) use the cores, and the next batch fills meanwhile.
 
+It waits only while company is on its way: while other requests for the model are being read
+and checked (the app marks them with arriving()). A lone client then pays no wait at all, and
+under load batches still form, from what queued while the previous batch ran and what is arriving.
+
 With batching off every request is its own call, through the same queue.
 
 numpy only: this module must not import torch.
@@ -15,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -102,6 +107,7 @@ class Batcher:
         self._on_batch, self._on_queue = on_batch, on_queue
         self._groups: Dict[Tuple[int, ...], Deque[_Pending]] = {}  # dims -> requests, oldest first
         self._queued = 0
+        self._arriving = 0  # requests of this model being read and checked (see arriving())
         self._closing = False
         self._wakeup: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
@@ -111,6 +117,18 @@ class Batcher:
     @property
     def queued(self) -> int:
         return self._queued
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request being read and checked for this model: a batch being formed waits for
+        it (up to max_wait_ms); the batcher looks again when it leaves, queued or refused."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            if self._wakeup is not None:
+                self._wakeup.set()
 
     def start(self) -> None:
         """Start the batch loop in the running event loop (the app's lifespan calls it; the first
@@ -161,9 +179,11 @@ class Batcher:
                         p.future.set_exception(exc)
 
     async def _fill(self, group: Deque[_Pending]) -> None:
-        """Wait for the oldest request's company: until max_batch rows or its max_wait is up."""
+        """Wait for the oldest request's company while some is arriving: until max_batch rows or
+        its max_wait is up."""
         deadline = group[0].arrived + self.max_wait
-        while self.batching and not self._closing and sum(p.rows for p in group) < self.max_batch:
+        while (self.batching and self._arriving and not self._closing
+               and sum(p.rows for p in group) < self.max_batch):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -55,6 +56,9 @@ class _ReplicaRunner:
 
     def start(self) -> None:
         pass
+
+    def arriving(self):  # @serve.batch waits its batch_wait_timeout_s regardless
+        return contextlib.nullcontext()
 
     async def close(self) -> None:  # Ray Serve drains a replica's requests before stopping it
         pass

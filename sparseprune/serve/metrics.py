@@ -22,7 +22,8 @@ class Metrics:
         self.errors = Counter("sparseprune_request_errors", "Infer requests answered with an error (status >= 400)",
                               ["model", "status"], registry=r)
         self.latency = Histogram("sparseprune_request_seconds",
-                                 "Infer request latency in the server, from its handler starting to its response", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+                                 "Infer request latency in the server, from its handler starting to its response",
+                                 ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_rows = Histogram("sparseprune_batch_rows", "Rows per executable call", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.batch_requests = Histogram("sparseprune_batch_requests", "Requests per executable call", ["model"],

@@ -305,6 +305,23 @@ def slowed(path, seconds: float):
     return exe
 
 
+def gated(path):
+    """The executable at `path` with every run() first waiting for the returned Event (a batch
+    held running while requests queue behind it), at most TIMEOUT seconds."""
+    import threading
+
+    exe = load(path, n_threads=1)
+    run = exe.run
+    gate = threading.Event()
+
+    def held(*inputs, **kwargs):
+        gate.wait(TIMEOUT)
+        return run(*inputs, **kwargs)
+
+    exe.run = held
+    return exe, gate
+
+
 def _wait_for_queue(client, model: str, depth: int) -> None:
     deadline = time.monotonic() + 10
     while f'sparseprune_queue_depth{{model="{model}"}} {depth:.1f}' not in client.get("/metrics").text:
@@ -317,7 +334,7 @@ def test_rows_limit_queue_limit_and_executable_limits(served_models):
 
     tagger = load(served_models["tagger"])
     tagger.limits = Limits(max_work=2e5)  # one sample at seq 32 takes 345,568 FLOP
-    mlp = slowed(served_models["mlp"], 0.5)
+    mlp, gate = gated(served_models["mlp"])
     app = create_app({"mlp": mlp, "tagger": tagger}, max_batch=4, max_queue=2, max_wait_ms=1)
     with serving(app) as url, httpx.Client(base_url=url, timeout=TIMEOUT) as c:
         r = c.post("/v2/models/mlp/infer", json=infer_json(np.ones((5, 6), np.float32)))
@@ -325,15 +342,15 @@ def test_rows_limit_queue_limit_and_executable_limits(served_models):
         long = np.ones((1, 32), np.int64)
         r = c.post("/v2/models/tagger/infer", json=infer_json(long, "ids", "INT64"))
         assert r.status_code == 413 and "Limits.max_work" in r.json()["error"], r.text
-        # one request runs (0.5 s), two wait in the queue; the fourth finds it full
+        # one request runs (held at the gate), two wait in the queue; the fourth finds it full
         one = infer_json(np.ones((1, 6), np.float32))
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             first = pool.submit(c.post, "/v2/models/mlp/infer", json=one)
-            _wait_for_queue(c, "mlp", 0)
-            time.sleep(0.05)
+            _wait_for_queue(c, "mlp", 0)  # taken from the queue: running
             waiting = [pool.submit(c.post, "/v2/models/mlp/infer", json=one) for _ in range(2)]
             _wait_for_queue(c, "mlp", 2)
             full = c.post("/v2/models/mlp/infer", json=one)
+            gate.set()
             assert full.status_code == 429 and "--max-queue" in full.json()["error"]
             assert full.headers["retry-after"] == "1"
             assert [f.result(timeout=TIMEOUT).status_code for f in [first, *waiting]] == [200, 200, 200]
@@ -391,15 +408,18 @@ def test_metrics_count_requests_errors_latency_batches_and_queue(server):
 def test_shutdown_answers_every_accepted_request(served_models, rng):
     """Stopping the server (as on SIGTERM) while one batch runs and seven requests wait in the
     queue: all of them are answered; afterwards the server is gone."""
+    import threading
+
     xs = [rng.standard_normal((1, 6)).astype(np.float32) for _ in range(8)]
-    exe = slowed(served_models["mlp"], 0.3)
+    exe, gate = gated(served_models["mlp"])
     app = create_app({"mlp": exe}, max_batch=1)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         with serving(app) as url:
             client = httpx.Client(base_url=url, timeout=TIMEOUT, limits=httpx.Limits(max_connections=10))
             futures = [pool.submit(client.post, "/v2/models/mlp/infer", json=infer_json(x)) for x in xs]
-            _wait_for_queue(client, "mlp", 7)
-        # leaving serving() stopped uvicorn: it waited for the 8 accepted requests (8 x 0.3 s)
+            _wait_for_queue(client, "mlp", 7)  # one held running, seven queued
+            threading.Timer(0.5, gate.set).start()  # released once the shutdown below has begun
+        # leaving serving() stopped uvicorn: it waited for the 8 accepted requests
         responses = [f.result(timeout=TIMEOUT) for f in futures]
         client.close()
     for x, r in zip(xs, responses):

@@ -448,6 +448,24 @@ def test_submit_after_close_is_refused_and_readiness_drops(served_models):
     np.testing.assert_array_equal(out[0], exe.run(np.ones((1, 6), np.float32)))
 
 
+def test_after_shutdown_the_app_answers_503(served_models):
+    """Once the lifespan has ended (shutdown began), readiness and infer say 503 with a JSON error."""
+    import asyncio
+
+    app = create_app(served_models)
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            pass  # started, then shut down (queues drained)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as c:
+            return (await c.get("/v2/health/ready"),
+                    await c.post("/v2/models/mlp/infer", json=infer_json(np.ones((1, 6), np.float32))))
+
+    ready, r = asyncio.run(asyncio.wait_for(scenario(), TIMEOUT))
+    assert ready.status_code == 503 and ready.json() == {"ready": False}
+    assert r.status_code == 503 and r.json() == {"error": "the server is shutting down"}
+
+
 def test_create_app_checks_its_arguments(served_models, exes):
     with pytest.raises(ValueError, match="max_batch must be a positive int"):
         create_app(served_models, max_batch=0)

@@ -704,6 +704,31 @@ def _run_bench_executable(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- serve
+def _add_serve(subparsers) -> None:
+    from sparseprune.serve import cli as serve_cli  # the arguments only: no server stack imported
+
+    p = subparsers.add_parser(
+        "serve",
+        help="serve executables over HTTP (Open Inference Protocol v2, dynamic batching, /metrics)",
+        description=(
+            "Serve executable files over HTTP with the Open Inference Protocol (KServe v2 REST: "
+            "/v2/health/live, /v2/health/ready, /v2/models/NAME, /v2/models/NAME/infer with JSON or binary "
+            "tensors) and Prometheus metrics at /metrics. Concurrent requests for a model run as one "
+            "executable call (up to --max-batch rows, waiting at most --max-wait-ms). Needs the serve extra: "
+            'pip install "sparseprune[serve]". Torch is never imported.'
+        ),
+    )
+    serve_cli.add_arguments(p, _bounded_int(1), _positive_number)
+    p.set_defaults(func=_run_serve, parser=p)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from sparseprune.serve import cli as serve_cli
+
+    return serve_cli.run(args)
+
+
 # ---------------------------------------------------------------------------------------- info
 def _add_info(subparsers) -> None:
     p = subparsers.add_parser("info", help="print the native build's configuration")
@@ -807,6 +832,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     _add_bench(subparsers, want_help=want_help and command == "bench")
     _add_compile(subparsers, want_help=want_help and command == "compile")
     _add_run(subparsers)
+    _add_serve(subparsers)
     _add_info(subparsers)
     _add_demo(subparsers, selected=_selected_command(argv) == "demo")
     _add_compare(subparsers, selected=_selected_command(argv) == "compare")

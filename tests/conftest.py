@@ -55,3 +55,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def served_models(tmp_path_factory):
+    """The serve tests' executables (tests/serving.py), compiled once per session: name -> path."""
+    from serving import compile_models
+
+    return compile_models(tmp_path_factory.mktemp("served"))

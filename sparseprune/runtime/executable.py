@@ -221,6 +221,21 @@ class Executable:
             arrays.append(aligned(np.ascontiguousarray(x)).view(np.float32))
         return arrays, list(dims)
 
+    def input_dims(self, shapes: Sequence[Sequence[int]]) -> Dict[str, int]:
+        """The dims' values that inputs of these full shapes ([batch, *per-sample], one per input,
+        in order) give, checked as run() checks them but without any data: a server validates a
+        request's header before reading its tensors. Raises ValueError naming the input."""
+        layout = self._layout
+        if len(shapes) != len(layout.input_shapes):
+            raise ValueError(f"expected {len(layout.input_shapes)} input(s), got {len(shapes)}")
+        env: Dict[str, int] = {}
+        for k, shape in enumerate(shapes):
+            layout.match_input(k, tuple(shape), env)
+            if shape[0] != shapes[0][0]:
+                raise ValueError(f"{layout.input_names[k]} has batch size {shape[0]}, but input 0 has "
+                                 f"{shapes[0][0]}: all inputs share the batch")
+        return {name: env[name] for name, _, _ in layout.dims}
+
     def profile(self, *inputs: np.ndarray, repeats: int = 20, warmup: int = 3, n_threads: Optional[int] = None,
                 **named: np.ndarray):
         """Where one call's time goes: each op's median wall time over `repeats` calls (after

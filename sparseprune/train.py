@@ -71,8 +71,12 @@ def train(
     num_threads: Optional[int] = None,
     on_step: Optional[Callable[[int], object]] = None,
     on_epoch: Optional[Callable[[int], object]] = None,
+    penalty: Optional[Callable[[nn.Module], torch.Tensor]] = None,
 ) -> List[float]:
     """Train `model` in place with cross-entropy on (x, y); returns the mean loss of each epoch.
+
+    `penalty(model)`, when given, is added to every batch's loss (a regulariser such as network
+    slimming's L1 on BatchNorm scales, `sparseprune.prune.slimming.batchnorm_l1` times a strength).
 
     Mini-batches are drawn by a shuffle seeded by `seed` (the model's initial weights are the
     caller's business: seed torch before building it). `lr_schedule="cosine"` anneals the
@@ -104,7 +108,7 @@ def train(
         raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    for arg, fn in (("on_step", on_step), ("on_epoch", on_epoch)):
+    for arg, fn in (("on_step", on_step), ("on_epoch", on_epoch), ("penalty", penalty)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{arg} must be a callable or None, got {type(fn).__name__}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -137,6 +141,8 @@ def train(
                         group["lr"] = 0.5 * float(lr) * (1.0 + math.cos(math.pi * step / total_steps))
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(x[idx]), labels[idx])
+                if penalty is not None:
+                    loss = loss + penalty(model)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training diverged (loss {loss.item()}); lower lr")
                 loss.backward()

@@ -18,7 +18,7 @@ from sparseprune.prune.amount import Amount, check_amount
 from sparseprune.prune.api import check_min_kept, global_masks
 from sparseprune.prune.layers import batchnorm_scale, conv_bn_pairs, filters
 from sparseprune.prune.methods import MagnitudeUnstructured
-from sparseprune.prune.reparam import _check_module, effective_weight, parameter_state
+from sparseprune.prune.reparam import _check_module, parameter_state
 
 
 def batchnorm_l1(model: nn.Module) -> Tensor:
@@ -27,7 +27,8 @@ def batchnorm_l1(model: nn.Module) -> Tensor:
     total = torch.zeros(())
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
-            total = total + effective_weight(*parameter_state(m, "weight")).abs().sum()
+            orig, mask = parameter_state(m, "weight")
+            total = total + (orig * mask).abs().sum()  # not effective_weight: that one is detached
     return total
 
 

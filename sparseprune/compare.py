@@ -8,6 +8,9 @@ fine-tuning, gradual, at initialisation, structured + shrink, depth, ensembles, 
 model, and measures test accuracy, batch-1 latency and batch-256 throughput against torch dense
 at the same thread count, nonzero parameters and bytes on disk. Every method gets its rows,
 including those that lose, fail ("error: ...") or are missing here ("unavailable: ...").
+Every row of a model trains for the same budget after pruning (`--budget` epochs: iterative
+rounds split it, at-init rows train from scratch for it; "one-shot" rows are not trained), and
+the table's "epochs" column shows what each row got.
 
 Writes compare.json, compare.csv and three PNG plots to `--out`. The pieces live in
 `sparseprune.experiments` (methods registry, deploy, measure, results, plots);

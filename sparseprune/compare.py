@@ -8,6 +8,9 @@ fine-tuning, gradual, at initialisation, structured + shrink, depth, ensembles, 
 model, and measures test accuracy, batch-1 latency and batch-256 throughput against torch dense
 at the same thread count, nonzero parameters and bytes on disk. Every method gets its rows,
 including those that lose, fail ("error: ...") or are missing here ("unavailable: ...").
+Every row of a model trains for the same budget after pruning (`--budget` epochs: iterative
+rounds split it, at-init rows train from scratch for it; "one-shot" rows are not trained), and
+the table's "epochs" column shows what each row got.
 
 Writes compare.json, compare.csv and three PNG plots to `--out`. The pieces live in
 `sparseprune.experiments` (methods registry, deploy, measure, results, plots);
@@ -108,6 +111,17 @@ def check_config(config: CompareConfig) -> None:
     for m in config.models:
         if m not in config.budgets:
             raise ValueError(f"config has no training budget for model {m!r}")
+        if not isinstance(config.budgets[m], Budget):
+            raise TypeError(f"budgets[{m!r}] must be a Budget, got {type(config.budgets[m]).__name__}")
+
+
+def budget_line(config: Dict[str, Any]) -> str:
+    """What the table's rows were trained with, from a record's config."""
+    parts = [f"{m}: dense {b['dense_epochs']} epochs, then {b['finetune_epochs']} epochs after pruning"
+             for m, b in config["budgets"].items() if m in config["models"]]
+    return ("training budget (every row of a model; iterative rounds split it, gradual ramps within it, "
+            f"at-init rows train from scratch for it, one-shot rows are not trained): {'; '.join(parts)}; "
+            f"{config['rounds']} iterative rounds")
 
 
 def summary(rows: Sequence[Row]) -> Dict[str, int]:
@@ -182,6 +196,16 @@ def _names(choices_fn: Callable[[], Sequence[str]], what: str) -> Callable[[str]
     return parse
 
 
+def _budget(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of epochs, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1 (epochs), got {value}")
+    return value
+
+
 def _schedule_names() -> List[str]:
     return list(dict.fromkeys(m.schedule for m in all_methods()))
 
@@ -203,8 +227,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default="sparseprune-compare",
                         help="directory for compare.json, compare.csv and the PNG plots (default: sparseprune-compare)")
     parser.add_argument("--quick", action="store_true", help="a few epochs, sparsity 0.9 only, short timing")
-    parser.add_argument("--dense-epochs", type=non_negative_int, default=None, help="override the dense training epochs")
-    parser.add_argument("--finetune-epochs", type=non_negative_int, default=None, help="override the fine-tuning epochs")
+    parser.add_argument("--dense-epochs", type=_budget, default=None, help="override the dense training epochs")
+    parser.add_argument("--budget", type=_budget, default=None, metavar="EPOCHS",
+                        help="epochs of training every row gets after pruning (iterative rounds split it; "
+                             "at-init rows train from scratch for it); default 6")
     parser.add_argument("--strict", action="store_true", help="stop at the first method that fails")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -223,14 +249,13 @@ def config_from_args(args: argparse.Namespace, base: Optional[CompareConfig] = N
         changes["sparsities"] = tuple(args.sparsities)
     if getattr(args, "models", None):
         changes["models"] = tuple(dict.fromkeys(args.models))
-    dense, ft = getattr(args, "dense_epochs", None), getattr(args, "finetune_epochs", None)
-    if dense is not None or ft is not None:
-        changes["budgets"] = {
-            k: Budget(dense if dense is not None else b.dense_epochs, b.dense_lr,
-                      ft if ft is not None else b.finetune_epochs, b.finetune_lr)
-            for k, b in cfg.budgets.items()
-        }
-    return cfg.with_(**changes) if changes else cfg
+    dense = getattr(args, "dense_epochs", None)
+    if dense is not None:
+        changes["budgets"] = {k: Budget(dense, b.dense_lr, b.finetune_epochs, b.finetune_lr)
+                              for k, b in cfg.budgets.items()}
+    cfg = cfg.with_(**changes) if changes else cfg
+    budget = getattr(args, "budget", None)
+    return cfg.with_budget(budget) if budget is not None else cfg
 
 
 def list_methods() -> str:
@@ -246,6 +271,7 @@ def print_report(record: Dict[str, Any]) -> None:
     print(f"results ({cfg['data']}, test set of {cfg['n_test']}; latency = median of round-robin runs at "
           f"{cfg['threads']} thread(s) against the unpruned model run by torch; 'dense' rows: the unpruned "
           "model converted as it is):")
+    print(budget_line(cfg))
     print(record["table"])
     s = record["summary"]
     print(f"\n{s[OK]} rows ok, {s[UNAVAILABLE]} unavailable, {s[ERROR]} errors")

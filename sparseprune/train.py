@@ -72,8 +72,12 @@ def train(
     on_step: Optional[Callable[[int], object]] = None,
     on_epoch: Optional[Callable[[int], object]] = None,
     objective: object = None,
+    penalty: Optional[Callable[[nn.Module], torch.Tensor]] = None,
 ) -> List[float]:
     """Train `model` in place with cross-entropy on (x, y); returns the mean loss of each epoch.
+
+    `penalty(model)`, when given, is added to every batch's loss (a regulariser such as network
+    slimming's L1 on BatchNorm scales, `sparseprune.prune.slimming.batchnorm_l1` times a strength).
 
     Mini-batches are drawn by a shuffle seeded by `seed` (the model's initial weights are the
     caller's business: seed torch before building it). `lr_schedule="cosine"` anneals the
@@ -111,7 +115,7 @@ def train(
         raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    for arg, fn in (("on_step", on_step), ("on_epoch", on_epoch)):
+    for arg, fn in (("on_step", on_step), ("on_epoch", on_epoch), ("penalty", penalty)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{arg} must be a callable or None, got {type(fn).__name__}")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -120,6 +124,9 @@ def train(
     from sparseprune.robust.objective import as_objective  # torch-only, small; imported when training
 
     objective = as_objective(objective)
+    if objective is not None and penalty is not None:
+        raise ValueError("penalty applies to the plain cross-entropy loss; with an objective, pass neither or "
+                         "fold the penalty into the objective")
     if objective is not None:
         objective.check_model(model)
 
@@ -153,6 +160,8 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 if objective is None:
                     loss = F.cross_entropy(model(x[idx]), labels[idx])
+                    if penalty is not None:
+                        loss = loss + penalty(model)
                     value = loss.item()
                     if math.isfinite(value):
                         loss.backward()

@@ -25,7 +25,7 @@ from sparseprune.nn import SparseLinear
 
 # mlp and cnn rows of these families cover every deployment path: masks + convert (Linear and
 # conv), shrink + convert (units, filters), a rebuilt model (layer removal).
-CLI_METHODS = "magnitude,units,filters-bn,layer-removal"
+CLI_METHODS = "magnitude,units,network-slimming,layer-removal"
 TINY = QUICK.with_(
     budgets={"mlp": Budget(4, 3e-3, 1, 1e-3), "cnn": Budget(1, 3e-3, 1, 1e-3)},
     rounds=1, timing_warmup=0, timing_repeats=1, timing_min_time_s=0.0,
@@ -36,7 +36,7 @@ TINY = QUICK.with_(
 def cli_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     argv = ["compare", "--quick", "--sparsities", "0.8", "--methods", CLI_METHODS, "--schedules",
-            "one-shot,one-shot+ft", "--dense-epochs", "2", "--finetune-epochs", "1", "--seed", "3",
+            "one-shot,one-shot+ft", "--dense-epochs", "2", "--budget", "1", "--seed", "3",
             "--out", str(out), "--no-progress"]
     status = cli.main(argv)
     return status, out, json.loads((out / "compare.json").read_text())
@@ -92,7 +92,7 @@ def test_cli_compare_converted_outputs_match(cli_run):
         assert r["max_abs_diff"] < 1e-4  # in fact float32 rounding only
         # argmax can only flip on a near tie, so converted accuracy is the pruned model's
         assert r["acc_converted"] == pytest.approx(r["acc_pruned"], abs=1 / 449 + 1e-9)
-    structured = [r for r in record["rows"] if r["method"] in ("units", "filters-bn")]
+    structured = [r for r in record["rows"] if r["method"] in ("units", "network-slimming")]
     assert structured and all(r["deploy"] == "shrink+convert" for r in structured)
     # shrink really deleted the pruned channels: fewer parameters than the dense model
     assert all(r["params"] < r["params_dense"] for r in structured)
@@ -239,7 +239,7 @@ def test_registry_covers_every_method_family_of_the_issue():
     names = set(registry.method_names())
     assert {"magnitude", "global-magnitude", "random", "block-magnitude", "obd", "snip-at-init", "random-at-init",
             "magnitude-at-init", "layerwise-neurons", "layer-removal", "random-ensemble", "random-single",
-            "channel-gates", "filters-l1", "filters-l2", "filters-bn", "units", "kernels", "patterns"} <= names
+            "channel-gates", "filters-l1", "filters-l2", "network-slimming", "units", "kernels", "patterns"} <= names
     schedules = {m.schedule for m in registry.all_methods() if m.name == "magnitude"}
     assert schedules == {"one-shot", "one-shot+ft", "iterative", "gradual"}
 
@@ -276,3 +276,36 @@ def test_pattern_connectivity_reaches_the_target():
         c = pattern_connectivity(target, 4, 9)
         assert 1 - (4 / 9) * (1 - c) == pytest.approx(target)
     assert pattern_connectivity(0.5, 4, 9) == 0.0  # 4-of-9 patterns alone remove 56%
+
+
+# --------------------------------------------------------------------- issue 14: equal budgets
+def test_every_row_trains_the_same_budget_after_pruning():
+    cfg = TINY.with_(models=("mlp",), rounds=2).with_budget(4)
+    record = run_compare(config=cfg, methods=["magnitude", "random", "snip-at-init", "random-ensemble"], seed=0,
+                         plots=False, progress=False, strict=True, log=lambda _: None)
+    epochs = {(r["method"], r["schedule"]): r["epochs"] for r in record["rows"] if r["method"] != "dense"}
+    assert epochs.pop(("magnitude", "one-shot")) == epochs.pop(("random", "one-shot")) == 0
+    assert epochs.pop(("random-ensemble", "one-shot")) == 0
+    assert set(epochs.values()) == {4}, epochs  # fine-tuned, iterative (2 + 2), gradual, at init
+    rounds = next(r for r in record["rows"] if r["schedule"] == "iterative")["extra"]["rounds"]
+    assert len(rounds) == 2
+    assert "epochs" in record["table"].splitlines()[0]
+
+
+def test_ensemble_rows_count_all_members_at_equal_total_parameters():
+    record = run_compare(config=TINY.with_(models=("mlp",), sparsities=(0.5,)), methods=["random-ensemble/one-shot"],
+                         seed=0, plots=False, progress=False, strict=True, log=lambda _: None)
+    row = next(r for r in record["rows"] if r["method"] == "random-ensemble")
+    assert row["sparsity"] == pytest.approx(0.5, abs=2e-3)  # 3 members at 83.3% each
+    assert row["extra"]["member_sparsity"] == pytest.approx(1 - 0.5 / 3)
+
+
+@pytest.mark.parametrize("bad", [0, -2])
+def test_a_budget_below_one_epoch_is_refused(bad, capsys):
+    with pytest.raises(ValueError, match="budget"):
+        TINY.with_budget(bad)
+    with pytest.raises(ValueError, match="budget"):
+        Budget(4, 3e-3, bad, 1e-3)
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--budget", str(bad)])
+    assert "argument --budget" in capsys.readouterr().err

@@ -613,3 +613,31 @@ def test_structured_methods_with_prune_parameter_and_compute_mask():
     with pytest.raises(ValueError, match="norm"):
         sp.FilterPruning("l0")
     assert repr(sp.PatternPruning(3, 2)) == "PatternPruning(n_patterns=3, pattern_size=2)"
+
+
+def test_network_slimming_penalises_gamma_then_prunes_the_smallest_across_layers():
+    from sparseprune.prune.slimming import batchnorm_l1, slim
+    from sparseprune.train import train
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    x, y = torch.randn(48, 1, 4, 4), torch.randint(0, 3, (48,))
+    assert float(batchnorm_l1(model).detach()) == pytest.approx(14.0)  # gamma starts at 1
+    plain = copy.deepcopy(model)
+    train(plain, x, y, epochs=20, lr=1e-2, batch_size=16, seed=0, progress=False)
+    train(model, x, y, epochs=20, lr=1e-2, batch_size=16, seed=0, progress=False,
+          penalty=lambda m: 0.2 * batchnorm_l1(m))
+    assert float(batchnorm_l1(model).detach()) < 0.7 * float(batchnorm_l1(plain).detach())  # the penalty pulled the scales down
+    gammas = torch.cat([model[1].weight.detach().abs(), model[4].weight.detach().abs()])
+    floored = copy.deepcopy(model)
+    pruned = slim(model, 5)
+    assert sum(pruned.values()) == 5
+    alive = torch.cat([model[1].weight_mask, model[4].weight_mask]) != 0
+    assert gammas[~alive].max() <= gammas[alive].min()  # one threshold across both layers
+    assert int((model[0].weight_mask.sum(dim=(1, 2, 3)) != 0).sum()) == int(model[1].weight_mask.sum())
+    pruned = slim(floored, 10, min_kept=0.2)  # 14 channels, at least 2 of each layer's
+    assert sum(pruned.values()) == 10 and all(c.out_channels - n >= 2 for c, n in pruned.items())
+    with pytest.raises(ValueError, match="BatchNorm"):
+        slim(nn.Sequential(nn.Conv2d(1, 2, 3)), 0.5)

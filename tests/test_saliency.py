@@ -454,3 +454,80 @@ def test_pruned_models_remove_and_convert(rng, digits, how, permanent):
     assert len(sparse) == 2
     assert [round(m.sparsity, 2) for m in sparse] == [0.9, 0.9]
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ issue 14: faithful methods
+def test_obd_defaults_to_a_nonnegative_curvature_and_keeps_the_signed_estimate_by_name(rng, digits):
+    x, y = digits
+    model = mlp(rng, (64, 16, 10), act=nn.ReLU)
+    default = sp.obd(copy.deepcopy(model), 0.5, (x, y))
+    fisher = sp.obd(copy.deepcopy(model), 0.5, (x, y), hessian="fisher")
+    for a, b in zip((default[0], default[2]), (fisher[0], fisher[2])):
+        assert torch.equal(a.weight_mask, b.weight_mask)
+    diag = sp.hessian_diagonal(model, F.cross_entropy, (x, y), method="hutchinson", n_samples=2, generator=0)
+    assert any((d < 0).any() for d in diag.values())  # the signed estimate, available by name
+    signed = sp.obd(copy.deepcopy(model), 0.5, (x, y), hessian="hutchinson", n_samples=2, generator=0)
+    assert not torch.equal(signed[0].weight_mask, default[0].weight_mask)
+
+
+@pytest.mark.parametrize("probes", [0, -3])
+def test_obd_probes_below_one_are_refused(rng, digits, probes):
+    x, y = digits
+    with pytest.raises(ValueError, match="n_samples"):
+        sp.obd(mlp(rng, (64, 16, 10)), 0.5, (x, y), hessian="hutchinson", n_samples=probes)
+
+
+def test_snip_scores_with_batchnorm_in_training_mode_and_restores_its_statistics(rng):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 8 * 8, 3))
+    x = t(rng, 32, 1, 8, 8, scale=3.0) + 5.0  # far from the initial running mean 0, var 1
+    y = torch.from_numpy(rng.integers(0, 3, 32))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = sp.snip_scores(model, (x, y))
+    twin = copy.deepcopy(model).train()
+    loss = F.cross_entropy(twin(x), y)  # batch statistics, as training will normalise
+    grads = torch.autograd.grad(loss, [twin[0].weight, twin[4].weight])
+    for m, g, w in zip((model[0], model[4]), grads, (twin[0].weight, twin[4].weight)):
+        assert torch.allclose(scores[m], (g * w).abs(), rtol=1e-4, atol=1e-7)
+    assert not model.training and not model[1].training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running statistics and the batch count restored
+
+
+def test_global_rankings_warn_on_layer_collapse_and_keep_min_kept():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(768, 3072), nn.ReLU(), nn.Linear(3072, 768))
+    with pytest.warns(UserWarning, match=r"removes every entry of 2\.weight"):
+        sp.global_magnitude(copy.deepcopy(model), 0.9)
+    floored = sp.global_magnitude(copy.deepcopy(model), 0.9, min_kept=0.02)
+    kept = [float((m.weight_mask != 0).float().mean()) for m in (floored[0], floored[2])]
+    assert kept[1] == pytest.approx(0.02, abs=1e-6) and sum(kept) == pytest.approx(0.2, abs=1e-5)
+
+
+def test_at_init_and_obd_take_min_kept(rng, digits):
+    x, y = digits
+    small = mlp(rng, (64, 16, 10), act=nn.ReLU)
+    with torch.no_grad():
+        small[2].weight.mul_(1e-3)  # the classifier's weights rank last
+    with pytest.warns(UserWarning, match="layer collapse"):
+        sp.at_init(copy.deepcopy(small), 0.85, "magnitude")
+    floored = sp.at_init(copy.deepcopy(small), 0.85, "magnitude", min_kept=0.1)
+    assert int(floored[2].weight_mask.sum()) == 16
+    floored = sp.obd(copy.deepcopy(small), 0.85, (x, y), min_kept=0.1)
+    assert int(floored[2].weight_mask.sum()) >= 16
+
+
+@pytest.mark.parametrize("min_kept", [-0.1, 1.0, 1.5, float("nan")])
+def test_min_kept_outside_zero_one_is_refused(rng, digits, min_kept):
+    x, y = digits
+    model = mlp(rng, (64, 16, 10))
+    for call in (lambda: sp.global_magnitude(model, 0.5, min_kept=min_kept),
+                 lambda: sp.at_init(model, 0.5, "random", min_kept=min_kept),
+                 lambda: sp.obd(model, 0.5, (x, y), min_kept=min_kept)):
+        with pytest.raises(ValueError, match="min_kept"):
+            call()
+    assert not sp.is_pruned(model[0])
+    with pytest.raises(ValueError, match="min_kept"):  # floors that keep more than the amount leaves
+        sp.global_magnitude(model, 0.95, min_kept=0.5)

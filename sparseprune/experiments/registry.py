@@ -72,12 +72,22 @@ class Job:
         return torch.Generator().manual_seed(self.seed + offset)
 
     def finetune(self, model: nn.Module, epochs: Optional[int] = None, on_step=None) -> List[float]:
+        """Fine-tune for `epochs` (default: the whole budget) at the fine-tuning rate."""
         b = self.budget
         return self.fit(model, b.finetune_epochs if epochs is None else epochs, b.finetune_lr, on_step=on_step)
 
     def train_from_scratch(self, model: nn.Module, on_step=None) -> List[float]:
+        """Train a network pruned at initialisation for the same budget, at the dense rate."""
         b = self.budget
-        return self.fit(model, b.dense_epochs, b.dense_lr, on_step=on_step)
+        return self.fit(model, b.finetune_epochs, b.dense_lr, on_step=on_step)
+
+    def split_budget(self, parts: int) -> List[int]:
+        """The budget's epochs split over at most `parts` stages (rounds, layers), each >= 1, the
+        remainder going to the last stages (the final masks get the most recovery)."""
+        total = self.budget.finetune_epochs
+        parts = max(1, min(int(parts), total))
+        base, extra = divmod(total, parts)
+        return [base + (1 if i >= parts - extra else 0) for i in range(parts)]
 
 
 @dataclass

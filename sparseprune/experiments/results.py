@@ -38,6 +38,7 @@ class Row:
     bytes_on_disk: Optional[int] = None
     bytes_dense: Optional[int] = None
     notes: str = ""
+    epochs: Optional[int] = None  # epochs trained after pruning (through Job.fit): the budget, or 0
     seconds: Optional[float] = None  # wall time of this row (pruning, training, converting, timing)
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -86,14 +87,15 @@ def table_cells(row: Row, batch_sizes: Sequence[int]) -> List[str]:
         return "-" if s is None else f"{s:.2f}x"
 
     status = row.status if row.status == OK else f"{row.status}: {_short(row.message)}"
-    return [row.method, row.model, row.schedule, row.target, _pct(row.sparsity), _pct(row.acc_dense),
+    epochs = "-" if row.epochs is None else str(row.epochs)
+    return [row.method, row.model, row.schedule, row.target, epochs, _pct(row.sparsity), _pct(row.acc_dense),
             _pct(row.acc_pruned), _pct(row.acc_converted), lat, sx(small), sx(big), _size(row.params),
             _bytes(row.bytes_on_disk), status]
 
 
 def format_table(rows: Sequence[Row], batch_sizes: Sequence[int]) -> str:
     small, big = batch_sizes[0], batch_sizes[-1]
-    header = ["method", "model", "schedule", "target", "sparsity", "acc dense", "acc pruned", "acc converted",
+    header = ["method", "model", "schedule", "target", "epochs", "sparsity", "acc dense", "acc pruned", "acc converted",
               f"b{small} ms dense/ours", f"speedup b{small}", f"speedup b{big}", "params", "bytes on disk",
               "status"]
     body = [table_cells(r, batch_sizes) for r in rows]
@@ -109,7 +111,7 @@ def format_table(rows: Sequence[Row], batch_sizes: Sequence[int]) -> str:
 
 CSV_FIELDS = ["model", "method", "schedule", "level", "target", "status", "message", "sparsity", "mask_sparsity",
               "acc_dense", "acc_pruned", "acc_converted", "max_abs_diff", "outputs_match", "deploy", "kernels",
-              "params", "params_dense", "bytes_on_disk", "bytes_dense", "notes", "seconds"]
+              "params", "params_dense", "bytes_on_disk", "bytes_dense", "notes", "epochs", "seconds"]
 
 
 def write_csv(path: str, rows: Sequence[Row], batch_sizes: Sequence[int]) -> None:

@@ -126,7 +126,8 @@ class ModelRun:
                 repeats=cfg.timing_repeats, min_time_s=cfg.timing_min_time_s, rtol=OUTPUT_RTOL,
                 labels=self.data.y_test)
 
-    def train_dense(self) -> Row:
+    def fit_dense(self) -> nn.Module:
+        """Train the dense model every row starts from (seeded by the run's seed and the model)."""
         seed_everything(row_seed(self.seed, self.name, "dense"))
         model = self.build()
         b = self.config.budget(self.name)
@@ -134,15 +135,21 @@ class ModelRun:
         model.eval()
         self.dense = model
         self.dense_acc = self.accuracy(model)
+        return model
+
+    def train_dense(self) -> Row:
+        model = self.fit_dense()
         self.dense_print = footprint(model)
         self.dense_weights = count_weights(model)[1]
+        b = self.config.budget(self.name)
         row = Row(self.name, "dense", "-", 0.0, "-", notes=f"{b.dense_epochs} epochs; converted as is")
         self.measure(row, deepcopy_model(model), shrink=False)
         return row
 
     # ------------------------------------------------------------------------------ rows
-    def run_method(self, method: Method, level: Any) -> Tuple[Row, Optional[Outcome]]:
-        row = Row(self.name, method.name, method.schedule, level, level_label(method, level))
+    def prune(self, method: Method, level: Any) -> Tuple[Outcome, int]:
+        """Run `method` at `level` on a private copy of the dense model: (its outcome, the epochs
+        it trained after pruning). Seeded by the row alone."""
         seed = row_seed(self.seed, self.name, method.key, level)
         seed_everything(seed)
 
@@ -150,11 +157,22 @@ class ModelRun:
             torch.manual_seed(seed + 7)
             return self.build()
 
-        dense_copy = deepcopy_model(self.dense)
-        job = Job(model_name=self.name, dense=dense_copy, factory=factory, data=self.data, level=level,
-                  config=self.config, seed=seed, fit=self.fit_fn(seed), accuracy=self.accuracy)
+        fit = self.fit_fn(seed)
+        spent = [0]
+
+        def counted_fit(model: nn.Module, epochs: int, lr: float, on_step=None) -> List[float]:
+            spent[0] += int(epochs)  # the table shows every row's training after pruning
+            return fit(model, epochs, lr, on_step=on_step)
+
+        job = Job(model_name=self.name, dense=deepcopy_model(self.dense), factory=factory, data=self.data,
+                  level=level, config=self.config, seed=seed, fit=counted_fit, accuracy=self.accuracy)
         with torch_threads(self.config.train_threads):
             outcome = method.run(job)
+        return outcome, spent[0]
+
+    def run_method(self, method: Method, level: Any) -> Tuple[Row, Optional[Outcome]]:
+        row = Row(self.name, method.name, method.schedule, level, level_label(method, level))
+        outcome, row.epochs = self.prune(method, level)
         if outcome.label:
             row.target = outcome.label
         row.notes = "; ".join(outcome.notes)

@@ -6,12 +6,15 @@ the first mask is installed, so on an error the model is left as it was.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
+import warnings
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import Tensor, nn
 
-from sparseprune.prune.amount import Amount, check_amount
+from sparseprune.prune.amount import Amount, amount_to_count, check_amount
 from sparseprune.prune.methods import (
     BlockMagnitude,
     GeneratorLike,
@@ -71,20 +74,89 @@ def prune_parameter(
     return module
 
 
+def check_min_kept(min_kept: object) -> float:
+    """`min_kept` as a float in [0, 1), else TypeError/ValueError naming it."""
+    if isinstance(min_kept, bool) or not isinstance(min_kept, numbers.Real):
+        raise TypeError(f"min_kept must be a float in [0, 1) (a share of each layer), got {type(min_kept).__name__}")
+    if not 0.0 <= float(min_kept) < 1.0:  # also rejects nan
+        raise ValueError(f"min_kept must be in [0, 1) (a share of each layer's entries to keep), got {min_kept!r}")
+    return float(min_kept)
+
+
+def global_masks(
+    scores: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    amount: Amount,
+    method: PruningMethod,
+    min_kept: float = 0.0,
+    labels: Optional[Sequence[str]] = None,
+) -> List[Tensor]:
+    """New masks from one ranking of all `scores` together (one tensor per mask, same shapes).
+
+    `amount` is a share (or count) of all the entries together. Every tensor keeps at least
+    ceil(min_kept * its size) entries (its highest scores among those alive): without a floor a
+    global ranking can empty a layer whose scores are on a smaller scale (layer collapse), which
+    cuts the network. A UserWarning names every tensor the ranking empties. ValueError when the
+    floors alone keep more than `amount` leaves.
+    """
+    min_kept = check_min_kept(min_kept)
+    labels = list(labels) if labels is not None else [f"tensor {i}" for i in range(len(masks))]
+    device = masks[0].device
+    dtype = functools.reduce(torch.promote_types, [s.dtype for s in scores] + [torch.float32])
+    pieces = []
+    protected_count = 0
+    for s, m in zip(scores, masks):
+        s = s.detach().reshape(-1).to(device=device, dtype=dtype)
+        alive = m.reshape(-1).to(device) != 0
+        floor = min(math.ceil(min_kept * m.numel()), int(alive.sum()))
+        if floor > 0:  # the layer's best `floor` live entries outrank everything
+            s = s.clone()
+            live_idx = alive.nonzero().squeeze(1)
+            best = torch.topk(s[live_idx], floor).indices
+            s[live_idx[best]] = math.inf
+            protected_count += floor
+        pieces.append(s)
+    flat_scores = torch.cat(pieces)
+    flat_mask = torch.cat([m.reshape(-1).to(device) != 0 for m in masks])
+    total = flat_mask.numel()
+    left = total - amount_to_count(amount, total, method.unit)
+    if protected_count > left:
+        raise ValueError(f"min_kept={min_kept} keeps at least {protected_count} entries, but amount={amount!r} "
+                         f"leaves {left} of {total}: lower min_kept or amount")
+    flat_new = method.compute_mask(flat_scores, flat_mask, amount)
+    _check_new_mask(flat_new, flat_mask, method)
+    new_masks = []
+    emptied = []
+    for piece, mask, label in zip(torch.split(flat_new, [m.numel() for m in masks]), masks, labels):
+        new = piece.reshape(mask.shape).to(device=mask.device, dtype=mask.dtype)
+        if bool((mask != 0).any()) and not bool((new != 0).any()):
+            emptied.append(label)
+        new_masks.append(new)
+    if emptied:
+        warnings.warn(f"global pruning to amount={amount!r} removes every entry of {', '.join(emptied)} (layer "
+                      "collapse: the network no longer connects its input to its output); pass min_kept (a share "
+                      "of each layer to keep, e.g. 0.02) or prune per layer", UserWarning, stacklevel=3)
+    return new_masks
+
+
 def prune_global(
     targets: Iterable[Tuple[nn.Module, str]],
     method: PruningMethod,
     amount: Amount,
     importance: Optional[Callable[[Tensor], Tensor]] = None,
+    min_kept: float = 0.0,
+    labels: Optional[Sequence[str]] = None,
 ) -> List[Tuple[nn.Module, str]]:
     """Prune several parameters together: `amount` is a share (or count) of all their entries,
     and one ranking (so one score threshold) runs across them. `method` must be elementwise.
-    Returns the (module, name) pairs pruned.
+    Each parameter keeps at least `min_kept` of its entries (see `global_masks`, which also warns
+    when a parameter would be emptied). Returns the (module, name) pairs pruned.
     """
     method = _check_method(method)
     if not method.elementwise:
         raise ValueError(f"{method!r} scores blocks, not entries: it cannot rank tensors together")
     check_amount(amount)
+    min_kept = check_min_kept(min_kept)
     pairs = _check_pairs(targets)
     states = [parameter_state(module, name) for module, name in pairs]
     scores, masks = [], []
@@ -96,15 +168,9 @@ def prune_global(
                              f"expected {tuple(mask.shape)}")
         scores.append(s)
         masks.append(mask)
-    device = masks[0].device
-    dtype = functools.reduce(torch.promote_types, [s.dtype for s in scores])
-    flat_scores = torch.cat([s.reshape(-1).to(device=device, dtype=dtype) for s in scores])
-    flat_mask = torch.cat([m.reshape(-1).to(device) != 0 for m in masks])
-    flat_new = method.compute_mask(flat_scores, flat_mask, amount)
-    _check_new_mask(flat_new, flat_mask, method)
-    new_masks = []
-    for piece, mask in zip(torch.split(flat_new, [m.numel() for m in masks]), masks):
-        new_masks.append(piece.reshape(mask.shape).to(device=mask.device, dtype=mask.dtype))
+    if labels is None:
+        labels = [f"{type(module).__name__}.{name} (#{i})" for i, (module, name) in enumerate(pairs)]
+    new_masks = global_masks(scores, masks, amount, method, min_kept, labels)
     description = f"global {method!r}, amount={amount!r} over {len(pairs)} tensors"
     for (module, name), new in zip(pairs, new_masks):
         install_mask(module, name, new, description)
@@ -175,21 +241,27 @@ def global_magnitude(
     amount: Amount,
     layer_types: LayerTypes = (nn.Linear,),
     name: str = "weight",
+    *,
+    min_kept: float = 0.0,
 ) -> Union[nn.Module, List[Tuple[nn.Module, str]]]:
     """L1-magnitude pruning with one threshold across layers (larger-weight layers keep more).
 
     Given a model, prunes parameter `name` of every module of `layer_types` in it and returns the
     model; given (module, name) pairs, prunes those and returns them as a list. `amount` is
-    a share (or count) of all the entries together.
+    a share (or count) of all the entries together. Each layer keeps at least `min_kept` (in
+    [0, 1)) of its entries; a UserWarning names any layer the threshold empties (a fresh
+    768-3072-768 MLP at 0.9 loses its whole second layer, whose initial weights are half as large).
     """
     if isinstance(model_or_params, nn.Module):
         types = check_layer_types(layer_types)
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, got {type(name).__name__}")
-        targets = [(m, name) for m in model_or_params.modules() if isinstance(m, types) and has_parameter(m, name)]
-        if not targets:
+        named = [(n or type(m).__name__, m) for n, m in model_or_params.named_modules()
+                 if isinstance(m, types) and has_parameter(m, name)]
+        if not named:
             kinds = ", ".join(t.__name__ for t in types)
             raise ValueError(f"no module of layer_types ({kinds}) with a parameter {name!r} in the model")
-        prune_global(targets, MagnitudeUnstructured(), amount)
+        prune_global([(m, name) for _, m in named], MagnitudeUnstructured(), amount, min_kept=min_kept,
+                     labels=[f"{n}.{name}" for n, _ in named])
         return model_or_params
-    return prune_global(model_or_params, MagnitudeUnstructured(), amount)  # type: ignore[arg-type]
+    return prune_global(model_or_params, MagnitudeUnstructured(), amount, min_kept=min_kept)  # type: ignore[arg-type]

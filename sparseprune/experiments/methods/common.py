@@ -5,12 +5,13 @@ A prune function `prune(model, sparsity)` brings the model's weights to a TOTAL 
 shot, each round of iterative pruning and each step of gradual pruning.
 
 Schedules (what `Method.schedule` names):
-  one-shot      prune to the target, no training;
-  one-shot+ft   prune to the target, then fine-tune for the whole fine-tuning budget;
+  one-shot      prune to the target, no training (0 epochs);
+  one-shot+ft   prune to the target, then fine-tune for the whole budget;
   iterative     `rounds` rounds of prune-then-fine-tune (sparseprune.schedules.iterative_prune),
-                the same fine-tuning budget split over the rounds;
-  gradual       polynomial sparsity ramp while fine-tuning (sparseprune.schedules.GradualPruner);
-  at-init       mask the untrained network, then train it from scratch.
+                the same budget split over the rounds;
+  gradual       polynomial sparsity ramp while fine-tuning for the budget
+                (sparseprune.schedules.GradualPruner);
+  at-init       mask the untrained network, then train it from scratch for the budget.
 """
 from __future__ import annotations
 
@@ -47,10 +48,15 @@ def magnitude_per_layer(model: nn.Module, sparsity: float) -> None:
         P.magnitude(layer, sparsity)
 
 
+# Every global ranking in compare keeps this share of each layer: without it magnitude at init
+# empties the classifier (its initial weights are the smallest) and the row measures a cut network.
+GLOBAL_MIN_KEPT = 0.01
+
+
 def magnitude_global(model: nn.Module, sparsity: float) -> None:
     import sparseprune.prune as P
 
-    P.global_magnitude(model, sparsity, layer_types=(nn.Linear, nn.Conv2d))
+    P.global_magnitude(model, sparsity, layer_types=(nn.Linear, nn.Conv2d), min_kept=GLOBAL_MIN_KEPT)
 
 
 def random_per_layer(generator: torch.Generator) -> PruneFn:
@@ -81,15 +87,15 @@ def one_shot(job: Job, prune: PruneFn, finetune: bool = False, shrink: bool = Fa
 def iterative(job: Job, prune: PruneFn, shrink: bool = False) -> Outcome:
     iterative_prune = require("sparseprune.schedules", "iterative_prune")
     model = job.dense
-    rounds = job.config.rounds
-    per_round = max(1, math.ceil(job.budget.finetune_epochs / rounds))
+    epochs = job.split_budget(job.config.rounds)  # the same budget as one-shot + fine-tuning
+    rounds = iter(epochs)
 
     def train_fn(m: nn.Module) -> None:
-        job.finetune(m, epochs=per_round)
+        job.finetune(m, epochs=next(rounds))
 
-    result = iterative_prune(model, job.sparsity, rounds=rounds, train_fn=train_fn, prune_fn=prune,
+    result = iterative_prune(model, job.sparsity, rounds=len(epochs), train_fn=train_fn, prune_fn=prune,
                              schedule="geometric", eval_fn=job.accuracy, progress=False)
-    return Outcome(model, shrink=shrink, notes=[f"{rounds} rounds x {per_round} epochs"],
+    return Outcome(model, shrink=shrink, notes=[f"{len(epochs)} rounds of {'+'.join(map(str, epochs))} epochs"],
                    extra={"rounds": rounds_record(result)})
 
 

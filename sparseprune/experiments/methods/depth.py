@@ -1,8 +1,6 @@
 """Depth: layer-wise sliding neuron pruning (MLP) and removal of whole layers (both models)."""
 from __future__ import annotations
 
-import math
-
 from sparseprune.experiments.methods.common import linear_layers
 from sparseprune.experiments.registry import Job, Outcome, register, require
 
@@ -14,15 +12,18 @@ def layerwise_neurons(job: Job) -> Outcome:
     layerwise_neuron_prune = require("sparseprune.prune.depth", "layerwise_neuron_prune")
     model = job.dense
     n_hidden = len(linear_layers(model)) - 1
-    per_layer = max(1, math.ceil(job.budget.finetune_epochs / max(n_hidden, 1)))
+    epochs = job.split_budget(n_hidden)  # the budget split over the window's positions
+    stages = iter(epochs + [0] * (n_hidden - len(epochs)))
 
     def train_fn(m, step) -> None:
-        job.finetune(m, epochs=per_layer)
+        n = next(stages)
+        if n:
+            job.finetune(m, epochs=n)
 
     layerwise_neuron_prune(model, job.sparsity, job.data.x_train, train_fn=train_fn)
     report = getattr(model, "sparseprune_layerwise_report", [])
     pruned = [int(s.n_pruned) for s in report]
-    return Outcome(model, shrink=True, notes=[f"{per_layer} epochs after each of {n_hidden} layers"],
+    return Outcome(model, shrink=True, notes=[f"{'+'.join(map(str, epochs))} epochs after the {n_hidden} layers"],
                    extra={"units_pruned_per_layer": pruned})
 
 

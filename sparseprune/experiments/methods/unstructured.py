@@ -54,6 +54,12 @@ def random_one_shot(job: Job) -> Outcome:
     return one_shot(job, random_per_layer(job.generator()))
 
 
+@register("random", "one-shot+ft", BOTH, "entries of each layer removed uniformly at random, then fine-tuned "
+          "(the control every informed method must beat at the same budget)")
+def random_one_shot_ft(job: Job) -> Outcome:
+    return one_shot(job, random_per_layer(job.generator()), finetune=True)
+
+
 @register("random", "iterative", BOTH, "random entries removed in fine-tuned rounds")
 def random_iterative(job: Job) -> Outcome:
     return iterative(job, random_per_layer(job.generator()))

@@ -15,6 +15,9 @@ import importlib
 import sys
 from typing import Callable, List, Optional, Sequence
 
+from sparseprune.argtypes import bounded_int
+
+
 def _int_list(text: str) -> List[int]:
     parts = [p.strip() for p in text.split(",")]
     try:
@@ -26,19 +29,6 @@ def _int_list(text: str) -> List[int]:
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"values must be distinct, got {text!r}")
     return values
-
-
-def _bounded_int(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def _sparsity(text: str) -> float:
@@ -101,8 +91,8 @@ def _add_bench(subparsers, want_help: bool = False) -> None:
     )
     p.add_argument("--batch-sizes", type=_int_list, default=[1, 8, 64], metavar="N,N,...", help="default: 1,8,64")
     p.add_argument("--threads", type=_int_list, default=[1, 2], metavar="N,N,...", help="default: 1,2")
-    p.add_argument("--repeats", type=_bounded_int(1), default=30, help="timed rounds per case (default: 30)")
-    p.add_argument("--warmup", type=_bounded_int(0), default=5, help="untimed rounds first (default: 5)")
+    p.add_argument("--repeats", type=bounded_int(1), default=30, help="timed rounds per case (default: 30)")
+    p.add_argument("--warmup", type=bounded_int(0), default=5, help="untimed rounds first (default: 5)")
     p.add_argument(
         "--policy", choices=("measure", "threshold"),
         help=f"convert() kernel choice (default: {_DEFAULT_POLICY}, at the first thread count; --model only)",
@@ -239,11 +229,11 @@ def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
     """--max-batch, --max-work, --max-arena: sparseprune.runtime.Limits for every call."""
     from sparseprune.runtime.limits import DEFAULT_MAX_ARENA_BYTES, DEFAULT_MAX_BATCH, DEFAULT_MAX_WORK
 
-    p.add_argument("--max-batch", type=_bounded_int(1), default=DEFAULT_MAX_BATCH, metavar="N",
+    p.add_argument("--max-batch", type=bounded_int(1), default=DEFAULT_MAX_BATCH, metavar="N",
                    help=f"refuse calls of more samples (default: {DEFAULT_MAX_BATCH})")
     p.add_argument("--max-work", type=_positive_number, default=DEFAULT_MAX_WORK, metavar="FLOP",
                    help=f"refuse calls needing more FLOP, counted from the spec (default: {DEFAULT_MAX_WORK:g})")
-    p.add_argument("--max-arena", type=_bounded_int(1), default=DEFAULT_MAX_ARENA_BYTES, metavar="BYTES",
+    p.add_argument("--max-arena", type=bounded_int(1), default=DEFAULT_MAX_ARENA_BYTES, metavar="BYTES",
                    help=f"refuse calls allocating more bytes of buffers (default: {DEFAULT_MAX_ARENA_BYTES} = 4 GiB)")
 
 
@@ -297,7 +287,7 @@ def _add_compile(subparsers, want_help: bool = False) -> None:
         help="shape of one sample of an input, without the batch dimension, e.g. 3,224,224; once per model "
              "input, in order (default: the built-in model's; required with --model-file)",
     )
-    p.add_argument("--batch", type=_bounded_int(1), default=1,
+    p.add_argument("--batch", type=bounded_int(1), default=1,
                    help="batch size of the example inputs (default: 1; the executable runs any batch)")
     p.add_argument(
         "--input-dtype", choices=("float32", "int64", "bool"), action="append", metavar="{float32,int64,bool}",
@@ -312,10 +302,10 @@ def _add_compile(subparsers, want_help: bool = False) -> None:
                    help="batch sizes the kernels are timed at, e.g. 1,64 (the smallest and largest a service sees): "
                         "a layer may then run a sparse kernel at small batches and dense from the batch where they "
                         "cross (default: --batch)")
-    p.add_argument("--dynamic-seq", type=_bounded_int(2), default=None, metavar="MAX",
+    p.add_argument("--dynamic-seq", type=bounded_int(2), default=None, metavar="MAX",
                    help="make axis 1 of every input a dynamic sequence length up to MAX: the file then serves "
                         "every length from 1 to MAX (default: the example's shapes only)")
-    p.add_argument("--threads", type=_bounded_int(1), default=None,
+    p.add_argument("--threads", type=bounded_int(1), default=None,
                    help="threads used to time kernels and verify (default: torch's count; not stored in the file)")
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="where to write the executable")
     p.set_defaults(func=_run_compile, parser=p)
@@ -485,12 +475,12 @@ def _add_run(subparsers) -> None:
     p.add_argument("executable", metavar="EXECUTABLE", help="a file written by `sparseprune compile`")
     p.add_argument("--input", action="append", metavar="X.npy",
                    help="an input array [batch, ...]; once per model input, in order")
-    p.add_argument("--batch", type=_bounded_int(1), default=None,
+    p.add_argument("--batch", type=bounded_int(1), default=None,
                    help="batch size of the random inputs used without --input (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: 0)")
     p.add_argument("--output", action="append", metavar="Y.npy",
                    help="save an output with np.save; once per model output, in order")
-    p.add_argument("--threads", type=_bounded_int(1), default=None,
+    p.add_argument("--threads", type=bounded_int(1), default=None,
                    help="intra-op threads (default: OpenMP's default; at most 256)")
     _add_limit_arguments(p)
     p.set_defaults(func=_run_run, parser=p)
@@ -719,7 +709,7 @@ def _add_serve(subparsers) -> None:
             'pip install "sparseprune[serve]". Torch is never imported.'
         ),
     )
-    serve_cli.add_arguments(p, _bounded_int(1), _positive_number)
+    serve_cli.add_arguments(p, bounded_int(1), _positive_number)
     p.set_defaults(func=_run_serve, parser=p)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sparseprune.argtypes import non_negative_int
+from sparseprune.argtypes import bounded_int, non_negative_int
 from sparseprune.experiments.config import DEFAULT_SPARSITIES, FULL, PRESETS, Budget, CompareConfig
 from sparseprune.experiments.models import MODELS
 from sparseprune.experiments.registry import MethodUnavailable, all_methods, method_names, select
@@ -196,16 +196,6 @@ def _names(choices_fn: Callable[[], Sequence[str]], what: str) -> Callable[[str]
     return parse
 
 
-def _budget(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of epochs, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1 (epochs), got {value}")
-    return value
-
-
 def _schedule_names() -> List[str]:
     return list(dict.fromkeys(m.schedule for m in all_methods()))
 
@@ -227,8 +217,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", default="sparseprune-compare",
                         help="directory for compare.json, compare.csv and the PNG plots (default: sparseprune-compare)")
     parser.add_argument("--quick", action="store_true", help="a few epochs, sparsity 0.9 only, short timing")
-    parser.add_argument("--dense-epochs", type=_budget, default=None, help="override the dense training epochs")
-    parser.add_argument("--budget", type=_budget, default=None, metavar="EPOCHS",
+    parser.add_argument("--dense-epochs", type=bounded_int(1), default=None, help="override the dense training epochs")
+    parser.add_argument("--budget", type=bounded_int(1), default=None, metavar="EPOCHS",
                         help="epochs of training every row gets after pruning (iterative rounds split it; "
                              "at-init rows train from scratch for it); default 6")
     parser.add_argument("--strict", action="store_true", help="stop at the first method that fails")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from sparseprune.argtypes import bounded_int
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, Iterator, List, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from sparseprune.prune.api import LayerTypes, check_layer_types
 from sparseprune.prune.gates import GATEABLE, GatedLayer, _set_child, remove_gates
-from sparseprune.prune.reparam import _check_module, has_parameter, parameter_state
+from sparseprune.prune.reparam import (_check_module, has_parameter, parameter_state, require_wrapper_layers,
+                                       wrapper_layers)
 
 EULER_GAMMA = 0.5772156649015329
 # alpha of the Beta(alpha, 1) prior: Lee et al. and the ANP code use 1e-4.
@@ -139,18 +140,13 @@ class BetaBernoulliDropout(nn.Module):
         return f"units={self.a_raw.numel()}, alpha={self.alpha:g}, threshold={self.threshold:g}"
 
 
-def beta_bernoulli_layers(model: nn.Module) -> Iterator[Tuple[str, BetaBernoulliDropout]]:
-    for name, module in _check_module(model, "model").named_modules():
-        if isinstance(module, BetaBernoulliDropout):
-            yield name, module
+def beta_bernoulli_layers(model: nn.Module) -> List[Tuple[str, BetaBernoulliDropout]]:
+    """(qualified name, BetaBernoulliDropout) for every wrapped layer of the model."""
+    return wrapper_layers(model, BetaBernoulliDropout)
 
 
 def _require(model: nn.Module) -> List[Tuple[str, BetaBernoulliDropout]]:
-    found = list(beta_bernoulli_layers(model))
-    if not found:
-        raise ValueError(f"model ({type(model).__name__}) has no BetaBernoulliDropout layer: "
-                         "call add_beta_bernoulli(model) first")
-    return found
+    return require_wrapper_layers(model, BetaBernoulliDropout, "add_beta_bernoulli")
 
 
 def add_beta_bernoulli(

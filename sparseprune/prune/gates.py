@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from sparseprune.prune.api import LayerTypes, check_layer_types
-from sparseprune.prune.reparam import _check_module, has_parameter, install_mask, parameter_state
+from sparseprune.prune.reparam import (_check_module, has_parameter, install_mask, parameter_state,
+                                       require_wrapper_layers, wrapper_layers)
 
 GATEABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -58,18 +59,13 @@ class GatedLayer(nn.Module):
         return f"gates={self.gate.numel()}"
 
 
-def gated_layers(model: nn.Module) -> Iterator[Tuple[str, GatedLayer]]:
+def gated_layers(model: nn.Module) -> List[Tuple[str, GatedLayer]]:
     """(qualified name, GatedLayer) for every gated layer of the model."""
-    for name, module in _check_module(model, "model").named_modules():
-        if isinstance(module, GatedLayer):
-            yield name, module
+    return wrapper_layers(model, GatedLayer)
 
 
 def _require_gates(model: nn.Module) -> List[Tuple[str, GatedLayer]]:
-    found = list(gated_layers(model))
-    if not found:
-        raise ValueError(f"model ({type(model).__name__}) has no GatedLayer: call add_channel_gates(model) first")
-    return found
+    return require_wrapper_layers(model, GatedLayer, "add_channel_gates")
 
 
 def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:

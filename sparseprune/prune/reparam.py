@@ -44,6 +44,20 @@ def _check_module(module: object, arg: str = "module") -> nn.Module:
     return module
 
 
+def wrapper_layers(model: nn.Module, kind: type) -> List[Tuple[str, nn.Module]]:
+    """(qualified name, module) for every `kind` wrapper in the model (channel gates,
+    beta-Bernoulli dropout: the modules a learned-mask method wraps layers in)."""
+    return [(name, m) for name, m in _check_module(model, "model").named_modules() if isinstance(m, kind)]
+
+
+def require_wrapper_layers(model: nn.Module, kind: type, add_call: str) -> List[Tuple[str, nn.Module]]:
+    """wrapper_layers(model, kind), or ValueError saying which call adds them."""
+    found = wrapper_layers(model, kind)
+    if not found:
+        raise ValueError(f"model ({type(model).__name__}) has no {kind.__name__} layer: call {add_call}(model) first")
+    return found
+
+
 def pruning_hook(module: nn.Module, name: str) -> Optional[torch_prune.BasePruningMethod]:
     """torch's pruning hook for parameter `name` of `module`, or None if it is not pruned."""
     for hook in module._forward_pre_hooks.values():
